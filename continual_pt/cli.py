@@ -1,0 +1,157 @@
+"""The `cpt` command: one subcommand per job, each dispatched lazily to its module.
+
+Argument declarations live here so that `cpt --help` answers without importing torch;
+the work itself happens in the module named by each subcommand's `target`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+EPILOG = """\
+A continual pre-training experiment, end to end:
+  cpt tokenizer train --source kjv --vocab-size 4096 --out data/tok   (or use a Hugging Face tokenizer)
+  cpt prepare --source python-stdlib --tokenizer data/tok --out data/code
+  cpt schedule plot --config run.yaml --out schedule.png
+  deepspeed --num_gpus 8 -m continual_pt.train --config run.yaml schedule.max_lr=6e-4
+  cpt eval runs/<name> --set pile=data/pile --set slimpajama=data/sp
+
+Every subcommand has its own --help.
+"""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides applied after the file, e.g. schedule.max_lr=6e-4 train.max_steps=100")
+
+
+def _target(parser: argparse.ArgumentParser, target: str) -> None:
+    parser.set_defaults(target=target)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="run one continual pre-training phase on the DeepSpeed engine",
+        description="Train (or re-warm) a model on prepared data. Run it directly for one process, or "
+                    "under deepspeed, torchrun, srun or mpirun for several: `python -m continual_pt.train` "
+                    "takes the same arguments. SIGTERM/SIGUSR1 save a committed checkpoint and exit 143/138 "
+                    "(the run resumes from it with checkpoint.resume=auto).")
+    _add_config_args(p)
+    _target(p, "continual_pt.train:run_cli")
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="print the resolved run config (defaults < file < overrides), validated",
+                       description="Resolve and validate a run config and print it as YAML; exits 2 "
+                                   "listing every problem if it is invalid.")
+    _add_config_args(p)
+    _target(p, "continual_pt.cli:run_config")
+
+
+def _add_schedule(sub) -> None:
+    p = sub.add_parser("schedule", help="plot or print learning-rate schedules",
+                       description="Inspect learning-rate schedules without training. A schedule comes from "
+                                   "a run config (--config plus overrides) or from inline specs "
+                                   "(--spec 'name=cosine max_lr=3e-4 warmup=0.01').")
+    ssub = p.add_subparsers(dest="schedule_command", required=True, metavar="{plot,show}")
+    for name, helptext in (("plot", "draw LR vs step for one or several schedules into a PNG"),
+                           ("show", "print the LR at chosen steps")):
+        q = ssub.add_parser(name, help=helptext, description=helptext)
+        q.add_argument("--config", "-c", action="append", default=[],
+                       help="run config YAML; repeat for several schedules")
+        q.add_argument("--spec", action="append", default=[],
+                       help="inline schedule 'name=wsd max_lr=3e-4 cooldown=0.2 ...' (schedule.* keys); repeatable")
+        q.add_argument("--steps", type=int, help="run length in optimizer steps (default: train.max_steps)")
+        q.add_argument("--label", action="append", default=[], help="legend label per schedule, in order")
+        q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every --config")
+        if name == "plot":
+            q.add_argument("--out", "-o", default="schedule.png", help="PNG to write (default: schedule.png)")
+            q.add_argument("--title", default=None, help="figure title")
+        else:
+            q.add_argument("--at", default=None,
+                           help="comma-separated steps (default: boundaries of every phase and a few between)")
+        _target(q, f"continual_pt.schedules:run_{name}_cli")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize raw text once into packed, memory-mappable token shards",
+                       description="Tokenize documents into a dataset directory: uint16/uint32 token shards "
+                                   "(EOS between documents), a hash-chosen validation split and manifest.json.")
+    _target(p, "continual_pt.data.prepare:run_cli")
+    from continual_pt.data import prepare_args
+
+    prepare_args.add_prepare_arguments(p)
+
+
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a source")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train}")
+    q = tsub.add_parser("train", help="train a byte-level BPE of a chosen vocabulary size",
+                        description="Train a byte-level BPE with the `tokenizers` library and save it as a "
+                                    "Hugging Face tokenizer folder.")
+    _target(q, "continual_pt.data.tokenizer:run_train_cli")
+    from continual_pt.data import prepare_args
+
+    prepare_args.add_tokenizer_arguments(q)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face folder (model + tokenizer) from a committed checkpoint",
+                       description="Convert a committed checkpoint into a folder that "
+                                   "AutoModelForCausalLM.from_pretrained loads without DeepSpeed.")
+    p.add_argument("checkpoint", help="a run directory (its newest committed checkpoint) or a checkpoint folder")
+    p.add_argument("--out", "-o", required=True, help="folder to write")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
+    _target(p, "continual_pt.checkpoint:run_export_cli")
+
+
+COMMANDS = (_add_train, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpt",
+        description="Continual pre-training of language models on DeepSpeed: prepare data, re-warm and "
+                    "re-decay the learning rate, resume exactly after preemption, evaluate on held-out "
+                    "upstream and downstream data.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _version() -> str:
+    from continual_pt import __version__
+
+    return f"continual-pt {__version__}"
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from continual_pt import config
+
+    cfg = config.load(args.config, args.overrides)
+    sys.stdout.write(config.dump(cfg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, _, func_name = args.target.partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    from continual_pt.errors import UserError
+
+    try:
+        return int(func(args) or 0)
+    except UserError as exc:
+        print(f"cpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

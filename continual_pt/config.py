@@ -1,0 +1,639 @@
+"""Run configuration: small dataclass sections composed into one `RunConfig`.
+
+Precedence is defaults < YAML file < command-line overrides (`schedule.max_lr=6e-4`).
+Every problem (unknown key, wrong type, out-of-range or inconsistent value) is gathered
+into one `ConfigError` naming the file (or "command line") and the dotted key; it is raised
+before anything is written. A resolved config dumps to YAML that loads back equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from continual_pt.errors import UserError
+
+# A length in optimizer steps: an int (steps), a float in [0, 1] (fraction of the run) or "N%".
+Length = Union[int, float, str]
+
+
+class ConfigError(UserError, ValueError):
+    """All problems found in one config, one per line, each naming the file and key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class Problems:
+    """Collects problems, naming for each key where its value came from."""
+
+    def __init__(self, origins: dict[str, str] | None = None, default_origin: str = "defaults"):
+        self.items: list[str] = []
+        self.keys: set[str] = set()
+        self.origins = origins or {}
+        self.default_origin = default_origin
+
+    def origin(self, key: str) -> str:
+        # The most specific recorded origin of this key or of a parent of it.
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            found = self.origins.get(".".join(parts[:n]))
+            if found:
+                return found
+        return self.default_origin
+
+    def add(self, key: str, message: str) -> None:
+        # One problem per key: a value that failed to convert is not judged again by range checks.
+        if key in self.keys:
+            return
+        self.keys.add(key)
+        self.items.append(f"{self.origin(key)}: {key}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
+
+
+def resolve_length(value: Length | None, total_steps: int, *, default: int = 0) -> int:
+    """Steps from a length given as steps (int), fraction of the run (float) or "N%"."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise ValueError(f"expected steps, a fraction or 'N%', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.endswith("%"):
+            raise ValueError(f"expected steps, a fraction or 'N%', got {value!r}")
+        return int(round(float(text[:-1]) / 100.0 * total_steps))
+    return int(round(float(value) * total_steps))
+
+
+def check_length(problems: Problems, key: str, value: Length | None, total_steps: int) -> int | None:
+    """Validate a Length field and return its value in steps (None if unset or invalid)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        problems.add(key, f"a fraction of the run must lie in [0, 1], got {value!r} "
+                          "(write an int for a number of steps, or 'N%')")
+        return None
+    try:
+        steps = resolve_length(value, total_steps)
+    except ValueError as exc:
+        problems.add(key, str(exc))
+        return None
+    if steps < 0:
+        problems.add(key, f"must not be negative, got {value!r}")
+        return None
+    return steps
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture to build. Weights come from `checkpoint.init` or `resume`, never from here."""
+
+    name_or_path: str | None = None
+    """Hugging Face hub name or local folder whose config.json gives the architecture."""
+    revision: str | None = None
+    """Hub revision of `name_or_path` (e.g. a Pythia step, `step143000`)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Architecture fields; alone they define a model from scratch (`model_type` defaults to
+    gpt_neox), with `name_or_path` they override its config."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager (or another that transformers accepts)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def check(self, p: Problems) -> None:
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+            p.add("model.attn_implementation",
+                  f"unknown value {self.attn_implementation!r}; accepted: sdpa, eager, "
+                  "flash_attention_2, flex_attention")
+        if self.revision and not self.name_or_path:
+            p.add("model.revision", "set without model.name_or_path")
+
+
+@dataclass
+class SourceConfig:
+    """One prepared dataset in the training mixture."""
+
+    path: str = ""
+    """Directory written by `cpt prepare`."""
+    weight: float = 1.0
+    """Share of every batch drawn from this source (weights are normalised)."""
+    split: str = "train"
+    """Which split of the prepared dataset to train on."""
+
+
+@dataclass
+class DataConfig:
+    """Training data: a weighted mixture of prepared datasets, packed into fixed-length sequences."""
+
+    train: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named sources, e.g. {slimpajama: {path: data/sp, weight: 0.95}, pile: {path: data/pile, weight: 0.05}}."""
+    seq_len: int = 2048
+    """Tokens per training sequence (each sample reads seq_len + 1 tokens)."""
+    seed: int = 1234
+    """Shuffling seed of the sampler."""
+    tokenizer: str | None = None
+    """Optional tokenizer (folder or hub name) that every manifest must match."""
+
+    def check(self, p: Problems) -> None:
+        if not self.train:
+            p.add("data.train", "no training source given (e.g. data.train.corpus.path=data/corpus)")
+        for name, src in self.train.items():
+            if not src.path:
+                p.add(f"data.train.{name}.path", "missing: the directory written by `cpt prepare`")
+            if not src.weight > 0:
+                p.add(f"data.train.{name}.weight", f"must be > 0, got {src.weight}")
+            if src.split not in ("train", "val"):
+                p.add(f"data.train.{name}.split", f"unknown split {src.split!r}; accepted: train, val")
+        if self.seq_len < 1:
+            p.add("data.seq_len", f"must be >= 1, got {self.seq_len}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the paper's defaults. The learning rate itself lives in `schedule`."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to weight matrices and embeddings; never to biases and norm weights."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping; 0 disables it."""
+
+    def check(self, p: Problems) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            p.add("optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            p.add("optim.eps", f"must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            p.add("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            p.add("optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, a pure function of the optimizer step (see schedules.py).
+
+    Lengths are steps (int), fractions of the run (float in [0, 1]) or "N%".
+    Parameters that a schedule does not use must stay unset.
+    """
+
+    name: str = "cosine"
+    """cosine, constant, linear, inverse_sqrt, wsd or infinite."""
+    max_lr: float = 3e-4
+    min_lr: float | None = None
+    """Floor of the decay, absolute. Give this or min_lr_ratio."""
+    min_lr_ratio: float | None = None
+    """Floor of the decay as a fraction of max_lr (default 0.1 when min_lr is unset)."""
+    warmup: Length = 0.01
+    """Linear warmup length."""
+    warmup_start_lr: float = 0.0
+    """LR at step 0, the start of the warmup."""
+    decay_end: Length | None = None
+    """cosine, linear: step at which the decay reaches min_lr, counted from step 0; the LR
+    stays at min_lr after it (default: the end of the run)."""
+    cooldown: Length | None = None
+    """wsd: length of the final cooldown (default 20%). infinite: length of the cooldown that
+    follows the warmup (default 60%)."""
+    cooldown_shape: str | None = None
+    """wsd: linear, 1-sqrt, cosine, exponential (default 1-sqrt).
+    infinite: cosine, inverse_sqrt (default cosine)."""
+    const_lr: float | None = None
+    """infinite: LR of the constant phase (default (max_lr + min_lr) / 2)."""
+    anneal_start: Length | None = None
+    """infinite: step at which the exponential annealing to min_lr begins (default: never)."""
+    anneal_end: Length | None = None
+    """infinite: step at which the annealing reaches min_lr (default: the end of the run)."""
+    inv_sqrt_alpha: float | None = None
+    """infinite inverse_sqrt cooldown: the constant a of h(x) = 1/sqrt(1 + a x) - 1 (default 10)."""
+
+    def check(self, p: Problems, total_steps: int) -> None:
+        from continual_pt import schedules
+
+        schedules.check_config(self, p, total_steps)
+
+
+@dataclass
+class TrainConfig:
+    """The optimizer-step loop."""
+
+    max_steps: int = 0
+    """Optimizer steps in this phase (required)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    global_batch_size: int | None = None
+    """Optional check: must equal micro_batch_size x grad_accum x data-parallel size."""
+    precision: str = "bf16"
+    """bf16, fp16 or fp32."""
+    ds_config: str = "zero1"
+    """A file name in ds_configs/ (without .json) or a path to a DeepSpeed JSON config."""
+    seed: int = 1234
+    """Seed of the model initialisation and of every other random draw of the run."""
+    log_every: int = 10
+    """Steps between metric lines."""
+    max_nonfinite_skips: int = 0
+    """Non-finite losses tolerated (the step is skipped) before the run stops."""
+    time_limit: str | None = None
+    """Wall-clock budget ("HH:MM:SS" or seconds): save and exit before it runs out."""
+    time_limit_margin: str = "00:05:00"
+    """How long before the time limit to stop (room for the final checkpoint)."""
+
+    def check(self, p: Problems) -> None:
+        if self.max_steps <= 0:
+            p.add("train.max_steps", f"must be > 0, got {self.max_steps}")
+        for key in ("micro_batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                p.add(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            p.add("train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            p.add("train.precision", f"unknown precision {self.precision!r}; accepted: bf16, fp16, fp32")
+        if self.max_nonfinite_skips < 0:
+            p.add("train.max_nonfinite_skips", f"must be >= 0, got {self.max_nonfinite_skips}")
+        for key in ("time_limit", "time_limit_margin"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    parse_duration(value)
+                except ValueError as exc:
+                    p.add(f"train.{key}", str(exc))
+        from continual_pt import ds_config
+
+        if ds_config.find(self.ds_config) is None:
+            p.add("train.ds_config", f"no DeepSpeed config {self.ds_config!r}; accepted: "
+                  f"{', '.join(ds_config.available())} or a path to a JSON file")
+
+
+@dataclass
+class EvalSetConfig:
+    """One named held-out set."""
+
+    path: str = ""
+    """Directory written by `cpt prepare`."""
+    split: str = "val"
+    """val (the held-out split) or train (the whole prepared dataset's training split)."""
+
+
+@dataclass
+class EvalConfig:
+    """In-loop evaluation: one token-weighted loss and perplexity per named held-out set."""
+
+    sets: dict[str, EvalSetConfig] = field(default_factory=dict)
+    """Named sets, e.g. {pile: {path: data/pile}, slimpajama: {path: data/sp}}."""
+    every_steps: int = 0
+    """Steps between evaluations; 0 evaluates only at the start and the end."""
+    tokens: int | None = None
+    """Token budget per set (the same tokens every time); unset scores the whole split."""
+    micro_batch_size: int | None = None
+    """Sequences per rank per forward pass (default: train.micro_batch_size)."""
+    at_start: bool = True
+    """Also evaluate before the first step (the start point of forgetting curves)."""
+
+    def check(self, p: Problems) -> None:
+        for name, spec in self.sets.items():
+            if not spec.path:
+                p.add(f"eval.sets.{name}.path", "missing: the directory written by `cpt prepare`")
+            if spec.split not in ("train", "val"):
+                p.add(f"eval.sets.{name}.split", f"unknown split {spec.split!r}; accepted: train, val")
+        if self.every_steps < 0:
+            p.add("eval.every_steps", f"must be >= 0, got {self.every_steps}")
+        if self.tokens is not None and self.tokens < 1:
+            p.add("eval.tokens", f"must be >= 1, got {self.tokens}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            p.add("eval.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    """How a run starts (resume or init, never both) and how it saves."""
+
+    resume: str = "auto"
+    """auto (the newest committed checkpoint of this run, if any), never, or a checkpoint path."""
+    init: str | None = None
+    """Start a new phase from weights only: a Hugging Face name or folder (`name@revision`
+    for a hub revision) or one of our run or checkpoint directories. Used only when nothing
+    is resumed, so a requeued job continues its own run instead of starting again."""
+    keep_optimizer: bool = False
+    """With `init` from one of our checkpoints, also load its optimizer state."""
+    every_steps: int = 0
+    """Steps between checkpoints; 0 saves only at the end and on preemption."""
+    keep_last: int = 2
+    """Committed checkpoints kept (at least 2)."""
+
+    def check(self, p: Problems) -> None:
+        if self.resume not in ("auto", "never") and self.init:
+            p.add("checkpoint.init", f"given together with checkpoint.resume={self.resume!r}: a run "
+                  "either resumes (everything) or starts a new phase from weights (init), never both")
+        if self.keep_optimizer and not self.init:
+            p.add("checkpoint.keep_optimizer", "only applies with checkpoint.init")
+        if self.every_steps < 0:
+            p.add("checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
+        if self.keep_last < 2:
+            p.add("checkpoint.keep_last", f"must be >= 2 (a kill during a save must leave one "
+                  f"committed checkpoint), got {self.keep_last}")
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    """Log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str | None = None
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one accelerator, for MFU (default: a known value for the device, else none)."""
+    progress: bool = True
+    """A progress bar with ETA on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    """One training phase."""
+
+    name: str = "run"
+    """Run name: the run directory is out_dir/name."""
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def check(self, p: Problems) -> None:
+        if not self.name or "/" in self.name:
+            p.add("name", f"must be a non-empty name without '/', got {self.name!r}")
+        self.model.check(p)
+        self.data.check(p)
+        self.optim.check(p)
+        self.train.check(p)
+        self.schedule.check(p, max(self.train.max_steps, 1))
+        self.eval.check(p)
+        self.checkpoint.check(p)
+        if not (self.model.name_or_path or self.model.config or self.checkpoint.init
+                or self.checkpoint.resume not in ("auto", "never")):
+            p.add("model", "no architecture: set model.name_or_path, model.config, or checkpoint.init")
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from "HH:MM:SS", "MM:SS", "D-HH:MM:SS" (SLURM) or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {value}")
+        return float(value)
+    text = str(value).strip()
+    days = 0
+    if "-" in text:
+        head, text = text.split("-", 1)
+        if not head.isdigit():
+            raise ValueError(f"expected HH:MM:SS, D-HH:MM:SS or seconds, got {value!r}")
+        days = int(head)
+    parts = text.split(":")
+    try:
+        numbers = [float(x) for x in parts]
+    except ValueError:
+        raise ValueError(f"expected HH:MM:SS, D-HH:MM:SS or seconds, got {value!r}") from None
+    if len(numbers) > 3 or any(n < 0 for n in numbers):
+        raise ValueError(f"expected HH:MM:SS, D-HH:MM:SS or seconds, got {value!r}")
+    seconds = 0.0
+    for n in numbers:
+        seconds = seconds * 60 + n
+    return days * 86400 + seconds
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    if tp is Length:
+        return "steps (int), a fraction (float) or 'N%'"
+    origin = typing.get_origin(tp)
+    if origin in (list, dict):
+        return "a list" if origin is list else "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, key: str, p: Problems) -> Any:
+    """Convert a raw YAML value to `tp`, recording a problem (and returning None) if impossible."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+        elif tp is Length or set(args) - {type(None)} == set(typing.get_args(Length)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return float(value) if "." in value or "e" in value.lower() else int(value)
+                except ValueError:
+                    if value.strip().endswith("%"):
+                        return value.strip()
+        else:
+            inner = [a for a in args if a is not type(None)]
+            if len(inner) == 1:
+                return _convert(value, inner[0], key, p)
+        p.add(key, f"expected {_type_name(tp)}, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, p)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            p.add(key, f"expected a list, got {value!r}")
+            return None
+        return [_convert(v, item_tp, f"{key}[{i}]", p) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            p.add(key, f"expected a mapping, got {value!r}")
+            return None
+        out = {}
+        for k, v in value.items():
+            if dataclasses.is_dataclass(item_tp) and isinstance(v, str):
+                v = {"path": v}  # shorthand: a named dataset given by its path
+            out[str(k)] = _convert(v, item_tp, f"{key}.{k}", p)
+        return out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 6e-4 as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    p.add(key, f"expected {_type_name(tp)}, got {value!r}")
+    return None
+
+
+def _build(cls: type, raw: Any, prefix: str, p: Problems) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        p.add(prefix or "(top level)", f"expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(names)}"
+            p.add(dotted, f"unknown key{hint}")
+            continue
+        converted = _convert(value, hints[key], dotted, p)
+        if converted is not None or value is None:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (what `dump` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
+    """YAML text of a resolved config; written to `path` atomically if given."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    if path is not None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return text
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", parsed YAML value)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.max_steps=100)")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} has an empty key")
+    return key, yaml.safe_load(value) if value.strip() else None
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> str | None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            return f"cannot set {key}: {'.'.join(parts[: i + 1])} is not a mapping"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def _walk_keys(raw: Any, prefix: str = ""):
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            dotted = f"{prefix}.{k}" if prefix else str(k)
+            yield dotted
+            yield from _walk_keys(v, dotted)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Resolve defaults < YAML file < overrides into a validated `RunConfig`.
+
+    Raises `ConfigError` listing every problem, each with its file (or "command line") and key.
+    """
+    origins: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    early = Problems(origins)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"{path}: config file not found"])
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
+        raw = loaded
+        for key in _walk_keys(raw):
+            origins[key] = str(path)
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError as exc:
+            early.items.append(f"command line: {exc}")
+            continue
+        origins[key] = "command line"
+        for sub in _walk_keys(value, key):
+            origins[sub] = "command line"
+        error = _set_dotted(raw, key, value)
+        if error:
+            early.items.append(f"command line: {error}")
+    p = Problems(origins)
+    p.items.extend(early.items)
+    cfg = _build(RunConfig, raw, "", p)
+    cfg.check(p)
+    p.raise_if_any()
+    return cfg
+
+
+def from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+    """A validated `RunConfig` from plain data (e.g. a run's saved config.yaml)."""
+    p = Problems(default_origin=origin)
+    cfg = _build(RunConfig, raw, "", p)
+    cfg.check(p)
+    p.raise_if_any()
+    return cfg

@@ -1,0 +1,114 @@
+"""DeepSpeed configs: find a file of ds_configs/ and fill its "auto" fields from the run config.
+
+ZeRO stage and offload live in the JSON files; batch sizes, accumulation, clipping and
+precision are decided by the run config and written there as "auto".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class BatchSizeError(ValueError):
+    """global batch != micro batch x gradient accumulation x data-parallel size."""
+
+
+def available() -> list[str]:
+    """Names of the configs shipped in ds_configs/."""
+    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+
+def find(name_or_path: str) -> Path | None:
+    """The JSON file for a ds_configs/ name (`zero2`) or a path; None if there is none."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".json" and candidate.is_file():
+        return candidate
+    shipped = DS_CONFIG_DIR / f"{name_or_path}.json"
+    return shipped if shipped.is_file() else None
+
+
+def load(name_or_path: str) -> dict[str, Any]:
+    """Parse a DeepSpeed config by name or path, with a clear error naming the file."""
+    path = find(name_or_path)
+    if path is None:
+        raise FileNotFoundError(
+            f"no DeepSpeed config {name_or_path!r}; accepted: {', '.join(available())} or a path to a JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+
+
+def check_batch(global_batch_size: int, micro_batch_size: int, grad_accum: int, dp_size: int) -> None:
+    """Raise `BatchSizeError` unless global = micro x accumulation x data-parallel size."""
+    product = micro_batch_size * grad_accum * dp_size
+    if global_batch_size != product:
+        raise BatchSizeError(
+            f"global batch {global_batch_size} != micro batch {micro_batch_size} x gradient accumulation "
+            f"{grad_accum} x data-parallel size {dp_size} = {product}; set train.global_batch_size to "
+            f"{product}, or change train.micro_batch_size / train.grad_accum")
+
+
+def fill(raw: dict[str, Any], *, micro_batch_size: int, grad_accum: int, dp_size: int,
+         precision: str, grad_clip: float, global_batch_size: int | None = None,
+         steps_per_print: int = 2**31 - 1) -> dict[str, Any]:
+    """A copy of `raw` with every "auto" field filled and the batch arithmetic checked.
+
+    Values already fixed in the file must agree with the run config: a file that says
+    `"gradient_accumulation_steps": 8` while the run asks for 4 is an error, not a silent winner.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if global_batch_size is None:
+        global_batch_size = micro_batch_size * grad_accum * dp_size
+    check_batch(global_batch_size, micro_batch_size, grad_accum, dp_size)
+    cfg = {k: copy.deepcopy(v) for k, v in raw.items() if not k.startswith("_")}
+    decided = {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(grad_clip),
+        "steps_per_print": steps_per_print,
+    }
+    for key, value in decided.items():
+        current = cfg.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ValueError(f"ds config field {key} is {current!r} but the run config gives {value!r}; "
+                             "write \"auto\" in the file to let the run config decide")
+        cfg[key] = value
+    for section, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        sub = cfg.setdefault(section, {})
+        current = sub.get("enabled", "auto")
+        if current != "auto" and bool(current) != enabled:
+            raise ValueError(f"ds config field {section}.enabled is {current!r} but train.precision is "
+                             f"{precision!r}; write \"auto\" in the file")
+        sub["enabled"] = enabled
+    leftover = [path for path in _auto_paths(cfg)]
+    if leftover:
+        raise ValueError(f"ds config fields still \"auto\" that the run config does not decide: {', '.join(leftover)}")
+    return cfg
+
+
+def _auto_paths(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _auto_paths(v, f"{prefix}.{k}" if prefix else k)
+    elif node == "auto":
+        yield prefix
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    """ZeRO stage of a (filled) DeepSpeed config."""
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(cfg: dict[str, Any]) -> bool:
+    """Whether the optimizer step runs on the CPU (needs DeepSpeedCPUAdam)."""
+    device = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
