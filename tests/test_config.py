@@ -1,0 +1,164 @@
+"""Config: precedence, typed conversion, gathered validation, YAML round trip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from continual_pt import config
+from continual_pt.config import ConfigError, parse_duration, resolve_length
+
+MINIMAL = ["model.config.hidden_size=8", "data.train.corpus.path=data/corpus", "train.max_steps=100"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_file_command_line(tmp_path):
+    path = write(tmp_path, """
+name: phase2
+model: {config: {hidden_size: 8}}
+data: {train: {sp: {path: data/sp, weight: 0.95}, pile: {path: data/pile, weight: 0.05}}}
+train: {max_steps: 1000, micro_batch_size: 4}
+schedule: {name: cosine, max_lr: 3.0e-4}
+""")
+    cfg = config.load(path, ["schedule.max_lr=6e-4", "train.max_steps=100", "data.train.pile.weight=0.25"])
+    assert cfg.name == "phase2"                      # file
+    assert cfg.schedule.max_lr == 6e-4               # command line beats file, YAML '6e-4' read as a float
+    assert cfg.train.max_steps == 100
+    assert cfg.train.micro_batch_size == 4           # file
+    assert cfg.train.grad_accum == 1                 # default
+    assert cfg.optim.betas == [0.9, 0.95]            # paper defaults
+    assert cfg.data.train["pile"].weight == 0.25
+    assert cfg.data.train["sp"].weight == 0.95
+    assert cfg.run_dir == Path("runs/phase2")
+
+
+def test_dump_loads_back_equal(tmp_path):
+    cfg = config.load(None, MINIMAL + ["schedule.warmup=5%", "eval.sets.pile=data/pile",
+                                       "schedule.decay_end=0.8", "train.time_limit=01:00:00"])
+    text = config.dump(cfg, tmp_path / "config.yaml")
+    assert (tmp_path / "config.yaml").read_text() == text
+    again = config.load(tmp_path / "config.yaml")
+    assert again == cfg
+    assert config.from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_eval_set_shorthand_is_a_path():
+    cfg = config.load(None, MINIMAL + ["eval.sets={pile: data/pile, sp: {path: data/sp, split: train}}"])
+    assert cfg.eval.sets["pile"].path == "data/pile" and cfg.eval.sets["pile"].split == "val"
+    assert cfg.eval.sets["sp"].split == "train"
+
+
+def test_every_problem_in_one_error_with_file_and_key(tmp_path):
+    path = write(tmp_path, """
+model: {config: {hidden_size: 8}}
+data: {train: {corpus: {path: data/corpus}}}
+train: {max_stpes: 10, micro_batch_size: two, max_steps: 100}
+schedule: {name: cosine, warmup: 200, max_lr: 1.0e-4, min_lr: 1.0e-3}
+""")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, ["schedule.name=cosin"])
+    problems = info.value.problems
+    text = str(info.value)
+    assert any(f"{path}: train.max_stpes: unknown key; did you mean 'max_steps'?" in p for p in problems)
+    assert any(f"{path}: train.micro_batch_size: expected an integer, got 'two'" in p for p in problems)
+    assert any(p.startswith("command line: schedule.name:") and "cosine" in p for p in problems)
+    assert len(problems) >= 3
+    assert "invalid configuration" in text
+
+
+def test_warmup_longer_than_run_and_min_above_max(tmp_path):
+    path = write(tmp_path, """
+model: {config: {hidden_size: 8}}
+data: {train: {corpus: {path: data/corpus}}}
+train: {max_steps: 100}
+schedule: {warmup: 200, max_lr: 1.0e-4, min_lr: 1.0e-3}
+""")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    keys = [p.split(": ")[1] for p in info.value.problems]
+    assert "schedule.warmup" in keys and "schedule.min_lr" in keys
+    assert all(p.startswith(f"{path}: ") for p in info.value.problems)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.precision=fp8", "train.precision"),
+    ("train.ds_config=zero9", "train.ds_config"),
+    ("checkpoint.keep_last=1", "checkpoint.keep_last"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("data.seq_len=-1", "data.seq_len"),
+    ("train.time_limit=soon", "train.time_limit"),
+    ("schedule.warmup=1.5", "schedule.warmup"),
+    ("nmae=x", "nmae"),
+])
+def test_single_bad_value_names_its_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        config.load(None, MINIMAL + [override])
+    assert [p.split(": ")[1] for p in info.value.problems] == [key]
+    assert info.value.problems[0].startswith("command line: ")
+
+
+def test_resume_path_and_init_together_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        config.load(None, MINIMAL + ["checkpoint.resume=runs/a/checkpoints/global_step10",
+                                     "checkpoint.init=runs/pretrain"])
+    assert "checkpoint.init" in str(info.value) and "never both" in str(info.value)
+    # auto + init is the normal re-warming start (init applies only when nothing is resumed)
+    cfg = config.load(None, MINIMAL + ["checkpoint.init=runs/pretrain"])
+    assert cfg.checkpoint.resume == "auto"
+
+
+def test_missing_architecture_and_data():
+    with pytest.raises(ConfigError) as info:
+        config.load(None, ["train.max_steps=10"])
+    keys = {p.split(": ")[1] for p in info.value.problems}
+    assert {"model", "data.train"} <= keys
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(write(tmp_path, "train: [unclosed"))
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        config.load(None, MINIMAL + ["train.max_steps"])
+
+
+@pytest.mark.parametrize("value, steps", [(10, 10), (0.25, 25), ("5%", 5), (0, 0), (1.0, 100), ("0.5%", 0)])
+def test_resolve_length(value, steps):
+    assert resolve_length(value, 100) == steps
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), (90, 90), ("01:30", 90), ("02:00:05", 7205),
+                                           ("1-00:00:00", 86400)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_cli_bad_config_exits_nonzero_with_one_message(tmp_path):
+    path = write(tmp_path, """
+model: {config: {hidden_size: 8}}
+data: {train: {corpus: {path: data/corpus}}}
+train: {max_steps: 100, warmup: 3}
+schedule: {name: cosnie, warmup: 500, min_lr: 1.0, max_lr: 1.0e-3}
+""")
+    proc = subprocess.run([sys.executable, "-m", "continual_pt.cli", "config", "--config", str(path),
+                           "train.precision=int3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    err = proc.stderr
+    assert err.count("invalid configuration") == 1
+    for key in ("train.warmup", "schedule.name", "train.precision"):
+        assert key in err
+    assert f"{path}: train.warmup: unknown key" in err
+    assert "command line: train.precision" in err
+    assert "Traceback" not in err

@@ -1,0 +1,113 @@
+"""ds_configs/: every file parses, fills, and passes DeepSpeed's own validation at world sizes 1 and 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from continual_pt import ds_config
+
+NAMES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
+
+
+def test_shipped_configs_are_the_expected_set():
+    assert ds_config.available() == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_file_parses_and_leaves_decisions_to_the_run_config(name):
+    raw = json.loads((ds_config.DS_CONFIG_DIR / f"{name}.json").read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert raw[key] == "auto"
+    assert raw["bf16"]["enabled"] == "auto" and raw["fp16"]["enabled"] == "auto"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_fill(name, precision):
+    cfg = ds_config.fill(ds_config.load(name), micro_batch_size=2, grad_accum=4, dp_size=2,
+                         precision=precision, grad_clip=1.0)
+    assert cfg["train_batch_size"] == 16
+    assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["bf16"]["enabled"] is (precision == "bf16")
+    assert cfg["fp16"]["enabled"] is (precision == "fp16")
+    assert "auto" not in json.dumps(cfg)
+    assert not any(k.startswith("_") for k in cfg)
+
+
+def test_batch_arithmetic_is_checked():
+    ds_config.check_batch(32, 2, 4, 4)
+    with pytest.raises(ds_config.BatchSizeError, match=r"global batch 30 != micro batch 2 x gradient "
+                                                         r"accumulation 4 x data-parallel size 4 = 32"):
+        ds_config.check_batch(30, 2, 4, 4)
+    with pytest.raises(ds_config.BatchSizeError):
+        ds_config.fill(ds_config.load("zero1"), micro_batch_size=2, grad_accum=4, dp_size=2,
+                       precision="bf16", grad_clip=1.0, global_batch_size=8)
+
+
+def test_a_fixed_value_in_the_file_that_disagrees_is_an_error():
+    raw = ds_config.load("zero1")
+    raw["gradient_accumulation_steps"] = 8
+    with pytest.raises(ValueError, match="gradient_accumulation_steps is 8 but the run config gives 4"):
+        ds_config.fill(raw, micro_batch_size=1, grad_accum=4, dp_size=1, precision="bf16", grad_clip=1.0)
+    raw = ds_config.load("zero1")
+    raw["zero_optimization"]["reduce_bucket_size"] = "auto"
+    with pytest.raises(ValueError, match="zero_optimization.reduce_bucket_size"):
+        ds_config.fill(raw, micro_batch_size=1, grad_accum=4, dp_size=1, precision="bf16", grad_clip=1.0)
+
+
+def test_find_by_name_or_path(tmp_path):
+    assert ds_config.find("zero2").name == "zero2.json"
+    custom = tmp_path / "mine.json"
+    custom.write_text("{}")
+    assert ds_config.find(str(custom)) == custom
+    assert ds_config.find("zero7") is None
+    with pytest.raises(FileNotFoundError, match="accepted: zero0, zero1"):
+        ds_config.load("zero7")
+
+
+class _DataParallel:
+    """The slice of an mpu DeepSpeed asks for: the data-parallel world size."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.size
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from tests.helpers import free_port
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_deepspeed_accepts_filled_config(name, world_size, single_process_group):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = ds_config.fill(ds_config.load(name), micro_batch_size=2, grad_accum=3, dp_size=world_size,
+                         precision="bf16", grad_clip=1.0)
+    parsed = DeepSpeedConfig(cfg, mpu=_DataParallel(world_size))
+    assert parsed.world_size == world_size
+    assert parsed.train_batch_size == 6 * world_size
+    assert parsed.gradient_accumulation_steps == 3
+    assert parsed.zero_optimization_stage == int(name[4])
+    assert parsed.bfloat16_config.enabled if hasattr(parsed, "bfloat16_config") else parsed.bfloat16_enabled
+    # a wrong global batch is rejected by DeepSpeed too: our check is not looser than theirs
+    bad = dict(cfg, train_batch_size=6 * world_size + 1)
+    with pytest.raises(AssertionError):
+        DeepSpeedConfig(bad, mpu=_DataParallel(world_size))
