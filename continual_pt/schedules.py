@@ -480,10 +480,10 @@ def run_show_cli(args: argparse.Namespace) -> int:
         steps = sorted(set(_parse_steps(args.at)))
     else:
         steps = sorted({s for _, cfg, total in schedules for s in show_steps(cfg, total)})
-    notes: dict[int, list[str]] = {}
+    notes: dict[int, dict[str, list[str]]] = {}  # step -> phase name -> numbers of the schedules
     for i, (_, cfg, total) in enumerate(schedules):
         for step, name in boundaries(cfg, total):
-            notes.setdefault(step, []).append(name if len(schedules) == 1 else f"{name} [{i + 1}]")
+            notes.setdefault(step, {}).setdefault(name, []).append(str(i + 1))
     labels = [label if len(schedules) == 1 else f"[{i + 1}] {label}" for i, (label, _, _) in enumerate(schedules)]
     widths = [max(len(label), 12) for label in labels]
     step_width = max(len("step"), *(len(str(s)) for s in steps))
@@ -491,7 +491,9 @@ def run_show_cli(args: argparse.Namespace) -> int:
                     + ["phase"]).rstrip())
     for step in steps:
         cells = [f"{fn(step):<{w}.6g}" for fn, w in zip(fns, widths, strict=True)]
-        print("  ".join([f"{step:>{step_width}}"] + cells + ["; ".join(notes.get(step, []))]).rstrip())
+        phases = [name if len(schedules) == 1 else f"{name} [{','.join(nums)}]"
+                  for name, nums in notes.get(step, {}).items()]
+        print("  ".join([f"{step:>{step_width}}"] + cells + ["; ".join(phases)]).rstrip())
     return 0
 
 
