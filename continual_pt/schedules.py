@@ -369,12 +369,13 @@ def _define_schedule_lr() -> type:
         def __init__(self, optimizer: torch.optim.Optimizer, lr_at: LRFunction) -> None:
             self.lr_at = lr_at
             super().__init__(optimizer)
-            self._hook = optimizer.register_step_pre_hook(lambda *_: self._apply())
+            self._hook = optimizer.register_step_pre_hook(lambda *_: self.apply())
 
         def get_lr(self) -> list[float]:
             return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
 
-        def _apply(self) -> None:
+        def apply(self) -> None:
+            """Set every param group's LR to lr_at(step) now (done before each optimizer step anyway)."""
             lrs = self.get_lr()
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
@@ -390,7 +391,7 @@ def _define_schedule_lr() -> type:
             if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise ValueError(f"not a ScheduleLR state (expected {{'step': n >= 0}}): {state_dict!r:.200}")
             self.last_epoch = step
-            self._apply()
+            self.apply()
 
         def __repr__(self) -> str:
             return f"ScheduleLR(step={self.last_epoch}, lr={self.lr_at(self.last_epoch):g})"
