@@ -21,7 +21,7 @@ import yaml
 from continual_pt.errors import UserError
 
 # A length in optimizer steps: an int (steps), a float in [0, 1] (fraction of the run) or "N%".
-Length = Union[int, float, str]
+Length = int | float | str
 
 
 class ConfigError(UserError, ValueError):
@@ -251,11 +251,14 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metric lines."""
     max_nonfinite_skips: int = 0
-    """Non-finite losses tolerated (the step is skipped) before the run stops."""
+    """Micro-batches with a non-finite loss that are skipped (replaced by the next batch) before the
+    run stops; 0 stops at the first one, reporting its step."""
     time_limit: str | None = None
     """Wall-clock budget ("HH:MM:SS" or seconds): save and exit before it runs out."""
     time_limit_margin: str = "00:05:00"
     """How long before the time limit to stop (room for the final checkpoint)."""
+    stop_after_steps: int | None = None
+    """Stop resumably after this many steps of this invocation (e.g. a fixed chunk per job)."""
 
     def check(self, p: Problems) -> None:
         if self.max_steps <= 0:
@@ -267,6 +270,8 @@ class TrainConfig:
             p.add("train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             p.add("train.precision", f"unknown precision {self.precision!r}; accepted: bf16, fp16, fp32")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            p.add("train.stop_after_steps", f"must be >= 1, got {self.stop_after_steps}")
         if self.max_nonfinite_skips < 0:
             p.add("train.max_nonfinite_skips", f"must be >= 0, got {self.max_nonfinite_skips}")
         for key in ("time_limit", "time_limit_margin"):

@@ -1,0 +1,278 @@
+"""Checkpoints: save, find, load and prune under a commit protocol; weights for init and export.
+
+A checkpoint is `checkpoints/global_step<N>/`: DeepSpeed's files, one `rank<r>.pt` per rank
+(sampler position and RNG states), the model's config and tokenizer, and last of all the
+commit marker `COMMITTED.json` listing every file with its size. `checkpoints/latest` is
+replaced atomically only after the marker exists, and loaders trust committed tags alone,
+so a kill at any moment of a save leaves the previous committed checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from continual_pt import distributed
+from continual_pt.errors import UserError
+
+MARKER = "COMMITTED.json"
+LATEST = "latest"
+RANK_FILE = "rank{rank}.pt"
+FORMAT_VERSION = 1
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A committed checkpoint folder."""
+
+    path: Path
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    @property
+    def step(self) -> int:
+        return int(_TAG.match(self.tag).group(1))
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / MARKER).read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def is_committed(tag_dir: Path) -> bool:
+    return (tag_dir / MARKER).is_file()
+
+
+def verify(tag_dir: Path) -> CheckpointRef:
+    """A committed checkpoint whose files are all present at their recorded sizes, else UserError."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        raise UserError(f"checkpoint {tag_dir} does not exist")
+    if not _TAG.match(tag_dir.name):
+        raise UserError(f"{tag_dir} is not a checkpoint folder (expected a name like global_step1000)")
+    if not is_committed(tag_dir):
+        raise UserError(f"checkpoint {tag_dir} is partial: it has no {MARKER} (the save was interrupted); "
+                        "use an earlier committed checkpoint")
+    try:
+        meta = json.loads((tag_dir / MARKER).read_text())
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UserError(f"{tag_dir / MARKER}: unreadable commit marker ({exc})") from None
+    for name, size in files.items():
+        file = tag_dir / name
+        if not file.is_file():
+            raise UserError(f"checkpoint {tag_dir} is partial: {name} is missing")
+        if file.stat().st_size != size:
+            raise UserError(f"checkpoint {tag_dir} is corrupt: {name} has {file.stat().st_size} bytes, "
+                            f"the commit marker recorded {size}")
+    return CheckpointRef(tag_dir)
+
+
+def list_committed(root: Path) -> list[CheckpointRef]:
+    """Committed checkpoints under a checkpoints/ folder, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    refs = [CheckpointRef(p) for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and is_committed(p)]
+    return sorted(refs, key=lambda r: r.step)
+
+
+def newest_committed(root: Path) -> CheckpointRef | None:
+    """The newest committed checkpoint (not whatever `latest` says: loaders trust markers)."""
+    refs = list_committed(root)
+    return refs[-1] if refs else None
+
+
+def resolve(path: str | Path, *, what: str = "checkpoint") -> CheckpointRef:
+    """A run dir, its checkpoints/ dir or a tag dir -> the checkpoint it names (verified)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what}: {path} does not exist")
+    if _TAG.match(path.name):
+        return verify(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ref = newest_committed(root)
+    if ref is None:
+        raise UserError(f"{what}: no committed checkpoint under {root}")
+    return verify(ref.path)
+
+
+def is_ours(path: str | Path) -> bool:
+    """Whether a path is one of our run, checkpoints or checkpoint folders (else: Hugging Face)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
+                              or bool(_TAG.match(path.name)) or (path / LATEST).is_file())
+
+
+class Checkpointer:
+    """Saves and loads DeepSpeed checkpoints of one run under the commit protocol."""
+
+    def __init__(self, root: Path, keep_last: int, rank: int, world_size: int):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+             extras: dict[str, Any]) -> CheckpointRef:
+        """Save on every rank; rank 0 commits once every rank's files are complete.
+
+        `extras` maps a folder name in the checkpoint to a callable writing it (rank 0 only),
+        e.g. the model config and tokenizer needed for export.
+        """
+        tag = tag_for(step)
+        path = self.root / tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists() and not is_committed(path):
+                shutil.rmtree(path)  # a stale partial save of this same step
+        distributed.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        rank_file = path / RANK_FILE.format(rank=self.rank)
+        tmp = rank_file.with_name(rank_file.name + ".tmp")
+        torch.save(rank_state, tmp)
+        os.replace(tmp, rank_file)
+        if self.rank == 0:
+            for name, write in extras.items():
+                write(path / name)
+        distributed.barrier()
+        if self.rank == 0:
+            self._commit(path, step, client_state)
+        distributed.barrier()
+        return CheckpointRef(path)
+
+    def _commit(self, path: Path, step: int, client_state: dict[str, Any]) -> None:
+        _fsync_tree(path)
+        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
+                "time": time.time(), "files": files,
+                **{k: client_state[k] for k in ("tokens_seen", "zero_stage", "precision") if k in client_state}}
+        _atomic_write(path / MARKER, json.dumps(meta, indent=1))
+        _atomic_write(self.root / LATEST, path.name)
+        self.prune()
+
+    def prune(self) -> None:
+        """Keep the newest `keep_last` committed checkpoints; drop partial ones older than the newest."""
+        committed = list_committed(self.root)
+        for ref in committed[: max(0, len(committed) - self.keep_last)]:
+            shutil.rmtree(ref.path, ignore_errors=True)
+        if committed:
+            newest = committed[-1].step
+            for p in self.root.iterdir():
+                m = _TAG.match(p.name)
+                if p.is_dir() and m and int(m.group(1)) < newest and not is_committed(p):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine, ref: CheckpointRef, *, load_optimizer: bool = True,
+             load_schedule: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore the engine from a committed checkpoint; returns (client state, this rank's state)."""
+        meta = ref.meta()
+        saved_world = meta.get("world_size", self.world_size)
+        if load_optimizer and saved_world != self.world_size and meta.get("zero_stage", 0) > 0:
+            raise UserError(f"checkpoint {ref.path} was written by {saved_world} ranks with ZeRO stage "
+                            f"{meta['zero_stage']}; this run has {self.world_size} ranks. Resume with "
+                            f"{saved_world} ranks, or start a new phase from its weights (checkpoint.init)")
+        _, client_state = engine.load_checkpoint(str(ref.root), tag=ref.tag,
+                                                 load_optimizer_states=load_optimizer,
+                                                 load_lr_scheduler_states=load_schedule)
+        if client_state is None:
+            raise UserError(f"DeepSpeed could not load checkpoint {ref.path}")
+        rank_file = ref.path / RANK_FILE.format(rank=self.rank)
+        if not rank_file.is_file():
+            rank_file = ref.path / RANK_FILE.format(rank=0)
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        return client_state, rank_state
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, whatever its ZeRO stage and world size, by HF key."""
+    if any(ref.path.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+    else:
+        module = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = {k: v.float() for k, v in module["module"].items()}
+    return _strip(dict(state))
+
+
+def load_model_from_checkpoint(ref: CheckpointRef, attn_implementation: str = "sdpa"):
+    """A transformers model with a checkpoint's architecture and fp32 weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(ref.path / "model")
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation,
+                                             dtype=torch.float32)
+    state = consolidated_state_dict(ref)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise UserError(f"checkpoint {ref.path} does not match its model config: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+def export_hf(ref: CheckpointRef, out: Path, dtype: str = "fp32") -> Path:
+    """Write a Hugging Face folder (model + tokenizer) loadable without DeepSpeed."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"export: {out} exists and is not empty; choose another --out")
+    model = load_model_from_checkpoint(ref, attn_implementation="eager")
+    model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer = ref.path / "tokenizer"
+    if tokenizer.is_dir():
+        for file in tokenizer.iterdir():
+            shutil.copy2(file, tmp / file.name)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def run_export_cli(args) -> int:
+    ref = resolve(args.checkpoint)
+    out = export_hf(ref, Path(args.out), args.dtype)
+    print(f"exported {ref.path} (step {ref.step}) to {out}")
+    return 0

@@ -1,0 +1,150 @@
+"""Process-group set-up under every launcher: deepspeed, torchrun, srun, mpirun (mpi4py), or none.
+
+Each launcher announces ranks differently; `detect()` reads whichever is present and
+`init()` turns it into the environment torch.distributed expects, then starts DeepSpeed's
+communication backend (nccl on GPUs, gloo on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _int_env(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def _slurm_master() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        return out[0] if out else "127.0.0.1"
+    except (OSError, subprocess.SubprocessError):
+        # No scontrol on this node: a plain host name is its own first entry.
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def _slurm_port() -> int:
+    # All tasks of a step must agree on a port without talking: derive it from the job id.
+    job = int(os.environ.get("SLURM_JOB_ID", "0"))
+    return 20000 + job % 20000
+
+
+def _mpi_env() -> DistEnv:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = local.Get_rank()
+    local.Free()
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        port = int(os.environ.get("MASTER_PORT") or _free_port())
+    else:
+        addr, port = None, None
+    addr, port = comm.bcast((addr, port), root=0)
+    return DistEnv(rank, local_rank, size, addr, port, "mpirun")
+
+
+def detect() -> DistEnv:
+    """Read the launcher's environment (the first of: torch-style vars, MPI, SLURM, none)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed" if "CROSS_RANK" in env or "DS_ACCELERATOR" in env else "torchrun"
+        return DistEnv(int(env["RANK"]), _int_env("LOCAL_RANK") or 0, int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), launcher)
+    if _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE") is not None:
+        return _mpi_env()
+    ntasks = _int_env("SLURM_NTASKS")
+    if ntasks is not None and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), _int_env("SLURM_LOCALID") or 0, ntasks,
+                       env.get("MASTER_ADDR") or _slurm_master(),
+                       int(env.get("MASTER_PORT") or _slurm_port()), "srun")
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "none")
+
+
+def device_for(local_rank: int) -> torch.device:
+    """This rank's accelerator (its local GPU) or the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv | None = None) -> DistEnv:
+    """Start the process group for this launcher (idempotent)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    env = env or detect()
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if not dist.is_initialized():
+        device_for(env.local_rank)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return env
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (e.g. agreeing on a stop request)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks, in float64 (token-weighted losses)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

@@ -1,0 +1,118 @@
+"""Metrics sinks of a run (rank 0 only): metrics.jsonl, TensorBoard, Weights & Biases, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from continual_pt.config import LogConfig
+
+# Dense bf16 peak of one accelerator, TFLOP/s, for MFU when log.peak_tflops is unset.
+PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def default_peak_tflops() -> float | None:
+    """A known peak for the visible GPU, or None (on the CPU: no MFU unless configured)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; when a resumed run logged a step again, the later record wins."""
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    path = Path(path)
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+        if "step" in rec:
+            records[(rec.get("kind", "train"), rec["step"])] = rec
+    return sorted(records.values(), key=lambda r: (r["step"], r.get("kind", "train") != "eval"))
+
+
+class MetricsLogger:
+    """Writes every record to metrics.jsonl and to whichever other sinks are enabled."""
+
+    def __init__(self, run_dir: Path, cfg: LogConfig, enabled: bool, run_name: str,
+                 total_steps: int, start_step: int, config_dict: dict[str, Any]):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("log.wandb is set but wandb is not installed (pip install wandb); skipping it",
+                      file=sys.stderr)
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project or "continual-pt", name=run_name,
+                                        id=run_name, resume="allow", config=config_dict, dir=str(run_dir))
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One JSON line; numeric fields also go to TensorBoard / W&B under kind/name."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        kind = record.get("kind", "train")
+        step = record.get("step", 0)
+        numeric = {f"{kind}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind")}
+        if self.tb is not None:
+            for key, value in numeric.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,42 @@
+"""Train one continual pre-training phase on the DeepSpeed engine.
+
+One process (CPU or one GPU):
+    cpt train --config configs/quickstart/rewarm.yaml schedule.max_lr=6e-4
+Several GPUs of one node, or a multi-node ssh cluster (hostfile lines: "node1 slots=8"):
+    deepspeed --num_gpus 8 -m continual_pt.train --config run.yaml
+    deepspeed --hostfile launch/hostfile -m continual_pt.train --config run.yaml
+torchrun, SLURM and MPI:
+    torchrun --nproc_per_node 8 -m continual_pt.train --config run.yaml
+    srun --ntasks-per-node 8 python -m continual_pt.train --config run.yaml
+    mpirun -np 16 python -m continual_pt.train --config run.yaml
+
+Exit status: 0 finished; 75 stopped early by SIGTERM, SIGUSR1 or train.time_limit after saving
+a committed checkpoint (run the same command again to resume); 1 the loss became non-finite;
+2 bad input (config, data, checkpoint), reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`cpt train`: resolve the config, then train under whichever launcher started us."""
+    from continual_pt import config, trainer
+
+    cfg = config.load(args.config, args.overrides)
+    return trainer.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from continual_pt.cli import main as cli_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    return cli_main(["train", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
