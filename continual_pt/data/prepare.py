@@ -1,0 +1,232 @@
+"""`cpt prepare`: tokenize raw sources once into a dataset directory of packed token shards.
+
+    cpt prepare --source corpus/*.jsonl.zst --tokenizer EleutherAI/pythia-410m --out data/sp
+    cpt prepare --source kjv --tokenizer data/tok --out data/kjv --workers 2
+
+The parent process reads sources in chunks, a pool of processes parses and tokenizes them,
+and the parent writes their tokens in chunk order, so the bytes written do not depend on the
+number of workers and memory does not depend on the size of the corpus. Layout:
+
+    <out>/manifest.json       written last; its presence marks the dataset complete
+    <out>/tokenizer/          copy of the tokenizer (the dataset is self-contained)
+    <out>/train/000000.bin    raw little-endian uint16/uint32 tokens, EOS after every document
+    <out>/val/000000.bin      documents whose text hashes below --val-fraction
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from continual_pt.data import encode, output, sources
+from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
+from continual_pt.data.prepare_args import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
+from continual_pt.data.tokenizer import LoadedTokenizer, load_tokenizer
+from continual_pt.errors import UserError
+
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val")
+
+
+def default_workers() -> int:
+    """CPUs this process may use (respects affinity masks set by SLURM or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass
+class PrepareOptions:
+    """Everything `cpt prepare` needs; recorded in the manifest as the creation arguments."""
+
+    sources: list[str]
+    tokenizer: str
+    out: str
+    text_field: str = "text"
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    """Share of documents held out, chosen per document by a hash of its text."""
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    dtype: str = "auto"
+    """uint16, uint32, or auto (uint16 when every token id fits)."""
+    workers: int | None = None
+    """Tokenizer processes; None = every available CPU; 1 = in this process."""
+    eos_token: str | None = None
+    hf_split: str = "train"
+    hf_config: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Raise one UserError listing every invalid option."""
+        problems = []
+        if not self.sources:
+            problems.append("no --source given")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            problems.append(f"--shard-tokens must be >= 1, got {self.shard_tokens}")
+        if self.dtype not in ("auto", *encode.DTYPES):
+            problems.append(f"--dtype {self.dtype!r} unknown; accepted: auto, {', '.join(encode.DTYPES)}")
+        if self.workers is not None and self.workers < 1:
+            problems.append(f"--workers must be >= 1, got {self.workers}")
+        if not self.text_field:
+            problems.append("--text-field must not be empty")
+        if problems:
+            raise UserError("invalid options: " + "; ".join(problems))
+
+
+def choose_dtype(requested: str, vocab_size: int, tokenizer: str) -> str:
+    """The shard dtype: the requested one if every token id fits, else a UserError."""
+    if requested == "auto":
+        return "uint16" if vocab_size <= 1 << 16 else "uint32"
+    limit = int(np.iinfo(encode.DTYPES[requested]).max)
+    if vocab_size - 1 > limit:
+        raise UserError(f"--dtype {requested} cannot hold token ids up to {vocab_size - 1} (tokenizer "
+                        f"{tokenizer!r} has {vocab_size} ids); use --dtype uint32 or auto")
+    return requested
+
+
+@dataclass
+class _Totals:
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    docs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    skipped: dict[str, int] = field(default_factory=dict)
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+def _encoded(chunks: Iterator[encode.Chunk], workers: int, init_args: tuple) -> Iterator[encode.Encoded]:
+    """Encoded chunks in input order, at most 2 x workers of them in flight (bounded memory)."""
+    if workers == 1:
+        encode.init_worker(*init_args, own_process=False)
+        yield from map(encode.encode_chunk, chunks)
+        return
+    # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=encode.init_worker, initargs=(*init_args, True)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode.encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _tokenize(srcs: list, tok: LoadedTokenizer, dtype: str, options: PrepareOptions, root: Path):
+    """Stream every source through the workers into shard writers; returns (shards, totals)."""
+    from tqdm import tqdm
+
+    writers = {s: output.ShardWriter(root, s, encode.DTYPES[dtype], options.shard_tokens) for s in SPLITS}
+    totals = _Totals()
+    init_args = (tok.tokenizer_json, tok.eos_id, dtype, options.val_fraction, options.text_field)
+    workers = options.workers or default_workers()
+    start = time.perf_counter()
+    with tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=options.quiet, smoothing=0.1) as bar:
+        for enc in _encoded(sources.iter_chunks(srcs, options.text_field), workers, init_args):
+            for split in SPLITS:
+                writers[split].write(enc.tokens[split])
+                totals.tokens[split] += len(enc.tokens[split])
+                totals.docs[split] += enc.docs[split]
+            for key, n in enc.skipped.items():
+                totals.skipped[key] = totals.skipped.get(key, 0) + n
+            totals.nbytes += enc.nbytes
+            bar.update(sum(len(t) for t in enc.tokens.values()))
+            bar.set_postfix_str(f"{totals.nbytes / 1e6:.0f} MB, {sum(totals.docs.values())} docs", refresh=False)
+    totals.seconds = time.perf_counter() - start
+    return {s: w.finish() for s, w in writers.items()}, totals
+
+
+def _software() -> dict[str, str]:
+    import tokenizers
+
+    from continual_pt import __version__
+
+    return {"continual_pt": __version__, "tokenizers": tokenizers.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0]}
+
+
+def _manifest(options: PrepareOptions, tok: LoadedTokenizer, dtype: str, shards: dict, totals: _Totals,
+              fingerprints: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer": {"name": tok.name, "sha256": tok.sha256, "dir": TOKENIZER_DIR, "eos_token": tok.eos_token},
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": dtype,
+        "byte_order": "little",
+        "document_separator": "eos_id after every document",
+        "text_field": options.text_field,
+        "val_fraction": options.val_fraction,
+        "split_rule": "val if blake2b(utf-8 text, digest_size=8) as little-endian int < val_fraction * 2**64",
+        "splits": {s: {"num_tokens": totals.tokens[s], "num_docs": totals.docs[s], "shards": shards[s]}
+                   for s in SPLITS},
+        "skipped_docs": totals.skipped,
+        "input_bytes": totals.nbytes,
+        "sources": fingerprints,
+        "args": asdict(options),
+        "software": _software(),
+    }
+
+
+def prepare(options: PrepareOptions) -> dict[str, Any]:
+    """Tokenize `options.sources` into the dataset directory `options.out`; returns its manifest."""
+    options.check()
+    out = Path(options.out)
+    output.check_destination(out, options.overwrite, is_complete=lambda p: (p / MANIFEST).is_file())
+    tok = load_tokenizer(options.tokenizer, options.eos_token)
+    dtype = choose_dtype(options.dtype, tok.vocab_size, options.tokenizer)
+    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config)
+    fingerprints = [s.fingerprint() for s in srcs]
+    with output.atomic_directory(out, options.overwrite) as tmp:
+        tok.copy_to(tmp / TOKENIZER_DIR)
+        shards, totals = _tokenize(srcs, tok, dtype, options, tmp)
+        if sum(totals.docs.values()) == 0:
+            raise UserError(f"empty input: no documents in {', '.join(options.sources)} "
+                            f"(skipped: {totals.skipped or 'none'})")
+        manifest = _manifest(options, tok, dtype, shards, totals, fingerprints)
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    if not options.quiet:
+        _print_summary(out, manifest, totals)
+    return manifest
+
+
+def _print_summary(out: Path, manifest: dict[str, Any], totals: _Totals) -> None:
+    seconds = max(totals.seconds, 1e-9)
+    tokens = sum(totals.tokens.values())
+    parts = [f"{s}: {m['num_tokens']:,} tokens, {m['num_docs']:,} docs, {len(m['shards'])} shard(s)"
+             for s, m in manifest["splits"].items()]
+    print(f"{out}: " + "; ".join(parts))
+    print(f"{totals.nbytes / 1e6:.1f} MB in {seconds:.1f} s: {totals.nbytes / 1e6 / seconds:.1f} MB/s, "
+          f"{tokens / seconds:,.0f} tokens/s ({manifest['dtype']}, skipped: {totals.skipped or 'none'})")
+
+
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    """PrepareOptions from the parsed `cpt prepare` arguments."""
+    return PrepareOptions(sources=args.source, tokenizer=args.tokenizer, out=args.out, text_field=args.text_field,
+                          val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, dtype=args.dtype,
+                          workers=args.workers, eos_token=args.eos_token, hf_split=args.hf_split,
+                          hf_config=args.hf_config, overwrite=args.overwrite, quiet=args.quiet)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`cpt prepare`."""
+    prepare(options_from_args(args))
+    return 0
