@@ -1,0 +1,239 @@
+"""Reading prepared datasets: validated memmaps, packed fixed-length windows, evaluation windows.
+
+    ds = PreparedDataset("data/sp", split="train")
+    packed = PackedSequences(ds, seq_len=2048)     # windows of 2049 tokens: inputs w[:-1], labels w[1:]
+    check_tokenizer({"sp": ds, "pile": PreparedDataset("data/pile")}, expected="EleutherAI/pythia-410m")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from continual_pt.data.output import is_temp_dir
+from continual_pt.errors import UserError
+
+FORMAT_VERSION = 1  # of manifest.json, written by prepare and checked here
+MANIFEST = "manifest.json"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+OPEN_SHARDS = 64  # memmaps kept open per dataset: each holds a file descriptor
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise UserError(f"{path}: no prepared dataset here (write one with `cpt prepare --out {path}`)")
+    if is_temp_dir(path):
+        raise UserError(f"{path}: the temporary directory of an unfinished `cpt prepare`, not a dataset; "
+                        "run cpt prepare again")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{path}: not a complete prepared dataset (no {MANIFEST}); an interrupted "
+                        "`cpt prepare` never writes one: run it again")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{manifest_path}: corrupt manifest ({exc})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise UserError(f"{manifest_path}: format_version {version!r} is not supported (this version of "
+                        f"continual-pt reads {FORMAT_VERSION}); prepare the dataset again")
+    return manifest
+
+
+def _field(manifest: dict[str, Any], key: str, where: Path) -> Any:
+    try:
+        value = manifest
+        for part in key.split("."):
+            value = value[part]
+        return value
+    except (KeyError, TypeError):
+        raise UserError(f"{where}: corrupt manifest, field {key!r} missing") from None
+
+
+class PreparedDataset:
+    """One split of a directory written by `cpt prepare`, validated on open, read through memmaps."""
+
+    def __init__(self, path: str | Path, split: str = "train", *, verify: bool = False):
+        self.path = Path(path)
+        self.split = split
+        self.manifest = _load_manifest(self.path)
+        where = self.path / MANIFEST
+        self.dtype = self._dtype(where)
+        self.vocab_size = int(_field(self.manifest, "vocab_size", where))
+        self.eos_id = int(_field(self.manifest, "eos_id", where))
+        self.tokenizer_sha256 = str(_field(self.manifest, "tokenizer.sha256", where))
+        self.tokenizer_name = str(_field(self.manifest, "tokenizer.name", where))
+        self.tokenizer_dir = self.path / _field(self.manifest, "tokenizer.dir", where)
+        splits = _field(self.manifest, "splits", where)
+        if split not in splits:
+            raise UserError(f"{where}: no split {split!r} (splits: {', '.join(splits)})")
+        info = splits[split]
+        self.num_tokens = int(_field(info, "num_tokens", where))
+        self.num_docs = int(_field(info, "num_docs", where))
+        self.shards: list[dict[str, Any]] = list(_field(info, "shards", where))
+        self._check_ranges(where)
+        self._check_files()
+        self.offsets = np.cumsum([0] + [int(s["num_tokens"]) for s in self.shards], dtype=np.int64)
+        if int(self.offsets[-1]) != self.num_tokens:
+            raise UserError(f"{where}: split {split!r} claims {self.num_tokens} tokens but its shards hold "
+                            f"{int(self.offsets[-1])}")
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        if verify:
+            self.verify()
+
+    def _dtype(self, where: Path) -> np.dtype:
+        name = _field(self.manifest, "dtype", where)
+        if name not in DTYPES:
+            raise UserError(f"{where}: dtype {name!r} unknown; accepted: {', '.join(DTYPES)}")
+        return np.dtype(DTYPES[name]).newbyteorder("<")
+
+    def _check_ranges(self, where: Path) -> None:
+        limit = int(np.iinfo(self.dtype).max) + 1
+        if not 0 < self.vocab_size <= limit:
+            raise UserError(f"{where}: vocab_size {self.vocab_size} does not fit dtype {self.dtype.name} "
+                            f"(at most {limit} ids); the manifest is corrupt or the dataset was written wrongly")
+        if not 0 <= self.eos_id < self.vocab_size:
+            raise UserError(f"{where}: eos_id {self.eos_id} is outside the vocabulary (size {self.vocab_size})")
+        if not (self.tokenizer_dir / "tokenizer.json").is_file():
+            raise UserError(f"{self.tokenizer_dir}: the dataset's tokenizer copy is missing (tokenizer.json)")
+
+    def _check_files(self) -> None:
+        for shard in self.shards:
+            file = self.path / shard["file"]
+            expected = int(shard["num_tokens"]) * self.dtype.itemsize
+            if not file.is_file():
+                raise UserError(f"{file}: shard missing (the manifest lists it)")
+            size = file.stat().st_size
+            if size != expected:
+                raise UserError(f"{file}: truncated or corrupt shard: {size} bytes, the manifest says "
+                                f"{shard['num_tokens']} tokens x {self.dtype.itemsize} bytes = {expected}")
+
+    def verify(self) -> None:
+        """Check every shard's sha256 and token range (reads the whole split)."""
+        for i, shard in enumerate(self.shards):
+            file = self.path / shard["file"]
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard["sha256"]:
+                raise UserError(f"{file}: corrupt shard (sha256 differs from the manifest)")
+            data = self._shard(i)
+            if len(data) and int(data.max()) >= self.vocab_size:
+                raise UserError(f"{file}: token id {int(data.max())} >= vocab_size {self.vocab_size}")
+
+    def _shard(self, i: int) -> np.memmap:
+        data = self._maps.get(i)
+        if data is None:
+            data = np.memmap(self.path / self.shards[i]["file"], dtype=self.dtype, mode="r")
+            self._maps[i] = data
+            if len(self._maps) > OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(i)
+        return data
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split's concatenated shards (read-only; may be a memmap view)."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"tokens [{start}, {stop}) outside [0, {self.num_tokens}) of {self.path}")
+        if start == stop:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        i, pos = first, start
+        while pos < stop:
+            base = int(self.offsets[i])
+            end = min(stop, int(self.offsets[i + 1]))
+            if end > pos:
+                pieces.append(self._shard(i)[pos - base:end - base])
+            pos = max(pos, end)
+            i += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def shard_at(self, position: int) -> Path:
+        """The shard file holding token `position` (for messages)."""
+        i = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return self.path / self.shards[min(i, len(self.shards) - 1)]["file"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memmaps are reopened in the receiving process (DataLoader workers).
+        state = self.__dict__.copy()
+        state["_maps"] = OrderedDict()
+        return state
+
+    def __repr__(self) -> str:
+        return f"PreparedDataset({str(self.path)!r}, split={self.split!r}, tokens={self.num_tokens})"
+
+
+def check_tokenizer(datasets: dict[str, PreparedDataset], expected: str | None = None) -> str | None:
+    """The common tokenizer hash of `datasets`; UserError naming each dataset if they disagree
+    with each other or with `expected` (a tokenizer folder, hub name, or sha256)."""
+    hashes = {name: ds.tokenizer_sha256 for name, ds in datasets.items()}
+    listing = "\n".join(f"  {name}: {ds.path} tokenizer {ds.tokenizer_name!r} sha256 {ds.tokenizer_sha256[:16]}"
+                        for name, ds in datasets.items())
+    if len(set(hashes.values())) > 1:
+        raise UserError(f"the datasets were tokenized with different tokenizers:\n{listing}\n"
+                        "prepare them again with one tokenizer")
+    if expected is not None:
+        from continual_pt.data.tokenizer import tokenizer_sha256
+
+        want = tokenizer_sha256(expected)
+        if any(h != want for h in hashes.values()):
+            raise UserError(f"the configured tokenizer {expected!r} (sha256 {want[:16]}) differs from the one "
+                            f"the datasets were prepared with:\n{listing}\n"
+                            "set data.tokenizer to the tokenizer they were prepared with, or prepare them again")
+    return next(iter(hashes.values()), None)
+
+
+class PackedSequences:
+    """Non-overlapping windows of seq_len + 1 tokens over a split; the tail shorter than a window is dropped."""
+
+    def __init__(self, dataset: PreparedDataset, seq_len: int):
+        if seq_len < 1:
+            raise UserError(f"seq_len must be >= 1, got {seq_len}")
+        self.dataset = dataset
+        self.seq_len = seq_len
+        self.window = seq_len + 1
+        self.num_windows = dataset.num_tokens // self.window
+        self.dropped_tokens = dataset.num_tokens - self.num_windows * self.window
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.num_windows:
+            raise IndexError(f"window {index} outside [0, {self.num_windows}) of {self.dataset.path}")
+        start = index * self.window
+        window = self.dataset.tokens(start, start + self.window).astype(np.int64)
+        # A corrupt id would otherwise surface as a device-side assert deep inside the embedding.
+        if int(window.max()) >= self.dataset.vocab_size:
+            raise UserError(f"{self.dataset.shard_at(start)}: token id {int(window.max())} >= vocab_size "
+                            f"{self.dataset.vocab_size} in window {index}; the shard is corrupt")
+        return window
+
+    def __repr__(self) -> str:
+        return f"PackedSequences({self.dataset!r}, seq_len={self.seq_len}, windows={self.num_windows})"
+
+
+def make_batch(windows: list[np.ndarray]) -> dict[str, Any]:
+    """input_ids and labels LongTensors [rows, seq_len] from windows of seq_len + 1 tokens."""
+    import torch
+
+    stacked = torch.from_numpy(np.stack(windows)) if windows else torch.empty(0, 1, dtype=torch.long)
+    return {"input_ids": stacked[:, :-1].contiguous(), "labels": stacked[:, 1:].contiguous()}
+
+
+def eval_windows(packed: PackedSequences, token_budget: int | None, dp_rank: int = 0, dp_size: int = 1) -> list[int]:
+    """This rank's share of the first ceil(budget / seq_len) windows (all if no budget), unshuffled,
+    so every evaluation scores the same tokens; ranks take i % dp_size == dp_rank."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+    count = len(packed) if token_budget is None else min(len(packed), math.ceil(token_budget / packed.seq_len))
+    return list(range(dp_rank, count, dp_size))
