@@ -1,0 +1,54 @@
+"""Shared pytest fixtures (data fixtures are prefixed `data_`)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+_WORDS = ("the", "model", "forgets", "re-warming", "learning", "rate", "λόγος", "naïve", "数据", "🙂",
+          "<|endoftext|>", "    ", "\n", "\n\n", "\t", "x = f(1);", "Ünïcödé", "tokens", "of", "a", "corpus")
+
+
+def make_docs(n: int, seed: int = 0, max_words: int = 120) -> list[str]:
+    """n distinct documents mixing ASCII, non-Latin scripts, emoji, whitespace runs and a literal EOS string."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(1, max_words))]
+        docs.append(f"document {seed}-{i}: " + " ".join(words))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def data_docs():
+    """The document generator: data_docs(n, seed=0) -> list[str]."""
+    return make_docs
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer(tmp_path_factory) -> Path:
+    """A small byte-level BPE trained by `cpt tokenizer train` (EOS `<|endoftext|>` = 0)."""
+    from continual_pt.data.tokenizer import EOS_TOKEN, LoadedTokenizer, train_bpe
+
+    out = tmp_path_factory.mktemp("data_tokenizer") / "tok"
+    tok = train_bpe(make_docs(400, seed=99), vocab_size=400)
+    LoadedTokenizer(name="test", tokenizer_json=tok.to_str(), sha256="", eos_token=EOS_TOKEN, eos_id=0,
+                    vocab_size=tok.get_vocab_size(True)).copy_to(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dataset(tmp_path_factory, data_tokenizer) -> Path:
+    """A prepared dataset of ~600 documents (train and val), several shards per split."""
+    import json
+
+    from continual_pt.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("data_dataset")
+    src = root / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(600, seed=1)), encoding="utf-8")
+    prepare(PrepareOptions(sources=[str(src)], tokenizer=str(data_tokenizer), out=str(root / "ds"),
+                           val_fraction=0.1, shard_tokens=5000, workers=1, quiet=True))
+    return root / "ds"
