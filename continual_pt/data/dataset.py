@@ -214,8 +214,10 @@ class PackedSequences:
         window = self.dataset.tokens(start, start + self.window).astype(np.int64)
         # A corrupt id would otherwise surface as a device-side assert deep inside the embedding.
         if int(window.max()) >= self.dataset.vocab_size:
-            raise UserError(f"{self.dataset.shard_at(start)}: token id {int(window.max())} >= vocab_size "
-                            f"{self.dataset.vocab_size} in window {index}; the shard is corrupt")
+            bad = int(np.argmax(window >= self.dataset.vocab_size))
+            raise UserError(f"{self.dataset.shard_at(start + bad)}: token id {int(window[bad])} >= vocab_size "
+                            f"{self.dataset.vocab_size} (token {start + bad} of split {self.dataset.split!r}); "
+                            "the shard is corrupt")
         return window
 
     def __repr__(self) -> str:

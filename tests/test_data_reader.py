@@ -1,0 +1,147 @@
+"""PreparedDataset validation, token access across shards, packed windows, tokenizer checks, eval windows."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_tokenizer, eval_windows
+from continual_pt.errors import UserError
+
+PYTHIA = Path(__file__).resolve().parents[2] / "shared/fixtures/pythia-tokenizer"
+
+
+@pytest.fixture
+def data_copy(tmp_path, data_dataset) -> Path:
+    """A private copy of the session dataset that a test may damage."""
+    return Path(shutil.copytree(data_dataset, tmp_path / "ds"))
+
+
+def all_tokens(path: Path, split: str = "train") -> np.ndarray:
+    manifest = json.loads((path / "manifest.json").read_text())
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    return np.concatenate([np.fromfile(path / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]])
+
+
+def edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_attributes_and_tokens_across_shard_boundaries(data_dataset):
+    ds = PreparedDataset(data_dataset)
+    flat = all_tokens(data_dataset)
+    assert ds.num_tokens == len(flat) and len(ds.shards) > 3 and ds.eos_id == 0
+    assert ds.num_docs == int((flat == ds.eos_id).sum())
+    assert ds.tokenizer_dir == data_dataset / "tokenizer" and len(ds.tokenizer_sha256) == 64
+    for start, stop in [(0, 1), (4990, 5010), (4999, 15001), (0, ds.num_tokens), (ds.num_tokens, ds.num_tokens),
+                        (10000, 10000)]:
+        assert np.array_equal(ds.tokens(start, stop), flat[start:stop])
+    with pytest.raises(IndexError):
+        ds.tokens(0, ds.num_tokens + 1)
+    val = PreparedDataset(data_dataset, "val")
+    assert val.num_docs > 0 and np.array_equal(val.tokens(0, val.num_tokens), all_tokens(data_dataset, "val"))
+    with pytest.raises(UserError, match="no split 'test'"):
+        PreparedDataset(data_dataset, "test")
+    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers receive it pickled
+    assert np.array_equal(clone.tokens(4999, 5001), flat[4999:5001])
+
+
+def test_truncated_or_missing_shard(data_copy):
+    shard = data_copy / "train" / "000001.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 2)
+    with pytest.raises(UserError, match="truncated or corrupt shard") as info:
+        PreparedDataset(data_copy)
+    assert str(shard) in str(info.value)
+    shard.unlink()
+    with pytest.raises(UserError, match="000001.bin: shard missing"):
+        PreparedDataset(data_copy)
+
+
+def test_corrupt_shard_content(data_copy):
+    ds = PreparedDataset(data_copy)
+    packed = PackedSequences(ds, 31)
+    shard = data_copy / "train" / "000002.bin"
+    data = np.fromfile(shard, dtype="<u2")
+    data[7] = 65000  # beyond the vocabulary, within the dtype
+    data.tofile(shard)
+    with pytest.raises(UserError, match="corrupt shard"):
+        PreparedDataset(data_copy, verify=True)
+    bad_window = (2 * 5000 + 7) // 32
+    with pytest.raises(UserError, match="token id 65000 >= vocab_size") as info:
+        PackedSequences(PreparedDataset(data_copy), 31)[bad_window]
+    assert "000002.bin" in str(info.value)
+    assert packed[0].dtype == np.int64
+
+
+def test_manifest_problems(data_copy):
+    edit_manifest(data_copy, lambda m: m.update(format_version=99))
+    with pytest.raises(UserError, match="format_version 99 is not supported"):
+        PreparedDataset(data_copy)
+    edit_manifest(data_copy, lambda m: m.update(format_version=1, vocab_size=70000))
+    with pytest.raises(UserError, match="vocab_size 70000 does not fit dtype uint16"):
+        PreparedDataset(data_copy)
+    edit_manifest(data_copy, lambda m: m.update(vocab_size=400, dtype="int8"))
+    with pytest.raises(UserError, match="dtype 'int8' unknown"):
+        PreparedDataset(data_copy)
+    edit_manifest(data_copy, lambda m: (m.update(dtype="uint16"), m["splits"]["train"].update(num_tokens=5)))
+    with pytest.raises(UserError, match="claims 5 tokens"):
+        PreparedDataset(data_copy)
+    (data_copy / "manifest.json").write_text('{"format_version": 1, "splits": ')
+    with pytest.raises(UserError, match="corrupt manifest"):
+        PreparedDataset(data_copy)
+    (data_copy / "manifest.json").unlink()
+    with pytest.raises(UserError, match="not a complete prepared dataset"):
+        PreparedDataset(data_copy)
+    with pytest.raises(UserError, match="no prepared dataset here"):
+        PreparedDataset(data_copy / "nope")
+
+
+def test_manifest_with_a_missing_tokenizer_copy(data_copy):
+    shutil.rmtree(data_copy / "tokenizer")
+    with pytest.raises(UserError, match="tokenizer copy is missing"):
+        PreparedDataset(data_copy)
+
+
+def test_check_tokenizer(tmp_path, data_dataset, data_tokenizer, data_copy):
+    ds = PreparedDataset(data_dataset)
+    assert check_tokenizer({"a": ds, "b": PreparedDataset(data_dataset, "val")}, str(data_tokenizer)) == \
+        ds.tokenizer_sha256
+    assert check_tokenizer({"a": ds}, ds.tokenizer_sha256) == ds.tokenizer_sha256
+    with pytest.raises(UserError, match="differs from the one") as info:
+        check_tokenizer({"sp": ds}, str(PYTHIA))
+    assert str(data_dataset) in str(info.value)
+    edit_manifest(data_copy, lambda m: m["tokenizer"].update(sha256="0" * 64, name="other"))
+    with pytest.raises(UserError, match="different tokenizers") as info:
+        check_tokenizer({"sp": ds, "pile": PreparedDataset(data_copy)}, None)
+    assert str(data_dataset) in str(info.value) and str(data_copy) in str(info.value)
+
+
+def test_packed_windows_cover_the_split_once(data_dataset):
+    ds = PreparedDataset(data_dataset)
+    packed = PackedSequences(ds, 63)
+    flat = all_tokens(data_dataset).astype(np.int64)
+    assert len(packed) == ds.num_tokens // 64 and packed.dropped_tokens == ds.num_tokens % 64
+    joined = np.concatenate([packed[i] for i in range(len(packed))])
+    assert np.array_equal(joined, flat[:len(packed) * 64])
+    with pytest.raises(IndexError):
+        packed[len(packed)]
+    assert len(PackedSequences(ds, ds.num_tokens)) == 0
+
+
+@pytest.mark.parametrize("budget, size, expected", [(None, 1, 10), (63 * 3, 1, 3), (63 * 3 + 1, 1, 4),
+                                                    (10**9, 2, 10), (63 * 7, 3, 7)])
+def test_eval_windows_fixed_and_split_across_ranks(data_dataset, budget, size, expected):
+    packed = PackedSequences(PreparedDataset(data_dataset, "val"), 63)
+    packed.num_windows = 10  # a fixed count keeps the table simple
+    shares = [eval_windows(packed, budget, r, size) for r in range(size)]
+    assert sorted(i for s in shares for i in s) == list(range(expected))
+    assert all(i % size == r for r, s in enumerate(shares) for i in s)
+    assert shares == [eval_windows(packed, budget, r, size) for r in range(size)]
