@@ -209,6 +209,9 @@ class Checkpointer:
                                                  load_lr_scheduler_states=load_schedule)
         if client_state is None:
             raise UserError(f"DeepSpeed could not load checkpoint {ref.path}")
+        if hasattr(engine.lr_scheduler, "apply"):
+            # Loaded optimizer state carries the old schedule's LR; this run's schedule wins.
+            engine.lr_scheduler.apply()
         rank_file = ref.path / RANK_FILE.format(rank=self.rank)
         if not rank_file.is_file():
             rank_file = ref.path / RANK_FILE.format(rank=0)

@@ -29,7 +29,7 @@ def default_peak_tflops() -> float | None:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl; when a resumed run logged a step again, the later record wins."""
-    records: dict[tuple[str, int], dict[str, Any]] = {}
+    records: dict[tuple[str, str, int], dict[str, Any]] = {}
     path = Path(path)
     if not path.is_file():
         return []
@@ -41,7 +41,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line torn by a kill mid-write
         if "step" in rec:
-            records[(rec.get("kind", "train"), rec["step"])] = rec
+            records[(rec.get("kind", "train"), rec.get("set", ""), rec["step"])] = rec
     return sorted(records.values(), key=lambda r: (r["step"], r.get("kind", "train") != "eval"))
 
 

@@ -1,0 +1,123 @@
+"""Shared pieces of the training tests: a small two-corpus world, run commands, and readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.helpers import REPO, free_port
+
+WORDS_A = ("def return import class self lambda yield while for if else try except with as pass "
+           "None True False print range len list dict").split()
+WORDS_B = ("and the of unto he that shall lord they his in him not them is be for my thou thy was "
+           "which said god").split()
+
+
+def write_corpus(path: Path, words: list[str], n_docs: int, seed: int) -> Path:
+    """A jsonl of `n_docs` short documents drawn from `words`."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))
+            f.write(json.dumps({"text": f"{i}: {text}"}) + "\n")
+    return path
+
+
+def make_world(root: Path, vocab_size: int = 300) -> dict[str, Path]:
+    """A trained BPE tokenizer and two prepared datasets ('code' upstream, 'prose' downstream)."""
+    from continual_pt.cli import main
+
+    root.mkdir(parents=True, exist_ok=True)
+    a = write_corpus(root / "a.jsonl", WORDS_A, 600, seed=1)
+    b = write_corpus(root / "b.jsonl", WORDS_B, 600, seed=2)
+    tok = root / "tokenizer"
+    assert main(["tokenizer", "train", "--source", str(a), "--source", str(b), "--vocab-size", str(vocab_size),
+                 "--out", str(tok)]) == 0
+    paths = {"tokenizer": tok}
+    for name, src in (("code", a), ("prose", b)):
+        out = root / name
+        assert main(["prepare", "--source", str(src), "--tokenizer", str(tok), "--out", str(out),
+                     "--val-fraction", "0.1", "--workers", "1", "--quiet"]) == 0
+        paths[name] = out
+    return paths
+
+
+TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def write_config(path: Path, world: dict[str, Path], out_dir: Path, **sections) -> Path:
+    """A run config over the world's data with a tiny GPT-NeoX; `sections` update the defaults."""
+    cfg = {
+        "name": "run", "out_dir": str(out_dir),
+        "model": {"config": dict(TINY_MODEL)},
+        "data": {"train": {"code": {"path": str(world["code"])}}, "seq_len": 16},
+        "train": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "precision": "fp32",
+                  "ds_config": "zero0", "log_every": 1},
+        "schedule": {"name": "cosine", "max_lr": 3.0e-3, "warmup": 3},
+        "eval": {"sets": {"code": str(world["code"]), "prose": str(world["prose"])}, "tokens": 512,
+                 "every_steps": 6},
+        "checkpoint": {"every_steps": 0},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    e["MASTER_PORT"] = str(free_port())
+    e["PYTHONPATH"] = str(REPO)
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def train_command(config: Path, overrides: list[str], world_size: int = 1, launcher: str = "deepspeed") -> list[str]:
+    if world_size == 1:
+        return [sys.executable, "-m", "continual_pt.train", "--config", str(config), *overrides]
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", str(world_size), "--master_port", str(free_port()),
+                "--module", "continual_pt.train", "--config", str(config), *overrides]
+    if launcher == "torchrun":
+        return ["torchrun", "--nproc_per_node", str(world_size), "--master_port", str(free_port()),
+                "-m", "continual_pt.train", "--config", str(config), *overrides]
+    if launcher == "mpirun":
+        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(world_size),
+                sys.executable, "-m", "continual_pt.train", "--config", str(config), *overrides]
+    raise ValueError(launcher)
+
+
+def train(config: Path, overrides: list[str] = (), world_size: int = 1, launcher: str = "deepspeed",
+          expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m continual_pt.train` (under a launcher when world_size > 1) and check its status."""
+    bin_dir = str(Path(sys.executable).parent)
+    e = env()
+    e["PATH"] = bin_dir + os.pathsep + e.get("PATH", "")
+    proc = subprocess.run(train_command(config, list(overrides), world_size, launcher), env=e,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
+    from continual_pt.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind", "train") == kind]
+
+
+def final_weights(run_dir: Path) -> dict:
+    from continual_pt import checkpoint
+
+    return checkpoint.consolidated_state_dict(checkpoint.resolve(run_dir))
