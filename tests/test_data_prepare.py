@@ -196,3 +196,21 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path, data_tokenizer):
     assert ds.dtype == np.uint32 and ds.vocab_size > 65536
     assert int(ds.tokens(0, ds.num_tokens).max()) == tok.token_to_id("<extra_65999>")
     assert decode_split(tmp_path / "out", "train") == doc + EOS
+
+
+def test_hub_dataset_is_streamed(tmp_path, monkeypatch, data_tokenizer, data_docs):
+    import datasets
+
+    docs = data_docs(40, seed=13)
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    m = run(["hf:org/corpus"], data_tokenizer, tmp_path / "out", val_fraction=0.0, hf_config="en", hf_split="valid")
+    assert calls == [("org/corpus", "en", "valid", True)]
+    assert decode_split(tmp_path / "out", "train") == "".join(d + EOS for d in docs)
+    assert m["sources"][0] == {"spec": "hf:org/corpus", "kind": "hf-hub", "name": "org/corpus", "config": "en",
+                               "split": "valid"}

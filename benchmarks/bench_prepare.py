@@ -1,0 +1,184 @@
+"""Benchmark `cpt prepare` against the usual Hugging Face recipe on the same jsonl corpus.
+
+    python benchmarks/bench_prepare.py                 # 50 MB corpus, then `cpt prepare` again at 4x
+    python benchmarks/bench_prepare.py --mb 200 --scale 2 --tokenizer path/to/tokenizer
+
+The recipe is that of transformers' examples/pytorch/language-modeling/run_clm.py:
+`load_dataset("json")`, `.map(tokenizer, batched=True, num_proc=N)`, then `.map(group_texts)`.
+Both run in fresh subprocesses (interpreter start and imports included) with the same number
+of processes; peak RSS is sampled over each whole process tree (shared pages of worker
+processes are counted once per process, as `ps` does). The corpus is built offline from this
+Python's standard library and the King James Bible, shuffled and repeated to the asked size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHIA = REPO.parent / "shared" / "fixtures" / "pythia-tokenizer"
+
+HF_RECIPE = r"""
+import json, sys, time
+from itertools import chain
+import datasets, pyarrow.compute as pc
+from transformers import AutoTokenizer
+path, tok_dir, cache, nproc, block = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+datasets.disable_progress_bars()
+tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+raw = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache)
+def tokenize_function(examples):
+    return tokenizer(examples["text"])
+tokenized = raw.map(tokenize_function, batched=True, num_proc=nproc, remove_columns=raw.column_names)
+def group_texts(examples):
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated[list(examples.keys())[0]])
+    total_length = (total_length // block) * block
+    result = {k: [t[i : i + block] for i in range(0, total_length, block)] for k, t in concatenated.items()}
+    result["labels"] = result["input_ids"].copy()
+    return result
+grouped = tokenized.map(group_texts, batched=True, num_proc=nproc)
+tokens = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py()
+print(json.dumps({"tokens": tokens, "blocks": grouped.num_rows}))
+"""
+
+
+def corpus_documents() -> list[str]:
+    """Offline documents: standard-library sources and King James chapters (tens of MB)."""
+    from continual_pt.data import sources
+
+    docs = list(sources.iter_documents([sources.StdlibSource(), sources.KJVSource()], "text"))
+    return [d for d in docs if d.strip()]
+
+
+def write_corpus(path: Path, docs: list[str], megabytes: float, seed: int = 0) -> int:
+    """Write shuffled passes over `docs` as jsonl until `megabytes`; returns the bytes written."""
+    rng = random.Random(seed)
+    target, written, n = int(megabytes * 1e6), 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            order = list(range(len(docs)))
+            rng.shuffle(order)
+            for i in order:
+                line = json.dumps({"text": docs[i], "id": n}, ensure_ascii=False) + "\n"
+                f.write(line)
+                written += len(line.encode("utf-8"))
+                n += 1
+                if written >= target:
+                    break
+    return written
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run `cmd`; its wall time, stdout and peak RSS of its process tree (sum) and of its largest process."""
+    peak = {"tree": 0, "largest": 0}
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        done = threading.Event()
+
+        def sample() -> None:
+            root = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    rss = [p.memory_info().rss for p in [root, *root.children(recursive=True)]]
+                except psutil.Error:
+                    rss = []
+                if rss:
+                    peak["tree"] = max(peak["tree"], sum(rss))
+                    peak["largest"] = max(peak["largest"], max(rss))
+                done.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out, _ = proc.communicate()
+        done.set()
+        sampler.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return {"seconds": seconds, "stdout": out, **peak}
+
+
+def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int) -> dict:
+    result = measure([sys.executable, "-m", "continual_pt.cli", "prepare", "-s", str(corpus), "-t", tokenizer,
+                      "-o", str(out), "--workers", str(workers), "--quiet"], out.with_suffix(".log"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    result["tokens"] = sum(s["num_tokens"] for s in manifest["splits"].values())
+    return result
+
+
+def run_recipe(corpus: Path, tokenizer: str, work: Path, workers: int, block: int) -> dict:
+    result = measure([sys.executable, "-c", HF_RECIPE, str(corpus), tokenizer, str(work / "hf-cache"),
+                      str(workers), str(block)], work / "hf.log")
+    result["tokens"] = json.loads(result["stdout"].strip().splitlines()[-1])["tokens"]
+    return result
+
+
+def train_tokenizer(work: Path) -> str:
+    out = work / "bpe"
+    subprocess.run([sys.executable, "-m", "continual_pt.cli", "tokenizer", "train", "-s", "kjv", "--vocab-size",
+                    "16384", "-o", str(out), "-q"], check=True, cwd=REPO)
+    return str(out)
+
+
+def row(name: str, r: dict, nbytes: int) -> str:
+    mb, s = nbytes / 1e6, r["seconds"]
+    return (f"{name:<28}{mb:>6.0f}{s:>9.1f}{mb / s:>8.2f}{r['tokens'] / s / 1e6:>9.3f}"
+            f"{r['tree'] / 2**20:>15.0f}{r['largest'] / 2**20:>14.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=50, help="corpus size in MB of jsonl (default 50)")
+    parser.add_argument("--scale", type=int, default=4, help="also run cpt prepare on a corpus this many times "
+                                                             "larger, to show its memory does not grow (default 4)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder (default: the Pythia fixture if present, else a BPE trained on kjv)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes for both pipelines (default: all CPUs)")
+    parser.add_argument("--block", type=int, default=2048, help="group_texts block size of the recipe")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        work = Path(tmp)
+        tokenizer = args.tokenizer or (str(PYTHIA) if PYTHIA.is_dir() else train_tokenizer(work))
+        docs = corpus_documents()
+        small, large = work / "corpus.jsonl", work / f"corpus_x{args.scale}.jsonl"
+        small_bytes = write_corpus(small, docs, args.mb)
+        large_bytes = write_corpus(large, docs, args.mb * args.scale) if args.scale > 1 else 0
+        print(f"corpus: {small_bytes / 1e6:.0f} MB jsonl (and {large_bytes / 1e6:.0f} MB), tokenizer "
+              f"{tokenizer}, {args.workers} processes each, {psutil.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f} (other work on the machine skews both timings)", flush=True)
+        ours = run_ours(small, tokenizer, work / "ours", args.workers)
+        recipe = run_recipe(small, tokenizer, work, args.workers, args.block)
+        big = run_ours(large, tokenizer, work / "ours_large", args.workers) if large_bytes else None
+
+    print(f"\n{'pipeline':<28}{'MB':>6}{'wall s':>9}{'MB/s':>8}{'Mtok/s':>9}{'peak RSS MiB':>15}"
+          f"{'largest proc':>14}")
+    print(row("cpt prepare", ours, small_bytes))
+    print(row("HF datasets recipe", recipe, small_bytes))
+    if big:
+        print(row(f"cpt prepare ({args.scale}x corpus)", big, large_bytes))
+    print(f"\nspeed: cpt prepare is {recipe['seconds'] / ours['seconds']:.2f}x the recipe "
+          f"(tokens: {ours['tokens']:,} incl. one EOS per document vs {recipe['tokens']:,})")
+    print(f"peak RSS: cpt prepare {ours['tree'] / 2**20:.0f} MiB vs recipe {recipe['tree'] / 2**20:.0f} MiB "
+          f"({recipe['tree'] / ours['tree']:.1f}x)")
+    if big:
+        print(f"cpt prepare peak RSS at {args.scale}x the corpus: {big['tree'] / ours['tree']:.2f}x "
+              f"({ours['tree'] / 2**20:.0f} -> {big['tree'] / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
