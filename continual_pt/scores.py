@@ -1,0 +1,116 @@
+"""The results store of `cpt eval`: scores.jsonl (the record) and scores.csv (a view of it).
+
+One JSON line per (checkpoint, held-out set, token budget, sequence length, dtype). Several
+jobs (a SLURM array) may append to one store at once: each append takes an exclusive
+`fcntl.flock` on `scores.jsonl.lock`, re-reads the file, drops rows already present and
+writes each new row with one `write()` on an O_APPEND descriptor, so no row is lost, torn
+or written twice. The CSV is regenerated from the jsonl under the same lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+FILE = "scores.jsonl"
+KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "seq_len", "dtype")
+"""What makes two rows the same measurement; a row with an equal key is never scored again."""
+CSV_FIELDS = ("run", "checkpoint", "kind", "tag", "step", "tokens_seen", "set", "set_path", "split",
+              "set_fingerprint", "budget", "seq_len", "dtype", "loss", "ppl", "tokens", "world_size",
+              "seconds", "time")
+
+
+def score_key(row: dict[str, Any]) -> tuple:
+    """The identity of a measurement (see KEY_FIELDS)."""
+    return tuple(row.get(k) for k in KEY_FIELDS)
+
+
+def read_scores(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a scores.jsonl in file order; a line that does not parse is reported and skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # Only a crash of a writer that predates this module could leave one.
+                print(f"warning: {path}:{number}: unreadable row skipped", file=sys.stderr)
+    return rows
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN; an empty set scores nan and is stored as null.
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class ScoreStore:
+    """A scores.jsonl file with its lock and CSV view."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.csv_path = self.path.with_suffix(".csv")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_scores(self.path)
+
+    def keys(self) -> set[tuple]:
+        return {score_key(r) for r in self.rows()}
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def append(self, rows: list[dict[str, Any]]) -> int:
+        """Append the rows whose key is not in the store yet; returns how many were written."""
+        with self._locked():
+            present = self.keys()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            written = 0
+            try:
+                for row in rows:
+                    key = score_key(row)
+                    if key in present:
+                        continue  # another job scored it meanwhile
+                    line = json.dumps({k: _clean(v) for k, v in row.items()}) + "\n"
+                    data = line.encode("utf-8")
+                    if os.write(fd, data) != len(data):
+                        raise OSError(f"{self.path}: short write")
+                    present.add(key)
+                    written += 1
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._write_csv()
+        return written
+
+    def _write_csv(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows():
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_FIELDS})
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp{os.getpid()}")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, self.csv_path)
