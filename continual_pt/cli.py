@@ -108,7 +108,72 @@ def _add_export(sub) -> None:
     _target(p, "continual_pt.checkpoint:run_export_cli")
 
 
-COMMANDS = (_add_train, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export)
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="score checkpoints on named held-out sets into an incremental results store",
+        description="Token-weighted loss and perplexity of checkpoints on held-out sets. Runs as one process "
+                    "or under deepspeed, torchrun, srun or mpirun (`python -m continual_pt.evaluate` takes the "
+                    "same arguments); the scores do not depend on the number of ranks. Rows already in the "
+                    "store (same checkpoint, set, budget, seq len, dtype) are skipped.")
+    p.add_argument("targets", nargs="+", metavar="CHECKPOINT",
+                   help="a run directory (all its committed checkpoints), a checkpoint folder global_step<N>, "
+                        "a Hugging Face model folder, or a hub name such as EleutherAI/pythia-410m@step143000")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
+                   help="a held-out set: a prepared dataset's val split (default) or, with :train, its whole "
+                        "training split; repeatable, e.g. --set pile=data/pile --set sp=data/sp")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="token budget per set: the first ceil(N / seq_len) windows (default: every window)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: the run's data.seq_len for our checkpoints, else 2048 "
+                        "capped at the model's max_position_embeddings)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per forward pass per rank (default: the run's eval/train micro batch, else 8)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
+    p.add_argument("--store", default=None,
+                   help="scores.jsonl to append to (default: <run dir>/scores.jsonl of each checkpoint's run; "
+                        "required for Hugging Face folders and hub names); scores.csv is written beside it")
+    p.add_argument("--task-index", default=None,
+                   help="score only checkpoint number N of the list (default: $SLURM_ARRAY_TASK_ID when set; "
+                        "'all' ignores it)")
+    p.add_argument("--list", action="store_true", help="print the numbered checkpoint list and exit")
+    _target(p, "continual_pt.evaluate:run_cli")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="draw validation loss vs tokens per held-out set, one line per run, with the LR schedule",
+        description="The paper's figures: one panel of validation loss vs tokens per held-out set (in-loop "
+                    "evaluations from metrics.jsonl, or cpt eval scores from scores.jsonl), one line per run, "
+                    "and a panel of the learning rate vs tokens. Writes OUT.png and OUT.svg.")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", "-o", required=True, help="output path without suffix (writes OUT.png and OUT.svg)")
+    p.add_argument("--sets", default=None, help="comma-separated set names, one panel each (default: all)")
+    p.add_argument("--source", choices=("auto", "metrics", "scores"), default="auto",
+                   help="in-loop evaluations (metrics), cpt eval scores (scores) or, per set, scores when the "
+                        "run has any and metrics otherwise (auto, the default)")
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--log-x", action="store_true", help="logarithmic tokens axis")
+    _target(p, "continual_pt.plots:run_plot_cli")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="a markdown table comparing runs: final/best loss, forgetting, gain over a baseline",
+        description="Per run: final and best loss and perplexity on the upstream and downstream sets, the "
+                    "forgetting (final upstream loss minus the step-0 upstream loss) and the gain over a "
+                    "baseline run (its final downstream loss minus the run's; positive is better).")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--upstream", default=None, help="name of the upstream (old data) set, e.g. pile")
+    p.add_argument("--downstream", default=None, help="name of the downstream (new data) set, e.g. slimpajama")
+    p.add_argument("--baseline", default=None, help="run directory to compare with (e.g. the constant-LR run)")
+    p.add_argument("--source", choices=("auto", "metrics", "scores"), default="auto",
+                   help="as for cpt plot (default auto)")
+    p.add_argument("--out", "-o", default=None, help="markdown file to write (default: print)")
+    _target(p, "continual_pt.report:run_report_cli")
+
+
+COMMANDS = (_add_train, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
+            _add_plot, _add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
