@@ -64,6 +64,9 @@ def test_non_utf8_names_file_and_line(tmp_path, data_tokenizer):
     bad.write_bytes(b"fine line\nsecond \xff\xfe line\n")
     msg = expect_error("not valid UTF-8", [bad], data_tokenizer, tmp_path / "o")
     assert f"{bad}:2:" in msg and "0xff" in msg
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+    assert f"{surrogate}:2:" in expect_error("lone surrogate U[+]D800", [surrogate], data_tokenizer, tmp_path / "o")
     lines = tmp_path / "bad.jsonl"
     lines.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "\xc3("}\n')
     assert f"{lines}:3:" in expect_error("not valid UTF-8", [lines], data_tokenizer, tmp_path / "o")
@@ -152,21 +155,26 @@ def test_concurrent_writer_is_refused(tmp_path, data_tokenizer):
         run([path], data_tokenizer, tmp_path / "out")
 
 
+def start_prepare_and_wait_for_a_shard(out: Path, tokenizer: Path) -> tuple[subprocess.Popen, Path]:
+    """A `cpt prepare` subprocess on a corpus large enough to catch it mid-way, once it writes shards."""
+    cmd = [sys.executable, "-m", "continual_pt.cli", "prepare", "--source", "python-stdlib", "--tokenizer",
+           str(tokenizer), "--out", str(out), "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    deadline = time.monotonic() + 60
+    shard = out.parent / f"{out.name}.tmp-{proc.pid}" / "train" / "000000.bin"
+    while not (shard.is_file() and shard.stat().st_size > 0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("prepare ended before it could be interrupted")
+        time.sleep(0.05)
+    return proc, shard.parents[1]
+
+
 def test_interrupted_prepare_is_never_mistaken_for_a_dataset(tmp_path, data_tokenizer):
     out = tmp_path / "code"
-    cmd = [sys.executable, "-m", "continual_pt.cli", "prepare", "--source", "python-stdlib", "--tokenizer",
-           str(data_tokenizer), "--out", str(out), "--workers", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 60
-        shard = out.parent / f"code.tmp-{proc.pid}" / "train" / "000000.bin"
-        while not (shard.is_file() and shard.stat().st_size > 0):
-            assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    tmp = shard.parents[1]
+    proc, tmp = start_prepare_and_wait_for_a_shard(out, data_tokenizer)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert tmp.is_dir() and not out.exists()
     with pytest.raises(UserError, match="unfinished `cpt prepare`"):
         PreparedDataset(tmp)
@@ -177,6 +185,13 @@ def test_interrupted_prepare_is_never_mistaken_for_a_dataset(tmp_path, data_toke
     # The next run removes the dead process's leftovers and completes.
     run([jsonl(tmp_path / "x.jsonl", ["def f(): pass"])], data_tokenizer, out, val_fraction=0.0)
     assert PreparedDataset(out).num_docs == 1 and not tmp.exists()
+
+
+def test_sigterm_removes_the_temporary_directory(tmp_path, data_tokenizer):
+    proc, tmp = start_prepare_and_wait_for_a_shard(tmp_path / "code", data_tokenizer)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not tmp.exists() and not (tmp_path / "code").exists()
 
 
 def test_cli_prints_user_errors_and_exits_2(tmp_path, data_tokenizer, capsys):

@@ -56,7 +56,7 @@ def val_threshold(val_fraction: float) -> int:
 def is_val(text: str, threshold: int) -> bool:
     """Whether a document belongs to validation: a hash of its text alone, so the split never
     changes when the corpus grows and identical documents always land on the same side."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < threshold
 
 
@@ -80,6 +80,12 @@ def _check_text(value: Any, text_field: str, where: str) -> str:
     if not isinstance(value, str):
         what = "null" if value is None else type(value).__name__
         raise UserError(f"{where}: field {text_field!r} is {what}, expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON may escape lone surrogates ("\\ud800"): valid JSON, but not text any tokenizer accepts.
+        raise UserError(f"{where}: field {text_field!r} is not valid Unicode (lone surrogate "
+                        f"U+{ord(value[exc.start]):04X} at character {exc.start + 1})") from None
     return value
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -228,5 +229,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`cpt prepare`."""
+    # SIGTERM (scancel, timeouts) unwinds like Ctrl-C, so the temporary directory is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     prepare(options_from_args(args))
     return 0
