@@ -118,6 +118,7 @@ def measure(cmd: list[str], log: Path) -> dict:
 
 
 def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int) -> dict:
+    """`cpt prepare` in a subprocess; tokens from its manifest."""
     result = measure([sys.executable, "-m", "continual_pt.cli", "prepare", "-s", str(corpus), "-t", tokenizer,
                       "-o", str(out), "--workers", str(workers), "--quiet"], out.with_suffix(".log"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -126,6 +127,7 @@ def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int) -> dict:
 
 
 def run_recipe(corpus: Path, tokenizer: str, work: Path, workers: int, block: int) -> dict:
+    """The run_clm.py recipe in a subprocess; tokens as it counts them (no EOS)."""
     result = measure([sys.executable, "-c", HF_RECIPE, str(corpus), tokenizer, str(work / "hf-cache"),
                       str(workers), str(block)], work / "hf.log")
     result["tokens"] = json.loads(result["stdout"].strip().splitlines()[-1])["tokens"]
@@ -133,6 +135,7 @@ def run_recipe(corpus: Path, tokenizer: str, work: Path, workers: int, block: in
 
 
 def train_tokenizer(work: Path) -> str:
+    """A byte-level BPE trained on kjv, when the Pythia fixture is absent."""
     out = work / "bpe"
     subprocess.run([sys.executable, "-m", "continual_pt.cli", "tokenizer", "train", "-s", "kjv", "--vocab-size",
                     "16384", "-o", str(out), "-q"], check=True, cwd=REPO)
@@ -140,12 +143,14 @@ def train_tokenizer(work: Path) -> str:
 
 
 def row(name: str, r: dict, nbytes: int) -> str:
+    """One line of the results table."""
     mb, s = nbytes / 1e6, r["seconds"]
     return (f"{name:<28}{mb:>6.0f}{s:>9.1f}{mb / s:>8.2f}{r['tokens'] / s / 1e6:>9.3f}{r['cpu']:>8.1f}"
             f"{r['tree'] / 2**20:>15.0f}{r['largest'] / 2**20:>14.0f}")
 
 
 def main() -> None:
+    """Build the corpus, run both pipelines, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=50, help="corpus size in MB of jsonl (default 50)")
     parser.add_argument("--scale", type=int, default=4, help="also run cpt prepare on a corpus this many times "

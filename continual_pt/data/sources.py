@@ -17,7 +17,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from continual_pt.data.encode import Chunk, chunk_texts
 from continual_pt.errors import UserError
@@ -26,6 +26,25 @@ CHUNK_BYTES = 1 << 20
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.zst", ".jsonl.gz", ".parquet", ".txt")
 BUILTINS = ("python-stdlib", "kjv")
 HUB_PREFIX = "hf:"
+
+
+class Source(Protocol):
+    """What every source offers; the classes below implement it."""
+
+    spec: str
+    """The --source value it came from."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this input in the manifest (paths, sizes, mtimes, versions)."""
+        ...
+
+    def probe(self, text_field: str) -> None:
+        """Raise a UserError for problems visible without reading everything (run before writing)."""
+        ...
+
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+        """The input in order, in chunks of about chunk_bytes."""
+        ...
 
 
 def file_format(path: Path) -> str | None:
@@ -312,9 +331,6 @@ def _kjv_chapters(path: Path) -> Iterator[str]:
             verses.append(rec["text"])
     if verses:
         yield "\n".join(verses)
-
-
-Source = FileSource | HFDiskSource | HubSource | StdlibSource | KJVSource
 
 
 def _is_hf_disk(path: Path) -> bool:
