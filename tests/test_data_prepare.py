@@ -144,18 +144,15 @@ def test_split_is_disjoint_and_stable_when_the_corpus_grows(tmp_path, data_token
     assert sum(len(d + EOS) for d in extra + small) == sum(map(len, after.values()))
 
 
-def test_same_bytes_with_one_and_two_workers(tmp_path, data_tokenizer, data_docs):
-    src = write_input("jsonl", data_docs(3000, seed=8), tmp_path)
-    m1 = run([src], data_tokenizer, tmp_path / "w1", workers=1, shard_tokens=20000, val_fraction=0.05)
-    # Small chunks, so that two workers really interleave.
+def test_same_bytes_with_one_and_two_workers(tmp_path, monkeypatch, data_tokenizer, data_docs):
     from continual_pt.data import sources
 
-    old = sources.CHUNK_BYTES
-    sources.CHUNK_BYTES = 8192
-    try:
-        m2 = run([src], data_tokenizer, tmp_path / "w2", workers=2, shard_tokens=20000, val_fraction=0.05)
-    finally:
-        sources.CHUNK_BYTES = old
+    src = write_input("jsonl", data_docs(3000, seed=8), tmp_path)
+    m1 = run([src], data_tokenizer, tmp_path / "w1", workers=1, shard_tokens=20000, val_fraction=0.05)
+    # Small chunks, so that two workers really interleave and finish out of order.
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 8192)
+    assert len(list(sources.iter_chunks(sources.resolve_sources([str(src)], "text"), "text", 8192))) > 50
+    m2 = run([src], data_tokenizer, tmp_path / "w2", workers=2, shard_tokens=20000, val_fraction=0.05)
     for split in ("train", "val"):
         assert m1["splits"][split] == m2["splits"][split]
     assert len(m1["splits"]["train"]["shards"]) > 3

@@ -137,7 +137,8 @@ def _tokenize(srcs: list, tok: LoadedTokenizer, dtype: str, options: PrepareOpti
     workers = options.workers or default_workers()
     start = time.perf_counter()
     with tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=options.quiet, smoothing=0.1) as bar:
-        for enc in _encoded(sources.iter_chunks(srcs, options.text_field), workers, init_args):
+        chunks = sources.iter_chunks(srcs, options.text_field, sources.CHUNK_BYTES)
+        for enc in _encoded(chunks, workers, init_args):
             for split in SPLITS:
                 writers[split].write(enc.tokens[split])
                 totals.tokens[split] += len(enc.tokens[split])
