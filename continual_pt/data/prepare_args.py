@@ -23,7 +23,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-config", default=None, help="config name of a hub dataset (hf:NAME)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output (it is only removed once the new one is complete)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
