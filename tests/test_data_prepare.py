@@ -32,6 +32,11 @@ def write_input(kind: str, docs: list[str], root: Path) -> Path:
         # Two frames, as concatenated shards of the Pile are.
         c = zstandard.ZstdCompressor()
         path.write_bytes(c.compress(lines[:cut].encode()) + c.compress(lines[cut:].encode()))
+    elif kind == "jsonl.gz":
+        import gzip
+
+        path = root / "in.jsonl.gz"
+        path.write_bytes(gzip.compress(lines.encode()))
     elif kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -70,7 +75,7 @@ def run(sources, tokenizer, out: Path, **kw) -> dict:
     return prepare(PrepareOptions(sources=[str(s) for s in sources], tokenizer=str(tokenizer), out=str(out), **kw))
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "jsonl.zst", "parquet", "txt", "hf-disk"])
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.zst", "jsonl.gz", "parquet", "txt", "hf-disk"])
 @pytest.mark.parametrize("tokenizer", ["trained", "pythia"])
 def test_round_trip(kind, tokenizer, tmp_path, data_docs, data_tokenizer):
     docs = data_docs(60, seed=3)
