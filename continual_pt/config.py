@@ -248,6 +248,8 @@ class TrainConfig:
     """A file name in ds_configs/ (without .json) or a path to a DeepSpeed JSON config."""
     seed: int = 1234
     """Seed of the model initialisation and of every other random draw of the run."""
+    compile: bool = False
+    """Compile the model with torch.compile through the DeepSpeed engine (GPU throughput)."""
     log_every: int = 10
     """Steps between metric lines."""
     max_nonfinite_skips: int = 0

@@ -198,6 +198,8 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     scheduler = schedules.ScheduleLR(optimizer, lr_at)
     engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net), optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_cfg)
+    if cfg.train.compile:
+        engine.compile()
     sampler = MixtureSampler(train_sets, {n: s.weight for n, s in cfg.data.train.items()}, cfg.data.seed,
                              cfg.train.micro_batch_size, env.rank, env.world_size)
     step = tokens = skips = 0
