@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,3 +31,99 @@ def plot_schedules(curves: dict[str, tuple[Sequence[int], Sequence[float]]], out
     fig.savefig(tmp, format="png", dpi=120)
     tmp.replace(out_path)
     return out_path
+
+
+def _out_paths(out: str | Path) -> tuple[Path, Path]:
+    """OUT -> (OUT.png, OUT.svg); a .png or .svg suffix on OUT is dropped first."""
+    out = Path(out)
+    if out.suffix.lower() in (".png", ".svg"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + ".png"), out.with_name(out.name + ".svg")
+
+
+SOURCE_LABELS = {"metrics": "in-loop eval", "scores": "cpt eval"}
+
+
+def _save(fig, path: Path, fmt: str) -> None:
+    import matplotlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # SVG text stays text (editable, searchable) instead of glyph outlines.
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(tmp, format=fmt, dpi=120)
+    tmp.replace(path)
+
+
+def draw_runs(runs: Sequence, sets: Sequence[str], title: str | None = None, log_x: bool = False):
+    """A Figure of validation loss vs tokens, one panel per set and one line per run, and a panel
+    of the LR vs tokens. `runs` are `report.RunCurves`."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter
+
+    panels = len(sets) + 1
+    cols = panels if panels <= 3 else math.ceil(panels / 2)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.8 * rows + 0.3 + 0.25 * math.ceil(len(runs) / 3)), layout="constrained")
+    axes = [fig.add_subplot(rows, cols, 1)]
+    # One tokens axis for every panel, so a moment of the run lines up across them.
+    axes += [fig.add_subplot(rows, cols, i + 1, sharex=axes[0]) for i in range(1, panels)]
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, name in zip(axes, sets):
+        for run, color in zip(runs, colors):
+            points = run.evals.get(name, [])
+            if points:
+                ax.plot([p.tokens for p in points], [p.loss for p in points], color=color, marker="o",
+                        markersize=3, linewidth=1.6, label=run.name)
+        where = sorted({SOURCE_LABELS[run.sources[name]] for run in runs if name in run.sources})
+        ax.set_title(f"{name}: held-out loss" + (f" ({', '.join(where)})" if where else " (no data)"))
+        ax.set_ylabel("validation loss (nats/token)")
+    lr_ax = axes[len(sets)]
+    for run, color in zip(runs, colors):
+        if run.lr:
+            lr_ax.plot([t for t, _ in run.lr], [v for _, v in run.lr], color=color, linewidth=1.6, label=run.name)
+    lr_ax.set_title("learning-rate schedule")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_ylim(bottom=0)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in axes:
+        ax.set_xlabel("tokens seen in the run")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        if log_x:
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.grid(alpha=0.3)
+    # One legend for all panels (a run has the same colour everywhere), below them.
+    handles = [Line2D([], [], color=c, linewidth=1.6, marker="o", markersize=3, label=r.name)
+               for r, c in zip(runs, colors)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(runs)), title="run")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_runs(runs: Sequence, sets: Sequence[str], out: str | Path, title: str | None = None,
+              log_x: bool = False) -> list[Path]:
+    """`draw_runs` written as OUT.png and OUT.svg."""
+    fig = draw_runs(runs, sets, title, log_x)
+    png, svg = _out_paths(out)
+    _save(fig, png, "png")
+    _save(fig, svg, "svg")
+    return [png, svg]
+
+
+def run_plot_cli(args) -> int:
+    """`cpt plot`: the figure of a set of runs."""
+    from continual_pt.errors import UserError
+    from continual_pt.report import load_runs
+
+    runs = load_runs(args.runs, args.source)
+    known = list(dict.fromkeys(name for run in runs for name in run.evals))
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else known
+    unknown = [s for s in sets if s not in known]
+    if unknown or not sets:
+        raise UserError(f"--sets: {', '.join(unknown) or 'nothing'} not evaluated in these runs; "
+                        f"known sets: {', '.join(known) or 'none (no eval records, no scores)'}")
+    for path in plot_runs(runs, sets, args.out, args.title, args.log_x):
+        print(f"wrote {path}")
+    return 0

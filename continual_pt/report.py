@@ -1,0 +1,238 @@
+"""Results of runs: validation curves per held-out set (in-loop evaluations or `cpt eval` scores),
+the LR schedule as trained, and `cpt report`'s comparison table.
+
+    cpt report runs/const runs/rewarm-3e-4 runs/rewarm-6e-4 --upstream pile --downstream slimpajama \\
+        --baseline runs/const --out report.md
+
+Curves come from a run's metrics.jsonl (kind "eval" records, logged by training) or from the
+scores.jsonl that `cpt eval` writes into the run directory. With source "auto", a set uses
+the scores when the run has any for it, else the in-loop records. Within the scores, one
+series is used per set: the (split, budget, seq len, dtype) measured at the most checkpoints,
+ties going to the larger budget, so that a curve never mixes budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from continual_pt.errors import UserError
+
+SOURCES = ("auto", "metrics", "scores")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluation of one set."""
+
+    step: int
+    tokens: int
+    loss: float
+    ppl: float
+
+
+@dataclass
+class RunCurves:
+    """What a run's files say: validation curves per set and the learning rate per step."""
+
+    name: str
+    path: Path
+    evals: dict[str, list[Point]] = field(default_factory=dict)
+    """Set name -> points ordered by step."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Set name -> "metrics" or "scores": where its curve came from."""
+    metrics_evals: dict[str, list[Point]] = field(default_factory=dict)
+    """The in-loop curves, kept for the step-0 reference of forgetting."""
+    lr: list[tuple[int, float]] = field(default_factory=list)
+    """(tokens seen, learning rate) of each logged training step."""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _metrics_curves(records: list[dict[str, Any]]) -> dict[str, list[Point]]:
+    curves: dict[str, list[Point]] = {}
+    for r in records:
+        if r.get("kind") == "eval" and _finite(r.get("loss")):
+            ppl = r["ppl"] if _finite(r.get("ppl")) else math.exp(min(r["loss"], 700.0))
+            curves.setdefault(r["set"], []).append(Point(int(r["step"]), int(r.get("tokens") or 0), r["loss"], ppl))
+    return {k: sorted(v, key=lambda p: p.step) for k, v in curves.items()}
+
+
+def _series_rank(rows: list[dict[str, Any]]) -> tuple:
+    budget = rows[0].get("budget")
+    return len({r["step"] for r in rows}), math.inf if budget is None else budget
+
+
+def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
+    """One series per set from scores rows of our checkpoints (see the module docstring)."""
+    series: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r.get("kind") != "checkpoint" or r.get("step") is None or not _finite(r.get("loss")):
+            continue
+        key = (r.get("split"), r.get("budget"), r.get("seq_len"), r.get("dtype"))
+        series.setdefault(r["set"], {}).setdefault(key, []).append(r)
+    curves = {}
+    for name, groups in series.items():
+        best = max(groups.values(), key=_series_rank)
+        by_step = {r["step"]: r for r in best}  # a later row of a step replaces an earlier one
+        curves[name] = [Point(int(r["step"]), int(r.get("tokens_seen") or 0), r["loss"], r["ppl"])
+                        for r in sorted(by_step.values(), key=lambda r: r["step"])]
+    return curves
+
+
+def _run_name(run_dir: Path) -> str:
+    import yaml
+
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        data = yaml.safe_load(cfg.read_text())
+        if isinstance(data, dict) and data.get("name"):
+            return str(data["name"])
+    return run_dir.name
+
+
+def load_run(path: str | Path, source: str = "auto") -> RunCurves:
+    """A run directory's curves; UserError if it has neither metrics.jsonl nor scores.jsonl."""
+    from continual_pt.metrics import read_metrics
+    from continual_pt.scores import FILE, read_scores
+
+    run_dir = Path(path)
+    if source not in SOURCES:
+        raise UserError(f"--source {source!r}: accepted: {', '.join(SOURCES)}")
+    metrics_file, scores_file = run_dir / "metrics.jsonl", run_dir / FILE
+    if not metrics_file.is_file() and not scores_file.is_file():
+        raise UserError(f"{run_dir}: not a run directory with results (no metrics.jsonl, no {FILE})")
+    records = read_metrics(metrics_file)
+    from_metrics = _metrics_curves(records)
+    from_scores = _scores_curves(read_scores(scores_file)) if source != "metrics" else {}
+    run = RunCurves(_run_name(run_dir), run_dir, metrics_evals=from_metrics)
+    for name in list(from_metrics) + [n for n in from_scores if n not in from_metrics]:
+        use_scores = name in from_scores and source in ("auto", "scores")
+        if use_scores or (source != "scores" and name in from_metrics):
+            run.evals[name] = from_scores[name] if use_scores else from_metrics[name]
+            run.sources[name] = "scores" if use_scores else "metrics"
+    run.lr = [(int(r["tokens"]), float(r["lr"])) for r in records
+              if r.get("kind", "train") == "train" and _finite(r.get("lr")) and "tokens" in r]
+    return run
+
+
+def load_runs(paths: list[str], source: str = "auto") -> list[RunCurves]:
+    """Several runs; their display names are made unique with the folder name when they clash."""
+    runs = [load_run(p, source) for p in paths]
+    names = [r.name for r in runs]
+    for r in runs:
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} ({r.path})"
+    return runs
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The numbers of one run's row."""
+
+    final: Point | None
+    best: Point | None
+
+
+def summarize(points: list[Point]) -> Summary:
+    """Final (last step) and best (lowest loss) evaluation; step 0 (the start model) counts only
+    when the run has nothing else, since it measures the checkpoint the run started from."""
+    trained = [p for p in points if p.step > 0] or points
+    if not trained:
+        return Summary(None, None)
+    return Summary(trained[-1], min(trained, key=lambda p: p.loss))
+
+
+def start_loss(run: RunCurves, name: str) -> float | None:
+    """The set's loss at step 0: from the run's curve, else from its in-loop step-0 evaluation."""
+    for points in (run.evals.get(name, []), run.metrics_evals.get(name, [])):
+        for p in points:
+            if p.step == 0:
+                return p.loss
+    return None
+
+
+def _fmt(value: float | None, digits: int, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def report_rows(runs: list[RunCurves], upstream: str, downstream: str,
+                baseline: RunCurves | None) -> list[dict[str, Any]]:
+    """Per run: final/best loss and ppl of both sets, forgetting and gain (None where unknown)."""
+    base_final = summarize(baseline.evals.get(downstream, [])).final if baseline else None
+    rows = []
+    for run in runs:
+        up, down = summarize(run.evals.get(upstream, [])), summarize(run.evals.get(downstream, []))
+        start = start_loss(run, upstream)
+        last = up.final or down.final
+        rows.append({
+            "run": run.name, "tokens": last.tokens if last else None, "up": up, "down": down,
+            "forgetting": up.final.loss - start if up.final and start is not None else None,
+            "gain": base_final.loss - down.final.loss if base_final and down.final else None,
+        })
+    return rows
+
+
+def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
+                   baseline: RunCurves | None = None) -> str:
+    """The comparison table as GitHub markdown, one row per run in the given order."""
+    head = ["run", "tokens"]
+    for name in (upstream, downstream):
+        head += [f"{name} final loss", f"{name} final ppl", f"{name} best loss", f"{name} best ppl"]
+    head.append(f"forgetting (Δ {upstream} loss from step 0)")
+    if baseline is not None:
+        head.append(f"gain vs {baseline.name} (Δ final {downstream} loss)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for row in report_rows(runs, upstream, downstream, baseline):
+        cells = [row["run"], "n/a" if row["tokens"] is None else f"{row['tokens']:,}"]
+        for s in (row["up"], row["down"]):
+            cells += [_fmt(s.final and s.final.loss, 4), _fmt(s.final and s.final.ppl, 2),
+                      _fmt(s.best and s.best.loss, 4), _fmt(s.best and s.best.ppl, 2)]
+        cells.append(_fmt(row["forgetting"], 4, signed=True))
+        if baseline is not None:
+            cells.append(_fmt(row["gain"], 4, signed=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_set(runs: list[RunCurves], flag: str, name: str | None) -> str:
+    known = sorted({s for r in runs for s in r.evals})
+    if not name:
+        raise UserError(f"{flag} is required: the name of a held-out set; these runs have: "
+                        f"{', '.join(known) or 'none'}")
+    if name not in known:
+        raise UserError(f"{flag} {name!r}: no run has evaluations of that set; known sets: "
+                        f"{', '.join(known) or 'none'}")
+    return name
+
+
+def run_report_cli(args: argparse.Namespace) -> int:
+    """`cpt report`: print or write the markdown comparison table."""
+    runs = load_runs(args.runs, args.source)
+    upstream = _check_set(runs, "--upstream", args.upstream)
+    downstream = _check_set(runs, "--downstream", args.downstream)
+    baseline = None
+    if args.baseline:
+        match = [r for r in runs if r.path.resolve() == Path(args.baseline).resolve()]
+        baseline = match[0] if match else load_run(args.baseline, args.source)
+        if not baseline.evals.get(downstream):
+            raise UserError(f"--baseline {args.baseline}: no evaluation of {downstream!r} to compare with")
+    table = markdown_table(runs, upstream, downstream, baseline)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table, encoding="utf-8")
+        print(f"wrote {out}")
+    else:
+        print(table, end="")
+    return 0
