@@ -133,8 +133,9 @@ def _add_eval(sub) -> None:
                    help="scores.jsonl to append to (default: <run dir>/scores.jsonl of each checkpoint's run; "
                         "required for Hugging Face folders and hub names); scores.csv is written beside it")
     p.add_argument("--task-index", default=None,
-                   help="score only checkpoint number N of the list (default: $SLURM_ARRAY_TASK_ID when set; "
-                        "'all' ignores it)")
+                   help="score only checkpoint number N of the list, numbered from 0 in the order --list prints "
+                        "(arguments as given, a run's checkpoints oldest first); default: $SLURM_ARRAY_TASK_ID "
+                        "when set; 'all' ignores it")
     p.add_argument("--list", action="store_true", help="print the numbered checkpoint list and exit")
     _target(p, "continual_pt.evaluate:run_cli")
 

@@ -43,7 +43,7 @@ def score_packed(forward, packed: PackedSequences, token_budget: int | None, mic
     """Loss and perplexity of `forward` (a CausalLMLoss or its engine) over a fixed window list.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
-    collectively), padding its last batches with zero-weight repeats.
+    collectively), padding its last batches with repeats whose losses are dropped.
     """
     windows = eval_windows(packed, token_budget, env.rank, env.world_size)
     per_rank = math.ceil(len(eval_windows(packed, token_budget, 0, env.world_size)) / micro_batch_size)
@@ -51,15 +51,15 @@ def score_packed(forward, packed: PackedSequences, token_budget: int | None, mic
     tokens = 0
     for b in range(per_rank):
         chunk = windows[b * micro_batch_size:(b + 1) * micro_batch_size]
-        weights = [1.0] * len(chunk)
-        if len(chunk) < micro_batch_size:
+        real = len(chunk)
+        if real < micro_batch_size:
+            # Padding rows go last and are sliced off below: they cost a forward, never a host sync.
             fill = chunk[0] if chunk else (windows[0] if windows else 0)
-            pad = micro_batch_size - len(chunk)
-            chunk, weights = chunk + [fill] * pad, weights + [0.0] * pad
+            chunk = chunk + [fill] * (micro_batch_size - real)
         rows = torch.from_numpy(np.stack([packed[i] for i in chunk])).long()
         per_seq = forward(rows[:, :-1].to(device), rows[:, 1:].to(device), reduction="per_sequence")
-        loss_sum += (per_seq.double() * torch.tensor(weights, dtype=torch.float64, device=device)).sum()
-        tokens += int(sum(weights)) * (rows.shape[1] - 1)
+        loss_sum += per_seq[:real].double().sum()
+        tokens += real * (rows.shape[1] - 1)
     total_loss, total_tokens = distributed.all_reduce_sum([loss_sum.item(), float(tokens)], device)
     if total_tokens == 0:
         return {"loss": math.nan, "ppl": math.nan, "tokens": 0}
