@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,57 @@ def final_weights(run_dir: Path) -> dict:
     from continual_pt import checkpoint
 
     return checkpoint.consolidated_state_dict(checkpoint.resolve(run_dir))
+
+
+
+def shared_world(base: Path) -> dict[str, Path]:
+    """make_world once per test session: `base` is the session's temp root, shared by modules."""
+    root = base / "shared-world"
+    done = base / ".shared-world.complete"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        make_world(root)
+        done.touch()
+    return {"tokenizer": root / "tokenizer", "code": root / "code", "prose": root / "prose"}
+
+
+def _train_once(root: Path, cfg: Path, name: str, overrides: list[str] = ()) -> Path:
+    run_dir = root / "runs" / name
+    done = root / f".{name}.complete"
+    if not done.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)   # an interrupted earlier attempt
+        # A tiny model trains fastest on one thread, above all while other processes share the cores.
+        previous = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            train(cfg, overrides)
+        finally:
+            if previous is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = previous
+        done.touch()
+    return run_dir
+
+
+def continual_experiment(root: Path, world: dict[str, Path], rewarm: bool = True) -> dict[str, Path]:
+    """A miniature of the paper, each run trained once per `root`: pre-train 12 steps on 'code'
+    (checkpoints at 4, 8, 12), then (with `rewarm`) re-warm on 'prose' from its final checkpoint
+    with a cosine and a constant LR, evaluating both sets in the loop. Returns the run dirs."""
+    runs = root / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    pre = write_config(root / "pre.yaml", world, runs, name="pre", checkpoint={"every_steps": 4, "keep_last": 5})
+    out = {"pre": _train_once(root, pre, "pre")}
+    if not rewarm:
+        return out
+    phase = {"data": {"train": {"prose": {"path": str(world["prose"])}}, "seq_len": 16},
+             "model": {}, "checkpoint": {"init": str(out["pre"]), "every_steps": 4, "keep_last": 5},
+             "eval": {"sets": {"code": str(world["code"]), "prose": str(world["prose"])}, "tokens": 512,
+                      "every_steps": 2}}
+    cosine = write_config(root / "cosine.yaml", world, runs, name="rewarm-cosine",
+                          schedule={"name": "cosine", "max_lr": 2.0e-3, "warmup": 2}, **phase)
+    constant = write_config(root / "constant.yaml", world, runs, name="constant",
+                            schedule={"name": "constant", "max_lr": 3.0e-4, "warmup": 0}, **phase)
+    out["cosine"] = _train_once(root, cosine, "rewarm-cosine")
+    out["constant"] = _train_once(root, constant, "constant")
+    return out

@@ -1,0 +1,280 @@
+"""cpt eval: agreement with in-loop eval and with the Hugging Face export, world-size independence,
+the incremental store under concurrent jobs, job-array selection and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from continual_pt.cli import main
+from continual_pt.data.dataset import PreparedDataset
+from continual_pt.scores import read_scores, score_key
+from tests import train_support as ts
+from tests.helpers import free_port
+
+BUDGET = "512"   # the in-loop eval budget of the runs
+SMALL = "64"     # 4 windows: enough where only bookkeeping is tested
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ts.shared_world(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def run(world, tmp_path_factory):
+    """A 12-step run on 'code' with committed checkpoints at steps 4, 8 and 12 (never written to)."""
+    return ts.continual_experiment(tmp_path_factory.getbasetemp() / "experiment", world, rewarm=False)["pre"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def eval_env() -> dict[str, str]:
+    e = ts.env()
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def sets(world, *names):
+    args = []
+    for name in names or ("code", "prose"):
+        args += ["--set", f"{name}={world[name]}"]
+    return args
+
+
+def eval_cli(*args) -> int:
+    return main(["eval", *map(str, args)])
+
+
+def by_key(rows):
+    return {(r["tag"], r["set"]): r for r in rows}
+
+
+def eval_command(*args, world_size: int = 1) -> list[str]:
+    if world_size == 1:
+        return [sys.executable, "-m", "continual_pt.evaluate", *map(str, args)]
+    return ["torchrun", "--nproc_per_node", str(world_size), "--master_port", str(free_port()),
+            "-m", "continual_pt.evaluate", *map(str, args)]
+
+
+def run_eval(*args, world_size: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(eval_command(*args, world_size=world_size), env=eval_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return proc
+
+
+def test_scores_equal_in_loop_eval_and_the_hugging_face_export(world, run, tmp_path, capsys):
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(run, *sets(world), "--tokens", BUDGET, "--store", store) == 0
+    rows = by_key(read_scores(store))
+    assert sorted({(r["step"], r["tokens_seen"]) for r in rows.values()}) == [(4, 256), (8, 512), (12, 768)]
+    assert all(r["tokens"] == 512 and r["seq_len"] == 16 and r["run"] == "pre" for r in rows.values())
+    in_loop = {r["set"]: r["loss"] for r in ts.train_records(run, "eval") if r["step"] == 12}
+    for name in ("code", "prose"):
+        assert rows["global_step12", name]["loss"] == pytest.approx(in_loop[name], rel=1e-6)
+    hf = tmp_path / "hf"
+    assert main(["export", str(run / "checkpoints" / "global_step12"), "--out", str(hf)]) == 0
+    # No --seq-len: an HF model defaults to 2048 capped at its max_position_embeddings (16 here).
+    assert eval_cli(hf, *sets(world), "--tokens", BUDGET, "--store", store) == 0
+    exported = {r["set"]: r for r in read_scores(store) if r["kind"] == "hf"}
+    for name in ("code", "prose"):
+        assert exported[name]["seq_len"] == 16 and exported[name]["step"] is None
+        assert exported[name]["loss"] == pytest.approx(rows["global_step12", name]["loss"], abs=1e-5)
+        assert exported[name]["ppl"] == pytest.approx(rows["global_step12", name]["ppl"], rel=1e-5)
+    assert "has no tokenizer" not in capsys.readouterr().err      # the export carries the tokenizer
+
+
+def test_a_run_scored_twice_does_no_work_the_second_time(world, run, tmp_path, capsys, monkeypatch):
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(run, *sets(world), "--tokens", SMALL, "--store", store) == 0
+    assert "6 to score, 0 already scored" in capsys.readouterr().err
+    before = store.read_bytes()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded although everything was scored")
+
+    monkeypatch.setattr("continual_pt.evaluate.load_model", no_loading)
+    assert eval_cli(run, *sets(world), "--tokens", SMALL, "--store", store) == 0
+    assert "0 to score, 6 already scored" in capsys.readouterr().err
+    assert store.read_bytes() == before
+    monkeypatch.undo()
+    # Another budget is another measurement; the default store is the run's own scores.jsonl.
+    copy = tmp_path / "pre"
+    shutil.copytree(run, copy)
+    assert eval_cli(copy / "checkpoints" / "global_step12", *sets(world, "code"), "--micro-batch-size", 64) == 0
+    windows = PreparedDataset(world["code"], "val").num_tokens // 17
+    assert [(r["budget"], r["tokens"]) for r in read_scores(copy / "scores.jsonl")] == [(None, windows * 16)]
+    assert (copy / "scores.csv").is_file()
+
+
+def test_bf16_is_its_own_measurement_and_close_to_fp32(world, run, tmp_path):
+    store = tmp_path / "scores.jsonl"
+    ckpt = run / "checkpoints" / "global_step12"
+    for dtype in ("fp32", "bf16"):
+        assert eval_cli(ckpt, *sets(world, "code"), "--tokens", SMALL, "--dtype", dtype, "--store", store) == 0
+    fp32, bf16 = read_scores(store)
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert bf16["loss"] == pytest.approx(fp32["loss"], abs=0.05)
+
+
+@pytest.mark.slow
+def test_world_size_one_and_two_give_the_same_scores(world, run, tmp_path):
+    # 400 tokens = 25 windows: the two ranks hold 13 and 12, so padding is exercised too.
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert eval_cli(run, *sets(world), "--tokens", 400, "--store", one) == 0
+    proc = run_eval(run, *sets(world), "--tokens", 400, "--store", two, world_size=2)
+    assert "world size 2" in proc.stderr
+    a, b = by_key(read_scores(one)), by_key(read_scores(two))
+    assert a.keys() == b.keys() and len(a) == 6
+    for key in a:
+        assert (a[key]["world_size"], b[key]["world_size"]) == (1, 2)
+        assert a[key]["tokens"] == b[key]["tokens"] == 400
+        # Token sums are float64 and each window is one row of a batch on either world size:
+        # only the composition of a batch differs, which moves fp32 logits by a few ulp at most.
+        assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_jobs_writing_one_store_at_once(world, run, tmp_path):
+    store = tmp_path / "scores.jsonl"
+    e = eval_env()
+    ckpts = run / "checkpoints"
+    jobs = [eval_command(run, *sets(world), "--tokens", SMALL, "--store", store),
+            eval_command(ckpts / "global_step12", ckpts / "global_step8", *sets(world), "--tokens", SMALL,
+                         "--store", store)]
+    procs = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in jobs]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    lines = store.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    keys = [score_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 6
+    assert {(r["step"], r["set"]) for r in rows} == {(s, n) for s in (4, 8, 12) for n in ("code", "prose")}
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == 7
+
+
+def test_task_index_picks_one_checkpoint(world, run, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(run, "--list") == 0
+    listing = capsys.readouterr().out
+    assert "0\t" in listing and "global_step8" in listing.splitlines()[1] and "3 checkpoint(s)" in listing
+    assert eval_cli(run, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--task-index", 1) == 0
+    assert [r["step"] for r in read_scores(store)] == [8]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert eval_cli(run, *sets(world, "code"), "--tokens", SMALL, "--store", store) == 0
+    assert [r["step"] for r in read_scores(store)] == [8, 12]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert eval_cli(run, *sets(world, "code"), "--store", store) == 2
+    err = capsys.readouterr().err
+    assert "SLURM_ARRAY_TASK_ID 3 is out of range: there are 3 checkpoint(s)" in err
+    assert eval_cli(run, *sets(world, "code"), "--store", store, "--task-index", "all", "--tokens", SMALL) == 0
+    assert sorted(r["step"] for r in read_scores(store)) == [4, 8, 12]
+
+
+def failing(capsys, *args, needles=()) -> str:
+    assert eval_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_partial_checkpoints_are_skipped_in_a_run_dir_and_an_error_when_named(world, run, tmp_path, capsys):
+    copy = tmp_path / "pre"
+    shutil.copytree(run, copy)
+    partial = copy / "checkpoints" / "global_step16"        # a save that never committed
+    shutil.copytree(copy / "checkpoints" / "global_step12", partial)
+    (partial / "COMMITTED.json").unlink()
+    corrupt = copy / "checkpoints" / "global_step8"         # committed, then a file lost
+    (corrupt / "mp_rank_00_model_states.pt").unlink()
+    assert eval_cli(copy, *sets(world, "code"), "--tokens", SMALL) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping {partial}: not committed" in err
+    assert "warning: skipping: checkpoint" in err and "global_step8 is partial" in err
+    assert [r["step"] for r in read_scores(copy / "scores.jsonl")] == [4, 12]
+    failing(capsys, partial, *sets(world, "code"), needles=["global_step16 is partial", "COMMITTED.json"])
+    failing(capsys, corrupt, *sets(world, "code"), needles=["global_step8 is partial", "missing"])
+    assert [r["step"] for r in read_scores(copy / "scores.jsonl")] == [4, 12]
+
+
+def test_a_set_prepared_with_another_tokenizer_is_an_error(world, run, tmp_path, capsys):
+    other = ts.make_world(tmp_path / "other", vocab_size=280)
+    capsys.readouterr()
+    store = tmp_path / "scores.jsonl"
+    failing(capsys, run, "--set", f"code={world['code']}", "--set", f"prose={other['prose']}", "--store", store,
+            needles=["eval set prose", "tokenizer", "prepare the set again"])
+    assert not store.exists()                                # checked before anything is written
+    hf = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(hf)]) == 0
+    failing(capsys, hf, "--set", f"prose={other['prose']}", "--store", store, needles=["tokenizer"])
+
+
+def tiny_hf_model(path, vocab_size):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=32, rotary_pct=0.25,
+                                     **ts.TINY_MODEL)).save_pretrained(path)
+    return path
+
+
+def test_hugging_face_folder_without_tokenizer_is_checked_by_vocabulary(world, tmp_path, capsys):
+    store = tmp_path / "scores.jsonl"
+    ok = tiny_hf_model(tmp_path / "ok", 320)
+    assert eval_cli(ok, *sets(world, "code"), "--tokens", 64, "--store", store) == 0
+    err = capsys.readouterr().err
+    assert "has no tokenizer to compare" in err and "vocabulary size 320" in err
+    assert [(r["kind"], r["seq_len"]) for r in read_scores(store)] == [("hf", 32)]
+    small = tiny_hf_model(tmp_path / "small", 100)
+    failing(capsys, small, *sets(world, "code"), "--store", store, needles=["vocabulary mismatch", "100"])
+    failing(capsys, ok, *sets(world, "code"), "--store", store, "--seq-len", 64,
+            needles=["--seq-len 64 exceeds the max_position_embeddings (32)"])
+    failing(capsys, ok, *sets(world, "code"), needles=["--store"])   # no run dir to hold the scores
+
+
+def test_bad_arguments_are_named(world, run, tmp_path, capsys):
+    failing(capsys, run, "--set", "code", needles=["--set 'code'", "NAME=PATH"])
+    failing(capsys, run, "--set", f"code={world['code']}:test", needles=["unknown split 'test'", "val, train"])
+    failing(capsys, run, "--set", f"a={world['code']}", "--set", f"a={world['prose']}", needles=["given twice"])
+    failing(capsys, run, "--set", f"a={tmp_path / 'none'}", needles=[str(tmp_path / "none")])
+    failing(capsys, run, needles=["--set NAME=PATH"])
+    failing(capsys, tmp_path / "nowhere", *sets(world), needles=["nowhere does not exist"])
+    failing(capsys, tmp_path, *sets(world), needles=["not a run directory"])
+    failing(capsys, run, *sets(world), "--tokens", 0, needles=["--tokens must be >= 1"])
+    failing(capsys, run, *sets(world), "--task-index", "x", needles=["--task-index='x'"])
+    failing(capsys, run, *sets(world), "--store", tmp_path / "s.txt", needles=["expected a .jsonl"])
+    # A whole training split is a set too.
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(run / "checkpoints" / "global_step4", "--set", f"code={world['code']}:train", "--tokens", 64,
+                    "--store", store) == 0
+    assert [r["split"] for r in read_scores(store)] == ["train"]
+
+
+def test_hub_names_keep_their_revision_without_touching_the_network(tmp_path, monkeypatch):
+    from continual_pt.eval_targets import expand_targets
+
+    monkeypatch.chdir(tmp_path)
+    (target,) = expand_targets(["EleutherAI/pythia-410m@step143000"], print)
+    assert (target.kind, target.name_or_path, target.revision, target.step) == (
+        "hub", "EleutherAI/pythia-410m", "step143000", 143000)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(Exception, match="runs/missing does not exist"):
+        expand_targets(["runs/missing"], print)          # a typo of a local path is not a hub name
