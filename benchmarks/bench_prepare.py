@@ -127,7 +127,8 @@ def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int) -> dict:
 
 
 def run_recipe(corpus: Path, tokenizer: str, work: Path, workers: int, block: int) -> dict:
-    """The run_clm.py recipe in a subprocess; tokens as it counts them (no EOS)."""
+    """The run_clm.py recipe in a subprocess with a fresh cache; tokens as it counts them (no EOS)."""
+    work.mkdir()
     result = measure([sys.executable, "-c", HF_RECIPE, str(corpus), tokenizer, str(work / "hf-cache"),
                       str(workers), str(block)], work / "hf.log")
     result["tokens"] = json.loads(result["stdout"].strip().splitlines()[-1])["tokens"]
@@ -160,6 +161,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes for both pipelines (default: all CPUs)")
     parser.add_argument("--block", type=int, default=2048, help="group_texts block size of the recipe")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the two pipelines this many times and keep each one's best run "
+                             "(steadier numbers on a busy machine)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
@@ -172,8 +176,11 @@ def main() -> None:
         print(f"corpus: {small_bytes / 1e6:.0f} MB jsonl (and {large_bytes / 1e6:.0f} MB), tokenizer "
               f"{tokenizer}, {args.workers} processes each, {psutil.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.1f} (other work on the machine skews both timings)", flush=True)
-        ours = run_ours(small, tokenizer, work / "ours", args.workers)
-        recipe = run_recipe(small, tokenizer, work, args.workers, args.block)
+        runs: dict[str, list[dict]] = {"ours": [], "recipe": []}
+        for i in range(args.repeat):
+            runs["ours"].append(run_ours(small, tokenizer, work / f"ours{i}", args.workers))
+            runs["recipe"].append(run_recipe(small, tokenizer, work / f"recipe{i}", args.workers, args.block))
+        ours, recipe = (min(r, key=lambda x: x["seconds"]) for r in runs.values())
         big = run_ours(large, tokenizer, work / "ours_large", args.workers) if large_bytes else None
 
     print(f"\n{'pipeline':<28}{'MB':>6}{'wall s':>9}{'MB/s':>8}{'Mtok/s':>9}{'CPU s':>8}{'peak RSS MiB':>15}"

@@ -199,3 +199,20 @@ def test_cli_prints_user_errors_and_exits_2(tmp_path, data_tokenizer, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+class _KillsItsWorker:
+    """A chunk whose unpickling ends the worker process, as the OOM killer would."""
+
+    def __reduce__(self):
+        return os._exit, (1,)
+
+
+def test_a_dead_worker_fails_the_run_instead_of_hanging(data_tokenizer):
+    from continual_pt.data.prepare import _encoded
+    from continual_pt.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(data_tokenizer))
+    init = (tok.tokenizer_json, tok.eos_id, "uint16", 0.0, "text")
+    with pytest.raises(UserError, match="a tokenizer process died"):
+        list(_encoded(iter([_KillsItsWorker()]), 2, init))

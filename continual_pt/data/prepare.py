@@ -24,6 +24,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,16 +117,22 @@ def _encoded(chunks: Iterator[encode.Chunk], workers: int, init_args: tuple) -> 
         encode.init_worker(*init_args, own_process=False)
         yield from map(encode.encode_chunk, chunks)
         return
-    # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=encode.init_worker, initargs=(*init_args, True)) as pool:
+    # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe. An executor rather
+    # than multiprocessing.Pool: a worker killed by the OOM killer fails the run instead of hanging it.
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=encode.init_worker, initargs=(*init_args, True))
+    try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(encode.encode_chunk, (chunk,)))
+            pending.append(executor.submit(encode.encode_chunk, chunk))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError("a tokenizer process died (out of memory?); run again with fewer --workers") from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _tokenize(srcs: list, tok: LoadedTokenizer, dtype: str, options: PrepareOptions, root: Path):
