@@ -1,6 +1,7 @@
 """Benchmark `cpt train` against a plain PyTorch loop and the Hugging Face Trainer on the same model.
 
-    python benchmarks/bench_train.py                              # fp32 and bf16, about 3-4 minutes
+    python benchmarks/bench_train.py                              # fp32 and bf16, 3-5 minutes
+    python benchmarks/bench_train.py --aa                         # plus plain vs itself: the noise floor
     python benchmarks/bench_train.py --precision bf16 --steps 60 --hidden 512 --layers 8
     python benchmarks/bench_train.py --ds-config zero0,zero1       # one cpt row per DeepSpeed config
     python benchmarks/bench_train.py --data path/to/prepared       # a dataset written by `cpt prepare`
@@ -36,7 +37,9 @@ machine's load changes faster than that; in-process, our loop is still the uncha
 `Trainer.train()` (only its stop-signal handler is left out, since threads cannot install one), and
 its metrics.jsonl is written as usual, though its tokens/s there also counts the other loops' turns.
 MFU = tokens/s x FLOPs per token (6N + 12 L H T, `continual_pt.model.flops_per_token`) divided
-by the best of a few 2048^3 `torch.matmul` timings in that precision on this machine.
+by the best of a few 2048^3 `torch.matmul` timings in that precision on this machine, taken before
+and between rounds; when the machine is busy the whole time that peak reads low and MFU high, so
+trust MFU only from a quiet run (--aa shows how quiet it was: plain against itself).
 """
 
 from __future__ import annotations
@@ -427,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per loop (default 30)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps at the start of each loop (default 6)")
-    p.add_argument("--block", type=int, default=2, help="steps a loop runs before the next one's turn (default 2)")
+    p.add_argument("--block", type=int, default=1, help="steps a loop runs before the next one's turn (default 1)")
     p.add_argument("--hidden", type=int, default=256, help="GPT-NeoX hidden size (default 256)")
     p.add_argument("--layers", type=int, default=4, help="layers (default 4)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
