@@ -10,7 +10,7 @@ float64 and reduced across ranks, so every rank count gives the same mean.
         --set pile=data/pile --store results/scores.jsonl
     torchrun --nproc_per_node 8 -m continual_pt.evaluate runs/rewarm --set pile=data/pile
     cpt eval runs/rewarm --set pile=data/pile --list        # the numbered checkpoints, for an array
-    sbatch --array=0-9 launch/slurm/eval.sbatch              # each task: one checkpoint (SLURM_ARRAY_TASK_ID)
+    sbatch --array=0-9 --wrap "cpt eval runs/rewarm --set pile=data/pile"   # a task per checkpoint
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ def test_report_numbers_come_from_the_metrics(exp, tmp_path, capsys):
     assert rows["constant"]["gain vs constant (Δ final prose loss)"] == "+0.0000"
     capsys.readouterr()
     assert main(["report", str(exp["cosine"]), "--downstream", "prose"]) == 2
-    assert "--upstream is required" in capsys.readouterr().err and "code, prose"
+    err = capsys.readouterr().err
+    assert "--upstream is required" in err and "these runs have: code, prose" in err
     assert main(["report", str(exp["cosine"]), "--upstream", "code", "--downstream", "sp"]) == 2
     assert "--downstream 'sp': no run has evaluations" in capsys.readouterr().err
