@@ -51,15 +51,22 @@ def train(args, out_dir: Path, name: str, extra: list[str]) -> list[dict]:
            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
            f"log.peak_tflops={args.peak_tflops}", *extra]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
+        output, status = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        output, status = f"{exc.stdout or ''}{exc.stderr or ''}", "timeout"
     wall = time.perf_counter() - started
-    (out_dir / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        print(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-        return []
-    records = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
-    print(f"{name}: {wall:.0f} s wall")
-    return [r for r in records if r.get("kind") == "train"]
+    (out_dir / f"{name}.log").write_text(output if isinstance(output, str) else output.decode())
+    metrics = out_dir / name / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    train_records = [r for r in records if r.get("kind") == "train"]
+    print(f"{name}: exit {status}, {wall:.0f} s wall, {len(train_records)} train records")
+    for r in train_records:
+        print(f"  step {r['step']:3d} loss {r['loss']:.4f} tokens/s {r['tokens_per_s']:,.0f} mfu {r.get('mfu', 0):.3f}")
+    if status != 0:
+        print(str(output)[-3000:])
+    return train_records
 
 
 def summarise(name: str, records: list[dict], warmup: int, measured_peak: float, spec_peak: float) -> dict:
@@ -85,6 +92,8 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 spec peak")
     parser.add_argument("--warmup-records", type=int, default=2)
     parser.add_argument("--variants", default="eager,compile", help="eager and/or compile")
+    parser.add_argument("--override", action="append", default=[], help="extra run-config override (repeatable)")
+    parser.add_argument("--run-timeout", type=float, default=200.0, help="seconds per training run")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     out = Path(args.out)
@@ -97,9 +106,10 @@ def main() -> int:
     prepare(args.tokenizer, Path(args.data))
     rows = []
     for variant in args.variants.split(","):
-        extra = ["train.compile=true"] if variant == "compile" else []
-        records = train(args, out, f"410m-{variant}", extra)
-        rows.append(summarise(f"410m-{variant}", records, args.warmup_records, measured, args.peak_tflops))
+        extra = (["train.compile=true"] if variant == "compile" else []) + args.override
+        name = "-".join(["410m", variant, *(o.replace("=", "_").replace(".", "_") for o in args.override)])
+        records = train(args, out, name, extra)
+        rows.append(summarise(name, records, args.warmup_records, measured, args.peak_tflops))
     (out / "summary.json").write_text(json.dumps({"matmul_tflops": measured, "rows": rows}, indent=1))
     return 0
 

@@ -205,6 +205,14 @@ def run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def launched_main(command: str, argv: list[str] | None = None) -> int:
+    """`python -m continual_pt.<module>` under a launcher: the arguments of one `cpt` subcommand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    return main([command, *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -8,95 +8,25 @@ before anything is written. A resolved config dumps to YAML that loads back equa
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-from continual_pt.errors import UserError
-
-# A length in optimizer steps: an int (steps), a float in [0, 1] (fraction of the run) or "N%".
-Length = int | float | str
-
-
-class ConfigError(UserError, ValueError):
-    """All problems found in one config, one per line, each naming the file and key."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
-
-
-class Problems:
-    """Collects problems, naming for each key where its value came from."""
-
-    def __init__(self, origins: dict[str, str] | None = None, default_origin: str = "defaults"):
-        self.items: list[str] = []
-        self.keys: set[str] = set()
-        self.origins = origins or {}
-        self.default_origin = default_origin
-
-    def origin(self, key: str) -> str:
-        # The most specific recorded origin of this key or of a parent of it.
-        parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            found = self.origins.get(".".join(parts[:n]))
-            if found:
-                return found
-        return self.default_origin
-
-    def add(self, key: str, message: str) -> None:
-        # One problem per key: a value that failed to convert is not judged again by range checks.
-        if key in self.keys:
-            return
-        self.keys.add(key)
-        self.items.append(f"{self.origin(key)}: {key}: {message}")
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ConfigError(self.items)
-
-
-def resolve_length(value: Length | None, total_steps: int, *, default: int = 0) -> int:
-    """Steps from a length given as steps (int), fraction of the run (float) or "N%"."""
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise ValueError(f"expected steps, a fraction or 'N%', got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if not text.endswith("%"):
-            raise ValueError(f"expected steps, a fraction or 'N%', got {value!r}")
-        return int(round(float(text[:-1]) / 100.0 * total_steps))
-    return int(round(float(value) * total_steps))
-
-
-def check_length(problems: Problems, key: str, value: Length | None, total_steps: int) -> int | None:
-    """Validate a Length field and return its value in steps (None if unset or invalid)."""
-    if value is None:
-        return None
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        problems.add(key, f"a fraction of the run must lie in [0, 1], got {value!r} "
-                          "(write an int for a number of steps, or 'N%')")
-        return None
-    try:
-        steps = resolve_length(value, total_steps)
-    except ValueError as exc:
-        problems.add(key, str(exc))
-        return None
-    if steps < 0:
-        problems.add(key, f"must not be negative, got {value!r}")
-        return None
-    return steps
-
+from continual_pt.config_io import (  # noqa: F401 - re-exported for the sections' users
+    ConfigError,
+    Length,
+    Problems,
+    build_section,
+    check_length,
+    parse_duration,
+    parse_override,
+    resolve_length,
+    set_dotted,
+    to_dict,
+    walk_keys,
+)
 
 # --------------------------------------------------------------------------- sections
 
@@ -411,142 +341,6 @@ class RunConfig:
 # --------------------------------------------------------------------------- conversion
 
 
-def parse_duration(value: str | int | float) -> float:
-    """Seconds from "HH:MM:SS", "MM:SS", "D-HH:MM:SS" (SLURM) or a number of seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"must not be negative, got {value}")
-        return float(value)
-    text = str(value).strip()
-    days = 0
-    if "-" in text:
-        head, text = text.split("-", 1)
-        if not head.isdigit():
-            raise ValueError(f"expected HH:MM:SS, D-HH:MM:SS or seconds, got {value!r}")
-        days = int(head)
-    parts = text.split(":")
-    try:
-        numbers = [float(x) for x in parts]
-    except ValueError:
-        raise ValueError(f"expected HH:MM:SS, D-HH:MM:SS or seconds, got {value!r}") from None
-    if len(numbers) > 3 or any(n < 0 for n in numbers):
-        raise ValueError(f"expected HH:MM:SS, D-HH:MM:SS or seconds, got {value!r}")
-    seconds = 0.0
-    for n in numbers:
-        seconds = seconds * 60 + n
-    return days * 86400 + seconds
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    if tp in names:
-        return names[tp]
-    if tp is Length:
-        return "steps (int), a fraction (float) or 'N%'"
-    origin = typing.get_origin(tp)
-    if origin in (list, dict):
-        return "a list" if origin is list else "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return str(tp)
-
-
-def _convert(value: Any, tp: Any, key: str, p: Problems) -> Any:
-    """Convert a raw YAML value to `tp`, recording a problem (and returning None) if impossible."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-        elif tp is Length or set(args) - {type(None)} == set(typing.get_args(Length)):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                try:
-                    return float(value) if "." in value or "e" in value.lower() else int(value)
-                except ValueError:
-                    if value.strip().endswith("%"):
-                        return value.strip()
-        else:
-            inner = [a for a in args if a is not type(None)]
-            if len(inner) == 1:
-                return _convert(value, inner[0], key, p)
-        p.add(key, f"expected {_type_name(tp)}, got {value!r}")
-        return None
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, p)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            p.add(key, f"expected a list, got {value!r}")
-            return None
-        return [_convert(v, item_tp, f"{key}[{i}]", p) for i, v in enumerate(value)]
-    if origin is dict:
-        _, item_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            p.add(key, f"expected a mapping, got {value!r}")
-            return None
-        out = {}
-        for k, v in value.items():
-            if dataclasses.is_dataclass(item_tp) and isinstance(v, str):
-                v = {"path": v}  # shorthand: a named dataset given by its path
-            out[str(k)] = _convert(v, item_tp, f"{key}.{k}", p)
-        return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 6e-4 as a string
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    p.add(key, f"expected {_type_name(tp)}, got {value!r}")
-    return None
-
-
-def _build(cls: type, raw: Any, prefix: str, p: Problems) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        p.add(prefix or "(top level)", f"expected a mapping, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(names)}"
-            p.add(dotted, f"unknown key{hint}")
-            continue
-        converted = _convert(value, hints[key], dotted, p)
-        if converted is not None or value is None:
-            kwargs[key] = converted
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-data view of a config (what `dump` writes)."""
-    return dataclasses.asdict(cfg)
-
-
 def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
     """YAML text of a resolved config; written to `path` atomically if given."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
@@ -559,39 +353,6 @@ def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b.c=value` -> ("a.b.c", parsed YAML value)."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.max_steps=100)")
-    key, _, value = text.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ValueError(f"override {text!r} has an empty key")
-    return key, yaml.safe_load(value) if value.strip() else None
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> str | None:
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            return f"cannot set {key}: {'.'.join(parts[: i + 1])} is not a mapping"
-        node = child
-    node[parts[-1]] = value
-    return None
-
-
-def _walk_keys(raw: Any, prefix: str = ""):
-    if isinstance(raw, dict):
-        for k, v in raw.items():
-            dotted = f"{prefix}.{k}" if prefix else str(k)
-            yield dotted
-            yield from _walk_keys(v, dotted)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -615,7 +376,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
         raw = loaded
-        for key in _walk_keys(raw):
+        for key in walk_keys(raw):
             origins[key] = str(path)
     for text in overrides:
         try:
@@ -624,14 +385,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             early.items.append(f"command line: {exc}")
             continue
         origins[key] = "command line"
-        for sub in _walk_keys(value, key):
+        for sub in walk_keys(value, key):
             origins[sub] = "command line"
-        error = _set_dotted(raw, key, value)
+        error = set_dotted(raw, key, value)
         if error:
             early.items.append(f"command line: {error}")
     p = Problems(origins)
     p.items.extend(early.items)
-    cfg = _build(RunConfig, raw, "", p)
+    cfg = build_section(RunConfig, raw, "", p)
     cfg.check(p)
     p.raise_if_any()
     return cfg
@@ -640,7 +401,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 def from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     """A validated `RunConfig` from plain data (e.g. a run's saved config.yaml)."""
     p = Problems(default_origin=origin)
-    cfg = _build(RunConfig, raw, "", p)
+    cfg = build_section(RunConfig, raw, "", p)
     cfg.check(p)
     p.raise_if_any()
     return cfg

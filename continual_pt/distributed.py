@@ -128,23 +128,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks (e.g. agreeing on a stop request)."""
+def _all_reduce(values: list[float], device: torch.device, op_name: str) -> list[float]:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op_name))
     return t.tolist()
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (e.g. agreeing on a stop request)."""
+    return _all_reduce(values, device, "MAX")
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over ranks, in float64 (token-weighted losses)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return _all_reduce(values, device, "SUM")

@@ -231,12 +231,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from continual_pt.cli import main as cli_main
+    from continual_pt.cli import launched_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
-    argv = [a for a in argv if not a.startswith("--local_rank")]
-    return cli_main(["eval", *argv])
+    return launched_main("eval", argv)
 
 
 if __name__ == "__main__":

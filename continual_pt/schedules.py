@@ -426,7 +426,7 @@ def parse_spec(text: str, total_steps: int) -> ScheduleConfig:
             p.items.append(f"{origin}: {exc}")
             continue
         raw[key.removeprefix("schedule.")] = value
-    cfg = config._build(ScheduleConfig, raw, "schedule", p)
+    cfg = config.build_section(ScheduleConfig, raw, "schedule", p)
     cfg.check(p, total_steps)
     p.raise_if_any()
     return cfg

@@ -126,9 +126,12 @@ class Trainer:
         """Gradient accumulation over micro-batches, then the engine's optimizer + schedule step."""
         engine = self.s.engine
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.s.device)
-        for _ in range(self.cfg.train.grad_accum):
-            loss = self.forward_finite()
+        skipping = self.cfg.train.max_nonfinite_skips > 0
+        for micro in range(self.cfg.train.grad_accum):
+            loss = self.forward_finite() if skipping else self.forward()
             engine.backward(loss)
+            if micro == self.cfg.train.grad_accum - 1 and not skipping:
+                self.stop_if_nonfinite(loss_sum + loss.detach().double())
             engine.step()
             loss_sum += loss.detach().double()
         grad_norm = engine.get_global_grad_norm()
@@ -138,6 +141,18 @@ class Trainer:
         self._grad_norm = None if grad_norm is None else float(grad_norm)
         return loss_sum / self.cfg.train.grad_accum
 
+    def forward(self) -> torch.Tensor:
+        batch = self.s.sampler.next_batch()
+        return self.s.engine(batch["input_ids"].to(self.s.device), batch["labels"].to(self.s.device))
+
+    def stop_if_nonfinite(self, loss_sum: torch.Tensor) -> None:
+        """One check per optimizer step, before the update: a non-finite loss on any rank stops the run."""
+        bad = distributed.all_reduce_max([0.0 if torch.isfinite(loss_sum).item() else 1.0], self.s.device)[0]
+        if bad:
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (tokens seen {self.tokens_seen}); "
+                                "stopping before the update, without saving: the last committed checkpoint "
+                                "is intact (train.max_nonfinite_skips > 0 skips such batches instead)")
+
     def forward_finite(self) -> torch.Tensor:
         """The loss of the next micro-batch whose loss is finite on every rank.
 
@@ -145,13 +160,12 @@ class Trainer:
         train.max_nonfinite_skips allows, then the run stops.
         """
         while True:
-            batch = self.s.sampler.next_batch()
-            loss = self.s.engine(batch["input_ids"].to(self.s.device), batch["labels"].to(self.s.device))
+            loss = self.forward()
             bad = distributed.all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0], self.s.device)[0]
             if not bad:
                 return loss
             self.nonfinite_skips += 1
-            where = f"step {self.step} (tokens seen {self.tokens_seen})"
+            where = f"step {self.step + 1} (tokens seen {self.tokens_seen})"
             if self.nonfinite_skips > self.cfg.train.max_nonfinite_skips:
                 raise NonFiniteLoss(f"non-finite loss at {where}; {self.nonfinite_skips - 1} batch(es) skipped "
                                     f"before, train.max_nonfinite_skips={self.cfg.train.max_nonfinite_skips}")

@@ -53,12 +53,15 @@ def pretrained(world, tmp_path_factory):
     return root / "runs" / "pre"
 
 
-def hf_folder(tmp_path, vocab_size=320):
+def hf_folder(tmp_path, vocab_size=320, poison=False):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(7)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, rotary_pct=0.25,
                                              tie_word_embeddings=False, **ts.TINY_MODEL))
+    if poison:  # every forward pass gives a non-finite loss
+        with torch.no_grad():
+            model.get_output_embeddings().weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf", {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -81,6 +84,18 @@ def test_rewarm_from_hugging_face_folder(world, tmp_path):
         config.load(cfg).schedule, 12)
     assert [r["lr"] for r in records] == [lr_at(k) for k in range(12)]
     assert records[0]["lr"] == 0.0 and records[3]["lr"] == 3.0e-3
+
+
+@pytest.mark.parametrize("skips", [0, 3])
+def test_non_finite_loss_stops_the_run_with_its_step_and_saves_nothing(world, tmp_path, skips):
+    folder, _ = hf_folder(tmp_path, poison=True)
+    cfg = ts.write_config(tmp_path / "nan.yaml", world, tmp_path / "runs", name="nan", model={},
+                          checkpoint={"init": str(folder), "every_steps": 1})
+    proc = ts.train(cfg, [f"train.max_nonfinite_skips={skips}"], expect=1)
+    assert "non-finite loss at step 1 " in proc.stderr
+    if skips:
+        assert "skipping the batch (3/3)" in proc.stderr and "3 batch(es) skipped before" in proc.stderr
+    assert not (tmp_path / "runs" / "nan" / "checkpoints").exists()
 
 
 def test_init_from_our_checkpoint_is_weights_only_unless_asked(world, pretrained, tmp_path):
