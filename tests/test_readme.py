@@ -40,3 +40,20 @@ def test_quickstart_script_uses_the_shipped_configs():
     for name in ("pretrain.yaml", "rewarm.yaml"):
         assert f"configs/quickstart/{name}" in script
         assert Path(REPO / "configs" / "quickstart" / name).is_file()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--help"], ["train", "prepare", "schedule", "eval", "export", "re-warm"]),
+    (["schedule", "--help"], ["plot", "show", "--spec"]),
+    (["schedule", "plot", "--help"], ["--out", "--config", "--steps"]),
+    (["train", "--help"], ["SIGTERM", "resume", "key=value"]),
+])
+def test_help_explains_itself(argv, needles, capsys):
+    from continual_pt.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for needle in needles:
+        assert needle in out, needle

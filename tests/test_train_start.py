@@ -133,6 +133,14 @@ def test_export_loads_without_deepspeed_and_scores_like_the_engine(world, pretra
     assert main(["export", str(pretrained), "--out", str(out)]) == 2   # never overwrites
 
 
+def test_activation_checkpointing_gives_the_same_losses(world, tmp_path):
+    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", eval={"sets": {}})
+    ts.train(cfg, ["name=plain", "train.max_steps=4"])
+    ts.train(cfg, ["name=ckpt", "train.max_steps=4", "model.activation_checkpointing=true"])
+    plain, ckpt = (ts.train_records(tmp_path / "runs" / n) for n in ("plain", "ckpt"))
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_runs_under_other_launchers(world, tmp_path, launcher):
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", name=launcher)
