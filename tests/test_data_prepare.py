@@ -12,8 +12,9 @@ from tokenizers import Tokenizer
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.data.encode import is_val, val_threshold
 from continual_pt.data.prepare import PrepareOptions, prepare
+from tests.helpers import PYTHIA_TOKENIZER
 
-PYTHIA = Path(__file__).resolve().parents[2] / "shared/fixtures/pythia-tokenizer"
+PYTHIA = PYTHIA_TOKENIZER
 EOS = "<|endoftext|>"
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_tokenizer, eval_windows
 from continual_pt.errors import UserError
+from tests.helpers import PYTHIA_TOKENIZER
 
-PYTHIA = Path(__file__).resolve().parents[2] / "shared/fixtures/pythia-tokenizer"
+PYTHIA = PYTHIA_TOKENIZER
 
 
 @pytest.fixture

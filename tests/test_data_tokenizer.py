@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -11,8 +10,9 @@ from tokenizers import Tokenizer
 from continual_pt.cli import main
 from continual_pt.data.tokenizer import load_tokenizer, tokenizer_sha256
 from continual_pt.errors import UserError
+from tests.helpers import PYTHIA_TOKENIZER
 
-PYTHIA = Path(__file__).resolve().parents[2] / "shared/fixtures/pythia-tokenizer"
+PYTHIA = PYTHIA_TOKENIZER
 
 
 def test_train_cli_writes_a_hugging_face_tokenizer(tmp_path, data_docs, capsys):
