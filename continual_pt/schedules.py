@@ -62,26 +62,25 @@ def constant_lr(step: int, *, max_lr: float, warmup_steps: int, warmup_start_lr:
     return max_lr
 
 
-def cosine_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float,
-              decay_end_step: int) -> float:
+def _decay_lr(step: int, shape: Callable[[float], float], *, max_lr: float, min_lr: float, warmup_steps: int,
+              warmup_start_lr: float, decay_end_step: int) -> float:
+    """Warmup, then min_lr + (max_lr - min_lr) * shape(u) for u from 0 to 1 at decay_end_step, then min_lr."""
+    if step < warmup_steps:
+        return warmup_lr(step, warmup_steps=warmup_steps, warmup_start_lr=warmup_start_lr, max_lr=max_lr)
+    if step >= decay_end_step:
+        return min_lr
+    u = (step - warmup_steps) / (decay_end_step - warmup_steps)
+    return min_lr + (max_lr - min_lr) * shape(u)
+
+
+def cosine_lr(step: int, **kwargs: Any) -> float:
     """Warmup, half a cosine from max_lr down to min_lr at decay_end_step, then min_lr."""
-    if step < warmup_steps:
-        return warmup_lr(step, warmup_steps=warmup_steps, warmup_start_lr=warmup_start_lr, max_lr=max_lr)
-    if step >= decay_end_step:
-        return min_lr
-    u = (step - warmup_steps) / (decay_end_step - warmup_steps)
-    return min_lr + (max_lr - min_lr) / 2 * (1 + math.cos(math.pi * u))
+    return _decay_lr(step, lambda u: (1 + math.cos(math.pi * u)) / 2, **kwargs)
 
 
-def linear_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float,
-              decay_end_step: int) -> float:
+def linear_lr(step: int, **kwargs: Any) -> float:
     """Warmup, a straight line from max_lr down to min_lr at decay_end_step, then min_lr."""
-    if step < warmup_steps:
-        return warmup_lr(step, warmup_steps=warmup_steps, warmup_start_lr=warmup_start_lr, max_lr=max_lr)
-    if step >= decay_end_step:
-        return min_lr
-    u = (step - warmup_steps) / (decay_end_step - warmup_steps)
-    return min_lr + (max_lr - min_lr) * (1 - u)
+    return _decay_lr(step, lambda u: 1 - u, **kwargs)
 
 
 def inverse_sqrt_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int,

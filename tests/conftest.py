@@ -52,3 +52,14 @@ def data_dataset(tmp_path_factory, data_tokenizer) -> Path:
     prepare(PrepareOptions(sources=[str(src)], tokenizer=str(data_tokenizer), out=str(root / "ds"),
                            val_fraction=0.1, shard_tokens=5000, workers=1, quiet=True))
     return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,6 +22,9 @@ BUDGET = "512"   # the in-loop eval budget of the runs
 SMALL = "64"     # 4 windows: enough where only bookkeeping is tested
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return ts.shared_world(tmp_path_factory.getbasetemp())
@@ -31,15 +34,6 @@ def world(tmp_path_factory):
 def run(world, tmp_path_factory):
     """A 12-step run on 'code' with committed checkpoints at steps 4, 8 and 12 (never written to)."""
     return ts.continual_experiment(tmp_path_factory.getbasetemp() / "experiment", world, rewarm=False)["pre"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def eval_env() -> dict[str, str]:

@@ -10,7 +10,7 @@ from continual_pt.cli import main
 from continual_pt.report import load_run, load_runs
 from tests import train_support as ts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +22,6 @@ def world(tmp_path_factory):
 def exp(world, tmp_path_factory):
     """pre (12 steps on code) -> rewarm-cosine and constant (12 steps on prose); never written to."""
     return ts.continual_experiment(tmp_path_factory.getbasetemp() / "experiment", world)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def in_loop(run_dir, set_name):
