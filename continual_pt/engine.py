@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def build_model(cfg: RunConfig, start: Start, vocab_size: int):
         return models.build(hf_config, cfg.model, cfg.train.seed)
     if start.kind == "init_checkpoint":
         model = checkpoint.load_model_from_checkpoint(start.ref, cfg.model.attn_implementation)
-        return models._finish(model, cfg.model)
+        return models.finish_for_training(model, cfg.model)
     if start.kind == "init_hf":
         return models.load_pretrained(start.reference, cfg.model)
     hf_config = models.architecture(cfg.model, vocab_size, cfg.data.seq_len)
@@ -121,7 +121,6 @@ class Session:
     start_tokens: int = 0
     nonfinite_skips: int = 0
     resumed: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def lr_used(self, step: int) -> float:
         return self.lr_at(step)

@@ -78,7 +78,7 @@ def build(hf_config, cfg: ModelConfig, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation,
                                              dtype=torch.float32)
-    return _finish(model, cfg)
+    return finish_for_training(model, cfg)
 
 
 def load_pretrained(reference: str, cfg: ModelConfig) -> nn.Module:
@@ -91,10 +91,11 @@ def load_pretrained(reference: str, cfg: ModelConfig) -> nn.Module:
                                                      attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as exc:
         raise UserError(f"checkpoint.init: cannot load a Hugging Face model from {reference!r}: {exc}") from None
-    return _finish(model, cfg)
+    return finish_for_training(model, cfg)
 
 
-def _finish(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def finish_for_training(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Training-time switches: activation checkpointing on request, no KV cache."""
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

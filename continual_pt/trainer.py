@@ -19,7 +19,6 @@ from continual_pt import distributed
 from continual_pt.checkpoint import Checkpointer
 from continual_pt.config import RunConfig, parse_duration
 from continual_pt.engine import Session
-from continual_pt.errors import UserError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -246,5 +245,3 @@ def run(cfg: RunConfig) -> int:
     except NonFiniteLoss as exc:
         session.logger.message(f"error: {exc}")
         return EXIT_FAILED
-    except UserError:
-        raise
