@@ -165,7 +165,7 @@ def model_fields(args: argparse.Namespace) -> dict:
 
 def build_model(cfg):
     """The same from-scratch model `engine.build_model` makes (same seed, so same weights)."""
-    from continual_pt import model as models
+    from continual_pt.components import model as models
     from continual_pt.data.dataset import PreparedDataset
 
     vocab = PreparedDataset(cfg.data.train["bench"].path).vocab_size
@@ -184,8 +184,8 @@ def sampled_batches(cfg, count: int) -> list[dict]:
 
 def cpt_loop(cfg, env) -> Callable:
     """Our `Trainer.train()`, marking the end of each step right after its `log_step`."""
-    from continual_pt.engine import open_session
-    from continual_pt.trainer import Trainer
+    from continual_pt.training.loop import Trainer
+    from continual_pt.training.session import open_session
 
     trainer = Trainer(cfg, open_session(cfg, env))
     trainer.stop = _NoSignals()
@@ -218,9 +218,10 @@ def plain_loop(cfg, batches: list[dict], master_weights: bool) -> Callable:
 
     import torch
 
-    from continual_pt import model as models
     from continual_pt import schedules
-    from continual_pt.engine import make_optimizer
+    from continual_pt.components import model as models
+    from continual_pt.schedules.scheduler import ScheduleLR
+    from continual_pt.training.session import make_optimizer
 
     bf16 = cfg.train.precision == "bf16"
     master = build_model(cfg)
@@ -228,7 +229,7 @@ def plain_loop(cfg, batches: list[dict], master_weights: bool) -> Callable:
     loss_fn = models.CausalLMLoss(net).train()
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
     optimizer = make_optimizer(master, cfg.optim, False, lr_at(0))
-    scheduler = schedules.ScheduleLR(optimizer, lr_at)
+    scheduler = ScheduleLR(optimizer, lr_at)
     params, master_params = list(net.parameters()), list(master.parameters())
     accum, autocast = cfg.train.grad_accum, bf16 and not master_weights
 
@@ -296,8 +297,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from continual_pt import distributed
-    from continual_pt import model as models
+    from continual_pt.components import distributed
+    from continual_pt.components import model as models
 
     precision, work, peak = args.worker, Path(args.work), args.peak
     ds_configs = args.ds_config.split(",")

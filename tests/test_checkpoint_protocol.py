@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from continual_pt import checkpoint
+from continual_pt.components import checkpoint
 from continual_pt.errors import UserError
 
 

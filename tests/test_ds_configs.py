@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from continual_pt import ds_config
+from continual_pt.config import deepspeed as ds_config
 
 NAMES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
 

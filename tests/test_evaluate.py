@@ -14,7 +14,7 @@ import torch
 
 from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
-from continual_pt.scores import read_scores, score_key
+from continual_pt.evaluation.store import read_scores, score_key
 from tests import train_support as ts
 from tests.helpers import free_port
 
@@ -102,7 +102,7 @@ def test_a_run_scored_twice_does_no_work_the_second_time(world, run, tmp_path, c
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded although everything was scored")
 
-    monkeypatch.setattr("continual_pt.evaluate.load_model", no_loading)
+    monkeypatch.setattr("continual_pt.evaluation.job.load_model", no_loading)
     assert eval_cli(run, *sets(world), "--tokens", SMALL, "--store", store) == 0
     assert "0 to score, 6 already scored" in capsys.readouterr().err
     assert store.read_bytes() == before
@@ -263,7 +263,7 @@ def test_bad_arguments_are_named(world, run, tmp_path, capsys):
 
 
 def test_hub_names_keep_their_revision_without_touching_the_network(tmp_path, monkeypatch):
-    from continual_pt.eval_targets import expand_targets
+    from continual_pt.evaluation.targets import expand_targets
 
     monkeypatch.chdir(tmp_path)
     (target,) = expand_targets(["EleutherAI/pythia-410m@step143000"], print)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from continual_pt.cli import main
-from continual_pt.report import load_run, load_runs
+from continual_pt.results.report import load_run, load_runs
 from tests import train_support as ts
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -31,7 +31,7 @@ def in_loop(run_dir, set_name):
 def test_plot_draws_each_set_and_the_schedule_for_every_run(exp, tmp_path, capsys):
     from matplotlib.image import imread
 
-    from continual_pt.plots import draw_runs
+    from continual_pt.results.plots import draw_runs
 
     paths = [exp["pre"], exp["cosine"], exp["constant"]]
     assert main(["plot", *map(str, paths), "--out", str(tmp_path / "fig" / "loss.png")]) == 0

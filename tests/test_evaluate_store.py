@@ -6,7 +6,7 @@ import csv
 import json
 import multiprocessing as mp
 
-from continual_pt.scores import ScoreStore, read_scores, score_key
+from continual_pt.evaluation.store import ScoreStore, read_scores, score_key
 
 
 def row(i: int, set_name: str = "pile", pad: int = 0) -> dict:

@@ -28,7 +28,8 @@ NEW = dict(name="wsd", max_lr=5e-4, warmup=0, cooldown=6, cooldown_shape="linear
 SCRIPT = r"""
 import json, sys
 import torch, deepspeed
-from continual_pt import ds_config, schedules
+from continual_pt.config import deepspeed as ds_config
+from continual_pt.schedules.scheduler import make_scheduler
 from continual_pt.config import ScheduleConfig
 
 total, accum, old, new, ckpt = json.loads(sys.argv[1])
@@ -42,7 +43,7 @@ def engine(stage, fields):
     groups = [{"params": [p for n, p in params.items() if n.endswith("weight")], "weight_decay": 0.1},
               {"params": [p for n, p in params.items() if n.endswith("bias")], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=0.0)
-    scheduler = schedules.make_scheduler(optimizer, ScheduleConfig(**fields), total)
+    scheduler = make_scheduler(optimizer, ScheduleConfig(**fields), total)
     ds = ds_config.fill(ds_config.load(f"zero{stage}"), micro_batch_size=1, grad_accum=accum, dp_size=1,
                         precision="fp32", grad_clip=1.0)
     eng, _, _, eng_scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

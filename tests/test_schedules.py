@@ -12,6 +12,7 @@ import torch
 from continual_pt import config, schedules
 from continual_pt.cli import main
 from continual_pt.config import ConfigError, Problems, ScheduleConfig
+from continual_pt.schedules.scheduler import ScheduleLR, make_scheduler
 
 MINIMAL = ["model.config.hidden_size=8", "data.train.a.path=x"]
 
@@ -290,8 +291,8 @@ def _train(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[floa
 def test_scheduler_applies_lr_at_each_step():
     cfg = ScheduleConfig(name="wsd", max_lr=1e-3, warmup=4, cooldown=4)
     optimizer = _optimizer()
-    scheduler = schedules.make_scheduler(optimizer, cfg, 12)
-    assert isinstance(scheduler, schedules.ScheduleLR)
+    scheduler = make_scheduler(optimizer, cfg, 12)
+    assert isinstance(scheduler, ScheduleLR)
     assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
     lr_at = schedules.build(cfg, 12)
     assert _train(optimizer, scheduler, 12) == [lr_at(k) for k in range(12)]
@@ -302,7 +303,7 @@ def test_scheduler_applies_lr_at_each_step():
 def test_scheduler_state_is_the_step_only_and_the_new_config_wins():
     old = ScheduleConfig(name="cosine", max_lr=3e-4, warmup=2)
     optimizer = _optimizer()
-    scheduler = schedules.make_scheduler(optimizer, old, 20)
+    scheduler = make_scheduler(optimizer, old, 20)
     _train(optimizer, scheduler, 7)
     state = scheduler.state_dict()
     assert state == {"step": 7}
@@ -311,7 +312,7 @@ def test_scheduler_state_is_the_step_only_and_the_new_config_wins():
     new = ScheduleConfig(name="infinite", max_lr=6e-4, warmup=0, cooldown=0.5, anneal_start=0.8)
     lr_new = schedules.build(new, 20)
     optimizer2 = _optimizer()
-    scheduler2 = schedules.make_scheduler(optimizer2, new, 20)
+    scheduler2 = make_scheduler(optimizer2, new, 20)
     scheduler2.load_state_dict(state)
     assert scheduler2.last_epoch == 7
     assert [g["lr"] for g in optimizer2.param_groups] == [lr_new(7)] * 2
@@ -325,7 +326,7 @@ def test_scheduler_state_is_the_step_only_and_the_new_config_wins():
 
 @pytest.mark.parametrize("state", [{"last_epoch": 3}, {"step": -1}, {"step": 2.5}, None])
 def test_scheduler_rejects_foreign_state(state):
-    scheduler = schedules.make_scheduler(_optimizer(), ScheduleConfig(), 10)
+    scheduler = make_scheduler(_optimizer(), ScheduleConfig(), 10)
     with pytest.raises(ValueError, match="not a ScheduleLR state"):
         scheduler.load_state_dict(state)
 

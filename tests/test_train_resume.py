@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from continual_pt import checkpoint
+from continual_pt.components import checkpoint
 from tests import train_support as ts
 
 pytestmark = pytest.mark.slow

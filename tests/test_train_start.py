@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from continual_pt import checkpoint, config
+from continual_pt import config
+from continual_pt.components import checkpoint
 from tests import train_support as ts
 
 pytestmark = pytest.mark.slow
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.slow
 # Opens a session exactly as training does, then reports what the engine starts from.
 INSPECT = r"""
 import json, sys, torch
-from continual_pt import config, distributed
-from continual_pt.engine import open_session
+from continual_pt import config
+from continual_pt.components import distributed
+from continual_pt.training.session import open_session
 cfg = config.load(sys.argv[1], sys.argv[2:])
 env = distributed.init()
 s = open_session(cfg, env)
@@ -114,10 +116,10 @@ def test_export_loads_without_deepspeed_and_scores_like_the_engine(world, pretra
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from continual_pt.cli import main
+    from continual_pt.components.distributed import DistEnv
+    from continual_pt.components.model import CausalLMLoss
+    from continual_pt.components.scoring import score_packed
     from continual_pt.data.dataset import PackedSequences, PreparedDataset
-    from continual_pt.distributed import DistEnv
-    from continual_pt.evaluate import score_packed
-    from continual_pt.model import CausalLMLoss
 
     out = tmp_path / "hf"
     assert main(["export", str(pretrained), "--out", str(out)]) == 0

@@ -113,13 +113,13 @@ def train(config: Path, overrides: list[str] = (), world_size: int = 1, launcher
 
 
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
-    from continual_pt.metrics import read_metrics
+    from continual_pt.results.records import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind", "train") == kind]
 
 
 def final_weights(run_dir: Path) -> dict:
-    from continual_pt import checkpoint
+    from continual_pt.components import checkpoint
 
     return checkpoint.consolidated_state_dict(checkpoint.resolve(run_dir))
 

@@ -15,7 +15,6 @@ number of workers and memory does not depend on the size of the corpus. Layout:
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -33,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from continual_pt.data import encode, output, sources
+from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, encode, output, sources
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
-from continual_pt.data.prepare_args import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 from continual_pt.data.tokenizer import LoadedTokenizer, load_tokenizer
 from continual_pt.errors import UserError
 
@@ -228,17 +226,9 @@ def _print_summary(out: Path, manifest: dict[str, Any], totals: _Totals) -> None
           f"{tokens / seconds:,.0f} tokens/s ({manifest['dtype']}, skipped: {totals.skipped or 'none'})")
 
 
-def options_from_args(args: argparse.Namespace) -> PrepareOptions:
-    """PrepareOptions from the parsed `cpt prepare` arguments."""
-    return PrepareOptions(sources=args.source, tokenizer=args.tokenizer, out=args.out, text_field=args.text_field,
-                          val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, dtype=args.dtype,
-                          workers=args.workers, eos_token=args.eos_token, hf_split=args.hf_split,
-                          hf_config=args.hf_config, overwrite=args.overwrite, quiet=args.quiet)
-
-
-def run_cli(args: argparse.Namespace) -> int:
+def run_prepare(options: PrepareOptions) -> int:
     """`cpt prepare`."""
     # SIGTERM (scancel, timeouts) unwinds like Ctrl-C, so the temporary directory is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    prepare(options_from_args(args))
+    prepare(options)
     return 0

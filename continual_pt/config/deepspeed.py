@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 

@@ -13,13 +13,16 @@ ties going to the larger budget, so that a curve never mixes budgets.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from continual_pt.errors import UserError
+from continual_pt.evaluation.store import FILE, read_scores
+from continual_pt.results.records import read_metrics
 
 SOURCES = ("auto", "metrics", "scores")
 
@@ -86,8 +89,6 @@ def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
 
 
 def _run_name(run_dir: Path) -> str:
-    import yaml
-
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         data = yaml.safe_load(cfg.read_text())
@@ -98,9 +99,6 @@ def _run_name(run_dir: Path) -> str:
 
 def load_run(path: str | Path, source: str = "auto") -> RunCurves:
     """A run directory's curves; UserError if it has neither metrics.jsonl nor scores.jsonl."""
-    from continual_pt.metrics import read_metrics
-    from continual_pt.scores import FILE, read_scores
-
     run_dir = Path(path)
     if source not in SOURCES:
         raise UserError(f"--source {source!r}: accepted: {', '.join(SOURCES)}")
@@ -216,20 +214,36 @@ def _check_set(runs: list[RunCurves], flag: str, name: str | None) -> str:
     return name
 
 
-def run_report_cli(args: argparse.Namespace) -> int:
+@dataclass
+class ReportOptions:
+    """`cpt report`: which runs, which sets are upstream and downstream, against which baseline."""
+
+    runs: list[str]
+    upstream: str | None = None
+    """Name of the upstream (old data) set, e.g. pile."""
+    downstream: str | None = None
+    """Name of the downstream (new data) set, e.g. slimpajama."""
+    baseline: str | None = None
+    """Run directory to compare with (e.g. the constant-LR run)."""
+    source: str = "auto"
+    out: str | None = None
+    """Markdown file to write (default: print)."""
+
+
+def run_report(options: ReportOptions) -> int:
     """`cpt report`: print or write the markdown comparison table."""
-    runs = load_runs(args.runs, args.source)
-    upstream = _check_set(runs, "--upstream", args.upstream)
-    downstream = _check_set(runs, "--downstream", args.downstream)
+    runs = load_runs(options.runs, options.source)
+    upstream = _check_set(runs, "--upstream", options.upstream)
+    downstream = _check_set(runs, "--downstream", options.downstream)
     baseline = None
-    if args.baseline:
-        match = [r for r in runs if r.path.resolve() == Path(args.baseline).resolve()]
-        baseline = match[0] if match else load_run(args.baseline, args.source)
+    if options.baseline:
+        match = [r for r in runs if r.path.resolve() == Path(options.baseline).resolve()]
+        baseline = match[0] if match else load_run(options.baseline, options.source)
         if not baseline.evals.get(downstream):
-            raise UserError(f"--baseline {args.baseline}: no evaluation of {downstream!r} to compare with")
+            raise UserError(f"--baseline {options.baseline}: no evaluation of {downstream!r} to compare with")
     table = markdown_table(runs, upstream, downstream, baseline)
-    if args.out:
-        out = Path(args.out)
+    if options.out:
+        out = Path(options.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table, encoding="utf-8")
         print(f"wrote {out}")

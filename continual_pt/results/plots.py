@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter
+
+from continual_pt.errors import UserError
+from continual_pt.results.report import RunCurves, load_runs
 
 
 def plot_schedules(curves: dict[str, tuple[Sequence[int], Sequence[float]]], out_path: str | Path,
                    title: str | None = None) -> Path:
     """Draw one labelled line of learning rate vs optimizer step per schedule into a PNG."""
-    from matplotlib.figure import Figure
-
     # The legend goes below the axes, where long labels cover no curve; the figure grows to hold it.
     fig = Figure(figsize=(8, 4.5 + 0.22 * len(curves)), layout="constrained")
     ax = fig.add_subplot()
@@ -45,8 +52,6 @@ SOURCE_LABELS = {"metrics": "in-loop eval", "scores": "cpt eval"}
 
 
 def _save(fig, path: Path, fmt: str) -> None:
-    import matplotlib
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     # SVG text stays text (editable, searchable) instead of glyph outlines.
@@ -55,13 +60,9 @@ def _save(fig, path: Path, fmt: str) -> None:
     tmp.replace(path)
 
 
-def draw_runs(runs: Sequence, sets: Sequence[str], title: str | None = None, log_x: bool = False):
+def draw_runs(runs: Sequence[RunCurves], sets: Sequence[str], title: str | None = None, log_x: bool = False):
     """A Figure of validation loss vs tokens, one panel per set and one line per run, and a panel
-    of the LR vs tokens. `runs` are `report.RunCurves`."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import EngFormatter
-
+    of the LR vs tokens."""
     panels = len(sets) + 1
     cols = panels if panels <= 3 else math.ceil(panels / 2)
     rows = math.ceil(panels / cols)
@@ -102,7 +103,7 @@ def draw_runs(runs: Sequence, sets: Sequence[str], title: str | None = None, log
     return fig
 
 
-def plot_runs(runs: Sequence, sets: Sequence[str], out: str | Path, title: str | None = None,
+def plot_runs(runs: Sequence[RunCurves], sets: Sequence[str], out: str | Path, title: str | None = None,
               log_x: bool = False) -> list[Path]:
     """`draw_runs` written as OUT.png and OUT.svg."""
     fig = draw_runs(runs, sets, title, log_x)
@@ -112,18 +113,30 @@ def plot_runs(runs: Sequence, sets: Sequence[str], out: str | Path, title: str |
     return [png, svg]
 
 
-def run_plot_cli(args) -> int:
-    """`cpt plot`: the figure of a set of runs."""
-    from continual_pt.errors import UserError
-    from continual_pt.report import load_runs
+@dataclass
+class PlotOptions:
+    """`cpt plot`: which runs, which sets, where to."""
 
-    runs = load_runs(args.runs, args.source)
+    runs: list[str]
+    out: str
+    """Output path without suffix: OUT.png and OUT.svg are written."""
+    sets: str | None = None
+    """Comma-separated set names, one panel each (default: all)."""
+    source: str = "auto"
+    """metrics (in-loop evaluations), scores (cpt eval) or auto (scores where a run has any)."""
+    title: str | None = None
+    log_x: bool = False
+
+
+def run_plot(options: PlotOptions) -> int:
+    """`cpt plot`: the figure of a set of runs."""
+    runs = load_runs(options.runs, options.source)
     known = list(dict.fromkeys(name for run in runs for name in run.evals))
-    sets = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else known
+    sets = [s.strip() for s in options.sets.split(",") if s.strip()] if options.sets else known
     unknown = [s for s in sets if s not in known]
     if unknown or not sets:
         raise UserError(f"--sets: {', '.join(unknown) or 'nothing'} not evaluated in these runs; "
                         f"known sets: {', '.join(known) or 'none (no eval records, no scores)'}")
-    for path in plot_runs(runs, sets, args.out, args.title, args.log_x):
+    for path in plot_runs(runs, sets, options.out, options.title, options.log_x):
         print(f"wrote {path}")
     return 0

@@ -1,4 +1,4 @@
-"""Run configuration: small dataclass sections composed into one `RunConfig`.
+"""The sections of a run config: small dataclasses composed into one `RunConfig`.
 
 Precedence is defaults < YAML file < command-line overrides (`schedule.max_lr=6e-4`).
 Every problem (unknown key, wrong type, out-of-range or inconsistent value) is gathered
@@ -12,21 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from continual_pt.config_io import (  # noqa: F401 - re-exported for the sections' users
-    ConfigError,
-    Length,
-    Problems,
-    build_section,
-    check_length,
-    parse_duration,
-    parse_override,
-    resolve_length,
-    set_dotted,
-    to_dict,
-    walk_keys,
-)
+from continual_pt.config import deepspeed
+from continual_pt.config.typed import Problems, parse_duration
+from continual_pt.schedules import ScheduleConfig, check_config
 
 # --------------------------------------------------------------------------- sections
 
@@ -118,49 +106,6 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    """Learning-rate schedule, a pure function of the optimizer step (see schedules.py).
-
-    Lengths are steps (int), fractions of the run (float in [0, 1]) or "N%".
-    Parameters that a schedule does not use must stay unset.
-    """
-
-    name: str = "cosine"
-    """cosine, constant, linear, inverse_sqrt, wsd or infinite."""
-    max_lr: float = 3e-4
-    min_lr: float | None = None
-    """Floor of the decay, absolute. Give this or min_lr_ratio."""
-    min_lr_ratio: float | None = None
-    """Floor of the decay as a fraction of max_lr (default 0.1 when min_lr is unset)."""
-    warmup: Length = 0.01
-    """Linear warmup length."""
-    warmup_start_lr: float = 0.0
-    """LR at step 0, the start of the warmup."""
-    decay_end: Length | None = None
-    """cosine, linear: step at which the decay reaches min_lr, counted from step 0; the LR
-    stays at min_lr after it (default: the end of the run)."""
-    cooldown: Length | None = None
-    """wsd: length of the final cooldown (default 20%). infinite: length of the cooldown that
-    follows the warmup (default 60%)."""
-    cooldown_shape: str | None = None
-    """wsd: linear, 1-sqrt, cosine, exponential (default 1-sqrt).
-    infinite: cosine, inverse_sqrt (default cosine)."""
-    const_lr: float | None = None
-    """infinite: LR of the constant phase (default (max_lr + min_lr) / 2)."""
-    anneal_start: Length | None = None
-    """infinite: step at which the exponential annealing to min_lr begins (default: never)."""
-    anneal_end: Length | None = None
-    """infinite: step at which the annealing reaches min_lr (default: the end of the run)."""
-    inv_sqrt_alpha: float | None = None
-    """infinite inverse_sqrt cooldown: the constant a of h(x) = 1/sqrt(1 + a x) - 1 (default 10)."""
-
-    def check(self, p: Problems, total_steps: int) -> None:
-        from continual_pt import schedules
-
-        schedules.check_config(self, p, total_steps)
-
-
-@dataclass
 class TrainConfig:
     """The optimizer-step loop."""
 
@@ -213,11 +158,9 @@ class TrainConfig:
                     parse_duration(value)
                 except ValueError as exc:
                     p.add(f"train.{key}", str(exc))
-        from continual_pt import ds_config
-
-        if ds_config.find(self.ds_config) is None:
+        if deepspeed.find(self.ds_config) is None:
             p.add("train.ds_config", f"no DeepSpeed config {self.ds_config!r}; accepted: "
-                  f"{', '.join(ds_config.available())} or a path to a JSON file")
+                  f"{', '.join(deepspeed.available())} or a path to a JSON file")
 
 
 @dataclass
@@ -330,78 +273,9 @@ class RunConfig:
         self.data.check(p)
         self.optim.check(p)
         self.train.check(p)
-        self.schedule.check(p, max(self.train.max_steps, 1))
+        check_config(self.schedule, p, max(self.train.max_steps, 1))
         self.eval.check(p)
         self.checkpoint.check(p)
         if not (self.model.name_or_path or self.model.config or self.checkpoint.init
                 or self.checkpoint.resume not in ("auto", "never")):
             p.add("model", "no architecture: set model.name_or_path, model.config, or checkpoint.init")
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
-    """YAML text of a resolved config; written to `path` atomically if given."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
-    if path is not None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return text
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Resolve defaults < YAML file < overrides into a validated `RunConfig`.
-
-    Raises `ConfigError` listing every problem, each with its file (or "command line") and key.
-    """
-    origins: dict[str, str] = {}
-    raw: dict[str, Any] = {}
-    early = Problems(origins)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"{path}: config file not found"])
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
-        raw = loaded
-        for key in walk_keys(raw):
-            origins[key] = str(path)
-    for text in overrides:
-        try:
-            key, value = parse_override(text)
-        except ValueError as exc:
-            early.items.append(f"command line: {exc}")
-            continue
-        origins[key] = "command line"
-        for sub in walk_keys(value, key):
-            origins[sub] = "command line"
-        error = set_dotted(raw, key, value)
-        if error:
-            early.items.append(f"command line: {error}")
-    p = Problems(origins)
-    p.items.extend(early.items)
-    cfg = build_section(RunConfig, raw, "", p)
-    cfg.check(p)
-    p.raise_if_any()
-    return cfg
-
-
-def from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
-    """A validated `RunConfig` from plain data (e.g. a run's saved config.yaml)."""
-    p = Problems(default_origin=origin)
-    cfg = build_section(RunConfig, raw, "", p)
-    cfg.check(p)
-    p.raise_if_any()
-    return cfg

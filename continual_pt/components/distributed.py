@@ -12,7 +12,9 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+import deepspeed
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,6 @@ def device_for(local_rank: int) -> torch.device:
 
 def init(env: DistEnv | None = None) -> DistEnv:
     """Start the process group for this launcher (idempotent)."""
-    import deepspeed
-    import torch.distributed as dist
-
     env = env or detect()
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
@@ -122,15 +121,11 @@ def init(env: DistEnv | None = None) -> DistEnv:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
 def _all_reduce(values: list[float], device: torch.device, op_name: str) -> list[float]:
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -14,16 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+import yaml
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+from transformers import AutoConfig
 
-from continual_pt import checkpoint, config, distributed, ds_config, schedules
-from continual_pt import model as models
+from continual_pt import config, schedules
+from continual_pt.components import checkpoint, distributed
+from continual_pt.components import model as models
+from continual_pt.components.checkpoint import set_rng_state
+from continual_pt.components.distributed import DistEnv
+from continual_pt.components.model import default_peak_tflops
+from continual_pt.components.scoring import score_packed
 from continual_pt.config import RunConfig
+from continual_pt.config import deepspeed as ds_config
 from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_tokenizer
 from continual_pt.data.sampler import MixtureSampler
-from continual_pt.distributed import DistEnv
 from continual_pt.errors import UserError
-from continual_pt.metrics import MetricsLogger, default_peak_tflops
+from continual_pt.results.metrics import MetricsLogger
+from continual_pt.schedules.scheduler import ScheduleLR
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,6 @@ def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str,
 def build_model(cfg: RunConfig, start: Start, vocab_size: int):
     """The model to train, with the weights its start mode asks for (fp32, not yet on the engine)."""
     if start.kind == "resume":
-        from transformers import AutoConfig
-
         hf_config = AutoConfig.from_pretrained(start.ref.path / "model")
         return models.build(hf_config, cfg.model, cfg.train.seed)
     if start.kind == "init_checkpoint":
@@ -89,8 +97,6 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: boo
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"lr": lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     # The fused kernel (CUDA, and the CPU since torch 2.4) is the fastest AdamW step there is.
     return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -126,8 +132,6 @@ class Session:
         return self.lr_at(step)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        from continual_pt.evaluate import score_packed
-
         self.engine.eval()
         try:
             return {name: score_packed(self.engine, packed, self.eval_tokens, self.eval_micro_batch_size,
@@ -151,8 +155,6 @@ class Session:
 
     @property
     def resolved_text(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.resolved_config, sort_keys=False)
 
 
@@ -171,8 +173,6 @@ def _write_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     """Check everything, build the engine, restore state, then (rank 0) create the run dir."""
-    import deepspeed
-
     device = distributed.device_for(env.local_rank)
     run_dir = cfg.run_dir
     train_sets, eval_sets, tokenizer_dir = open_datasets(cfg)
@@ -193,7 +193,7 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
     offload = ds_config.offloads_optimizer(ds_cfg)
     optimizer = make_optimizer(net, cfg.optim, offload, lr_at(0))
-    scheduler = schedules.ScheduleLR(optimizer, lr_at)
+    scheduler = ScheduleLR(optimizer, lr_at)
     engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net), optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_cfg)
     if cfg.train.compile:
@@ -206,8 +206,6 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
         client, rank_state = ckpt.load(engine, start.ref)
         step, tokens, skips = client["step"], client["tokens_seen"], client.get("nonfinite_skips", 0)
         sampler.load_state_dict(rank_state["sampler"])
-        from continual_pt.trainer import set_rng_state
-
         if rank_state.get("rank") == env.rank:
             set_rng_state(rank_state["rng"])
     elif start.kind == "init_checkpoint" and cfg.checkpoint.keep_optimizer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import time
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from continual_pt import distributed
+from continual_pt.components import distributed
 from continual_pt.errors import UserError
 
 MARKER = "COMMITTED.json"
@@ -219,6 +223,24 @@ class Checkpointer:
         return client_state, rank_state
 
 
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # --------------------------------------------------------------------------- weights
 
 
@@ -229,8 +251,6 @@ def _strip(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, 
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint, whatever its ZeRO stage and world size, by HF key."""
     if any(ref.path.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         state = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
     else:
         module = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -240,8 +260,6 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
 
 def load_model_from_checkpoint(ref: CheckpointRef, attn_implementation: str = "sdpa"):
     """A transformers model with a checkpoint's architecture and fp32 weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     hf_config = AutoConfig.from_pretrained(ref.path / "model")
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation,
                                              dtype=torch.float32)
@@ -274,8 +292,19 @@ def export_hf(ref: CheckpointRef, out: Path, dtype: str = "fp32") -> Path:
     return out
 
 
-def run_export_cli(args) -> int:
-    ref = resolve(args.checkpoint)
-    out = export_hf(ref, Path(args.out), args.dtype)
+@dataclass
+class ExportOptions:
+    """`cpt export`: which checkpoint, where to, in which dtype."""
+
+    checkpoint: str
+    """A run directory (its newest committed checkpoint) or a checkpoint folder."""
+    out: str
+    dtype: str = "fp32"
+
+
+def run_export(options: ExportOptions) -> int:
+    """`cpt export`: a Hugging Face folder from a committed checkpoint."""
+    ref = resolve(options.checkpoint)
+    out = export_hf(ref, Path(options.out), options.dtype)
     print(f"exported {ref.path} (step {ref.step}) to {out}")
     return 0

@@ -11,9 +11,25 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from continual_pt.config import ModelConfig
 from continual_pt.errors import UserError
+
+# Dense bf16 peak of one accelerator, TFLOP/s, for MFU when log.peak_tflops is unset.
+PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def default_peak_tflops() -> float | None:
+    """A known peak for the visible GPU, or None (on the CPU: no MFU unless configured)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return value
+    return None
+
 
 # Defaults of a from-scratch GPT-NeoX: the Pythia family's choices, with dropout off as in the paper.
 GPT_NEOX_DEFAULTS: dict[str, Any] = {
@@ -37,8 +53,6 @@ def pad_vocab(vocab_size: int, multiple: int = 128) -> int:
 
 def load_hf_config(name_or_path: str, revision: str | None = None):
     """The transformers config of a hub model or local folder, with a clear error if absent."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
@@ -48,8 +62,6 @@ def load_hf_config(name_or_path: str, revision: str | None = None):
 
 def architecture(cfg: ModelConfig, vocab_size: int, seq_len: int, base=None):
     """The transformers config to build: from `base` (an init model's), name_or_path, or cfg.config."""
-    from transformers import AutoConfig
-
     if cfg.name_or_path:
         hf = load_hf_config(cfg.name_or_path, cfg.revision)
     elif base is not None:
@@ -73,8 +85,6 @@ def architecture(cfg: ModelConfig, vocab_size: int, seq_len: int, base=None):
 
 def build(hf_config, cfg: ModelConfig, seed: int) -> nn.Module:
     """A freshly initialised causal LM (fp32) from a transformers config, seeded."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation,
                                              dtype=torch.float32)
@@ -83,8 +93,6 @@ def build(hf_config, cfg: ModelConfig, seed: int) -> nn.Module:
 
 def load_pretrained(reference: str, cfg: ModelConfig) -> nn.Module:
     """A Hugging Face model's weights (hub name, `name@revision`, or folder) in fp32."""
-    from transformers import AutoModelForCausalLM
-
     name, revision = split_revision(reference)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch.float32,

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from continual_pt.components import checkpoint
+from continual_pt.components.model import check_vocab, load_hf_config, split_revision
 from continual_pt.data.dataset import PreparedDataset
+from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
 from continual_pt.errors import UserError
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -99,8 +104,6 @@ class Target:
 
 
 def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text())
@@ -118,8 +121,6 @@ def checkpoint_target(ref) -> Target:
 
 
 def _run_targets(root: Path, warn: Warn) -> list[Target]:
-    from continual_pt import checkpoint
-
     tags = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
                   key=lambda p: int(TAG_RE.match(p.name).group(1)))
     targets = []
@@ -137,8 +138,6 @@ def _run_targets(root: Path, warn: Warn) -> list[Target]:
 
 
 def _hub_target(spec: str) -> Target:
-    from continual_pt.model import split_revision
-
     name, revision = split_revision(spec)
     step = re.fullmatch(r"step(\d+)", revision or "")
     return Target("hub", spec, name, revision or "main", int(step.group(1)) if step else None,
@@ -146,8 +145,6 @@ def _hub_target(spec: str) -> Target:
 
 
 def _expand(spec: str, warn: Warn) -> list[Target]:
-    from continual_pt import checkpoint
-
     path = Path(spec).expanduser()
     if path.exists():
         if TAG_RE.match(path.name):
@@ -214,8 +211,6 @@ def pick_task(targets: list[Target], value: str | None, listing: bool = False) -
 
 def model_config(target: Target):
     """The transformers config of a target, without loading its weights."""
-    from continual_pt.model import load_hf_config
-
     if target.kind == "checkpoint":
         return load_hf_config(str(target.ref.path / "model"))
     return load_hf_config(target.name_or_path, target.revision)
@@ -223,8 +218,6 @@ def model_config(target: Target):
 
 def tokenizer_hash(target: Target) -> tuple[str | None, str]:
     """(sha256 as the data package hashes it, where from) of the target's tokenizer; None if it has none."""
-    from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
-
     if target.kind == "hub":
         try:
             return tokenizer_sha256(target.name_or_path), target.name_or_path
@@ -243,8 +236,6 @@ def tokenizer_hash(target: Target) -> tuple[str | None, str]:
 
 def check_sets(target: Target, hf_config, sets: list[EvalSet], warn: Warn) -> None:
     """Every set must be tokenized with the target's tokenizer and fit its embedding."""
-    from continual_pt.model import check_vocab
-
     sha, where = tokenizer_hash(target)
     for s in sets:
         ds = s.dataset

@@ -1,9 +1,10 @@
-"""Learning-rate schedules: pure functions of the optimizer step, and the scheduler that applies them.
+"""Learning-rate schedules: pure functions of the optimizer step, resolved from a `ScheduleConfig`.
 
 `build(cfg, total_steps)` resolves a `ScheduleConfig` once and returns `lr_at(step) -> float`,
 where `step` counts the optimizer steps already taken (0-based): `lr_at(k)` is the LR used by
-optimizer step k. `ScheduleLR` sets it on an optimizer and checkpoints only the step, so a new
-phase's config always wins over whatever schedule a checkpoint was trained with.
+optimizer step k. `ScheduleLR` (in `scheduler.py`, the one module here that needs torch) sets
+it on an optimizer and checkpoints only the step, so a new phase's config always wins over
+whatever schedule a checkpoint was trained with.
 
     cpt schedule show --spec 'name=infinite anneal_start=85%' --steps 1000
     cpt schedule plot --config run.yaml --spec 'name=constant max_lr=3e-5 warmup=0' --out lr.png
@@ -11,21 +12,17 @@ phase's config always wins over whatever schedule a checkpoint was trained with.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import math
-import shlex
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from continual_pt import config
-from continual_pt.config import Problems, ScheduleConfig, check_length, resolve_length
-from continual_pt.errors import UserError
+from continual_pt.schedules.lengths import Length, ProblemSink, check_length, resolve_length
+from continual_pt.schedules.settings import ScheduleConfig
 
-if TYPE_CHECKING:
-    import torch
+__all__ = ["Length", "ScheduleConfig", "boundaries", "build", "check_config", "curve", "resolve_length",
+           "show_steps"]
 
 LRFunction = Callable[[int], float]
 
@@ -226,7 +223,7 @@ def boundaries(cfg: ScheduleConfig, total_steps: int) -> list[tuple[int, str]]:
 # --------------------------------------------------------------------------- validation
 
 
-def check_config(cfg: ScheduleConfig, p: Problems, total_steps: int) -> None:
+def check_config(cfg: ScheduleConfig, p: ProblemSink, total_steps: int) -> None:
     """Record in `p` every problem of `cfg` for a run of total_steps steps (keys `schedule.<field>`).
 
     Never raises: `ScheduleConfig.check` gathers these with the other sections' problems.
@@ -263,7 +260,7 @@ def check_config(cfg: ScheduleConfig, p: Problems, total_steps: int) -> None:
     _check_phases(cfg, p, total_steps, steps)
 
 
-def _check_lrs(cfg: ScheduleConfig, p: Problems, known: bool) -> bool:
+def _check_lrs(cfg: ScheduleConfig, p: ProblemSink, known: bool) -> bool:
     """Problems of the LR values; True when they are consistent enough to derive min_lr from."""
     if not cfg.max_lr > 0 or math.isinf(cfg.max_lr):
         p.add("schedule.max_lr", f"must be a positive number, got {cfg.max_lr!r}")
@@ -288,7 +285,7 @@ def _check_lrs(cfg: ScheduleConfig, p: Problems, known: bool) -> bool:
     return ok
 
 
-def _check_unused(cfg: ScheduleConfig, p: Problems) -> None:
+def _check_unused(cfg: ScheduleConfig, p: ProblemSink) -> None:
     used = COMMON_PARAMS + PARAMS[cfg.name]
     for name in ScheduleConfig.__dataclass_fields__:
         if name != "name" and name not in used and getattr(cfg, name) is not None:
@@ -300,7 +297,7 @@ def _check_unused(cfg: ScheduleConfig, p: Problems) -> None:
         p.add("schedule.anneal_end", "set without schedule.anneal_start (the annealing never starts)")
 
 
-def _check_phases(cfg: ScheduleConfig, p: Problems, total_steps: int, steps: dict[str, int | None]) -> None:
+def _check_phases(cfg: ScheduleConfig, p: ProblemSink, total_steps: int, steps: dict[str, int | None]) -> None:
     """Phase boundaries in order and inside the run (lengths that failed their own check are skipped)."""
     warmup = steps["warmup"]
     if cfg.name in ("cosine", "linear") and steps["decay_end"] is not None:
@@ -336,133 +333,7 @@ def _check_phases(cfg: ScheduleConfig, p: Problems, total_steps: int, steps: dic
         p.add(key, f"the annealing must start (step {start}) before it ends ({where})")
 
 
-# --------------------------------------------------------------------------- the torch scheduler
-
-
-def __getattr__(name: str) -> Any:
-    # ScheduleLR subclasses a torch class. Defining it on first use keeps `import torch` (~1.5 s)
-    # out of config validation and `cpt schedule`, which only need the pure functions.
-    if name == "ScheduleLR":
-        return _schedule_lr_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _schedule_lr_class() -> type:
-    cls = globals().get("ScheduleLR")
-    if cls is None:
-        cls = globals()["ScheduleLR"] = _define_schedule_lr()
-    return cls
-
-
-def _define_schedule_lr() -> type:
-    from torch.optim.lr_scheduler import LRScheduler
-
-    class ScheduleLR(LRScheduler):
-        """Sets every param group's LR to `lr_at(step)`; its state is the step alone.
-
-        The LR is also set again right before each optimizer step (a step pre-hook): loading
-        optimizer state (DeepSpeed's ZeRO checkpoints do it after the scheduler's) restores the
-        param groups' LR of the old schedule, and the config of the current run must win.
-        """
-
-        def __init__(self, optimizer: torch.optim.Optimizer, lr_at: LRFunction) -> None:
-            self.lr_at = lr_at
-            super().__init__(optimizer)
-            self._hook = optimizer.register_step_pre_hook(lambda *_: self.apply())
-
-        def get_lr(self) -> list[float]:
-            return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
-
-        def apply(self) -> None:
-            """Set every param group's LR to lr_at(step) now (done before each optimizer step anyway)."""
-            lrs = self.get_lr()
-            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr
-            self._last_lr = lrs
-
-        def state_dict(self) -> dict[str, int]:
-            """Only the number of optimizer steps taken: never the schedule's parameters."""
-            return {"step": self.last_epoch}
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            """Restore the step; the LR comes from this scheduler's own `lr_at`."""
-            step = state_dict.get("step") if isinstance(state_dict, dict) else None
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                raise ValueError(f"not a ScheduleLR state (expected {{'step': n >= 0}}): {state_dict!r:.200}")
-            self.last_epoch = step
-            self.apply()
-
-        def __repr__(self) -> str:
-            return f"ScheduleLR(step={self.last_epoch}, lr={self.lr_at(self.last_epoch):g})"
-
-    ScheduleLR.__module__ = __name__
-    ScheduleLR.__qualname__ = "ScheduleLR"
-    return ScheduleLR
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A `ScheduleLR` applying `build(cfg, total_steps)` to `optimizer`, at step 0."""
-    return _schedule_lr_class()(optimizer, build(cfg, total_steps))
-
-
-# --------------------------------------------------------------------------- cpt schedule plot|show
-
-
-def parse_spec(text: str, total_steps: int) -> ScheduleConfig:
-    """A checked ScheduleConfig from 'name=wsd max_lr=3e-4 cooldown=20%' (keys of `schedule`)."""
-    origin = f"--spec {text!r}"
-    p = Problems(default_origin=origin)
-    raw: dict[str, Any] = {}
-    try:
-        tokens = shlex.split(text)
-    except ValueError as exc:
-        raise config.ConfigError([f"{origin}: {exc}"]) from None
-    for token in tokens:
-        try:
-            key, value = config.parse_override(token)
-        except ValueError as exc:
-            p.items.append(f"{origin}: {exc}")
-            continue
-        raw[key.removeprefix("schedule.")] = value
-    cfg = config.build_section(ScheduleConfig, raw, "schedule", p)
-    cfg.check(p, total_steps)
-    p.raise_if_any()
-    return cfg
-
-
-def _collect(args: argparse.Namespace) -> list[tuple[str, ScheduleConfig, int]]:
-    """(label, schedule, total steps) of every --config and --spec, in that order."""
-    if not args.config and not args.spec:
-        raise UserError("no schedule given: pass --config run.yaml and/or --spec 'name=cosine max_lr=3e-4'")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.overrides and not args.config:
-        raise UserError(f"overrides {' '.join(args.overrides)!r} apply to --config files only; "
-                        "write schedule keys into the --spec text")
-    if args.spec and args.steps is None:
-        raise UserError("--spec needs --steps (the run length in optimizer steps)")
-    found = []
-    for path in args.config:
-        overrides = list(args.overrides) + ([f"train.max_steps={args.steps}"] if args.steps else [])
-        cfg = config.load(path, overrides)
-        found.append((Path(path).name, cfg.schedule, cfg.train.max_steps))
-    for text in args.spec:
-        found.append((text, parse_spec(text, args.steps), args.steps))
-    if len(args.label) > len(found):
-        raise UserError(f"{len(args.label)} --label for {len(found)} schedule(s)")
-    return [(args.label[i] if i < len(args.label) else label, cfg, total)
-            for i, (label, cfg, total) in enumerate(found)]
-
-
-def _parse_steps(text: str) -> list[int]:
-    try:
-        steps = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--at takes comma-separated step numbers, got {text!r}") from None
-    if not steps or min(steps) < 0:
-        raise UserError(f"--at takes comma-separated step numbers >= 0, got {text!r}")
-    return steps
+# --------------------------------------------------------------------------- inspection
 
 
 def show_steps(cfg: ScheduleConfig, total_steps: int) -> list[int]:
@@ -472,31 +343,6 @@ def show_steps(cfg: ScheduleConfig, total_steps: int) -> list[int]:
     return sorted(set(marks + middles + [max(total_steps - 1, 0)]))
 
 
-def run_show_cli(args: argparse.Namespace) -> int:
-    """`cpt schedule show`: a table of the LR of every schedule at chosen steps."""
-    schedules = _collect(args)
-    fns = [build(cfg, total) for _, cfg, total in schedules]
-    if args.at:
-        steps = sorted(set(_parse_steps(args.at)))
-    else:
-        steps = sorted({s for _, cfg, total in schedules for s in show_steps(cfg, total)})
-    notes: dict[int, dict[str, list[str]]] = {}  # step -> phase name -> numbers of the schedules
-    for i, (_, cfg, total) in enumerate(schedules):
-        for step, name in boundaries(cfg, total):
-            notes.setdefault(step, {}).setdefault(name, []).append(str(i + 1))
-    labels = [label if len(schedules) == 1 else f"[{i + 1}] {label}" for i, (label, _, _) in enumerate(schedules)]
-    widths = [max(len(label), 12) for label in labels]
-    step_width = max(len("step"), *(len(str(s)) for s in steps))
-    print("  ".join([f"{'step':>{step_width}}"] + [f"{lb:<{w}}" for lb, w in zip(labels, widths, strict=True)]
-                    + ["phase"]).rstrip())
-    for step in steps:
-        cells = [f"{fn(step):<{w}.6g}" for fn, w in zip(fns, widths, strict=True)]
-        phases = [name if len(schedules) == 1 else f"{name} [{','.join(nums)}]"
-                  for name, nums in notes.get(step, {}).items()]
-        print("  ".join([f"{step:>{step_width}}"] + cells + ["; ".join(phases)]).rstrip())
-    return 0
-
-
 def curve(cfg: ScheduleConfig, total_steps: int, max_points: int = 5000) -> tuple[list[int], list[float]]:
     """(steps, lrs) from 0 to total_steps, at most ~max_points evenly spaced plus both sides of every corner."""
     fn = build(cfg, total_steps)
@@ -504,18 +350,3 @@ def curve(cfg: ScheduleConfig, total_steps: int, max_points: int = 5000) -> tupl
     corners = {c for step, _ in boundaries(cfg, total_steps) for c in (step - 1, step) if 0 <= c <= total_steps}
     steps = sorted(set(range(0, total_steps + 1, stride)) | corners)
     return steps, [fn(step) for step in steps]
-
-
-def run_plot_cli(args: argparse.Namespace) -> int:
-    """`cpt schedule plot`: LR vs optimizer step of every schedule into one PNG."""
-    schedules = _collect(args)
-    curves = {}
-    for label, cfg, total in schedules:
-        while label in curves:
-            label += "'"
-        curves[label] = curve(cfg, total)
-    from continual_pt import plots
-
-    out = plots.plot_schedules(curves, args.out, args.title)
-    print(f"wrote {out}")
-    return 0

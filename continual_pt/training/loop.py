@@ -7,18 +7,17 @@ schedule, DeepSpeed) and `checkpoint.py` (how the run starts and saves).
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
-from continual_pt import distributed
-from continual_pt.checkpoint import Checkpointer
+from continual_pt.components import distributed
+from continual_pt.components.checkpoint import Checkpointer, rng_state
 from continual_pt.config import RunConfig, parse_duration
-from continual_pt.engine import Session
+from continual_pt.config.load import ConfigSource
+from continual_pt.training.session import Session, open_session
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -28,21 +27,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class NonFiniteLoss(RuntimeError):
     """The loss stayed non-finite beyond train.max_nonfinite_skips."""
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class StopRequest:
@@ -234,10 +218,13 @@ class Trainer:
         self._window_start = (self._window_start[0] + time.monotonic() - started, self._window_start[1])
 
 
+def run_phase(source: ConfigSource) -> int:
+    """`cpt train`: resolve the config, then train under whichever launcher started us."""
+    return run(source.load())
+
+
 def run(cfg: RunConfig) -> int:
     """Set up under whichever launcher started us, train, and return the exit status."""
-    from continual_pt.engine import open_session
-
     env = distributed.init()
     session = open_session(cfg, env)
     try:

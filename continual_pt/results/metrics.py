@@ -8,41 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
 from continual_pt.config import LogConfig
-
-# Dense bf16 peak of one accelerator, TFLOP/s, for MFU when log.peak_tflops is unset.
-PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
-
-
-def default_peak_tflops() -> float | None:
-    """A known peak for the visible GPU, or None (on the CPU: no MFU unless configured)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return value
-    return None
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; when a resumed run logged a step again, the later record wins."""
-    records: dict[tuple[str, str, int], dict[str, Any]] = {}
-    path = Path(path)
-    if not path.is_file():
-        return []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
-        if "step" in rec:
-            records[(rec.get("kind", "train"), rec.get("set", ""), rec["step"])] = rec
-    return sorted(records.values(), key=lambda r: (r["step"], r.get("kind", "train") != "eval"))
 
 
 class MetricsLogger:
@@ -59,8 +28,6 @@ class MetricsLogger:
             return
         self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
         if cfg.wandb:
             try:
@@ -72,8 +39,6 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=cfg.wandb_project or "continual-pt", name=run_name,
                                         id=run_name, resume="allow", config=config_dict, dir=str(run_dir))
         if cfg.progress:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step",
                             dynamic_ncols=True, file=sys.stderr)
 

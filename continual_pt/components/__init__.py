@@ -1,0 +1,1 @@
+"""Pieces that training and evaluation share: the model, process groups, checkpoints, scoring."""

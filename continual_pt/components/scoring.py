@@ -1,0 +1,47 @@
+"""Scoring on a held-out set: token-weighted mean loss and perplexity, independent of world size.
+
+Each rank scores its share of a fixed list of windows; per-token losses are summed in
+float64 and reduced across ranks, so every rank count gives the same mean. The in-loop
+evaluation of training and `cpt eval` both score with `score_packed`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from continual_pt.components import distributed
+from continual_pt.components.distributed import DistEnv
+from continual_pt.data.dataset import PackedSequences, eval_windows
+
+
+@torch.no_grad()
+def score_packed(forward, packed: PackedSequences, token_budget: int | None, micro_batch_size: int,
+                 env: DistEnv, device: torch.device) -> dict[str, float]:
+    """Loss and perplexity of `forward` (a CausalLMLoss or its engine) over a fixed window list.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
+    collectively), padding its last batches with repeats whose losses are dropped.
+    """
+    windows = eval_windows(packed, token_budget, env.rank, env.world_size)
+    per_rank = math.ceil(len(eval_windows(packed, token_budget, 0, env.world_size)) / micro_batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    for b in range(per_rank):
+        chunk = windows[b * micro_batch_size:(b + 1) * micro_batch_size]
+        real = len(chunk)
+        if real < micro_batch_size:
+            # Padding rows go last and are sliced off below: they cost a forward, never a host sync.
+            fill = chunk[0] if chunk else (windows[0] if windows else 0)
+            chunk = chunk + [fill] * (micro_batch_size - real)
+        rows = torch.from_numpy(np.stack([packed[i] for i in chunk])).long()
+        per_seq = forward(rows[:, :-1].to(device), rows[:, 1:].to(device), reduction="per_sequence")
+        loss_sum += per_seq[:real].double().sum()
+        tokens += real * (rows.shape[1] - 1)
+    total_loss, total_tokens = distributed.all_reduce_sum([loss_sum.item(), float(tokens)], device)
+    if total_tokens == 0:
+        return {"loss": math.nan, "ppl": math.nan, "tokens": 0}
+    mean = total_loss / total_tokens
+    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(total_tokens)}

@@ -1,0 +1,133 @@
+"""Loading a run config: defaults < YAML file < dotted command-line overrides, validated at once."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from continual_pt.config.sections import RunConfig
+from continual_pt.config.typed import (
+    ConfigError,
+    Problems,
+    build_section,
+    parse_override,
+    set_dotted,
+    to_dict,
+    walk_keys,
+)
+from continual_pt.schedules import ScheduleConfig, check_config
+
+
+@dataclass
+class ConfigSource:
+    """Where a run config comes from: a YAML file (optional) and dotted overrides, applied in order."""
+
+    config: str | None = None
+    """Run config YAML."""
+    overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides applied after the file, e.g. schedule.max_lr=6e-4."""
+
+    def load(self) -> RunConfig:
+        return load(self.config, self.overrides)
+
+
+def print_resolved(source: ConfigSource) -> int:
+    """`cpt config`: print the resolved, validated config as YAML."""
+    sys.stdout.write(dump(source.load()))
+    return 0
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
+    """YAML text of a resolved config; written to `path` atomically if given."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    if path is not None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return text
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Resolve defaults < YAML file < overrides into a validated `RunConfig`.
+
+    Raises `ConfigError` listing every problem, each with its file (or "command line") and key.
+    """
+    origins: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    early = Problems(origins)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"{path}: config file not found"])
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
+        raw = loaded
+        for key in walk_keys(raw):
+            origins[key] = str(path)
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError as exc:
+            early.items.append(f"command line: {exc}")
+            continue
+        origins[key] = "command line"
+        for sub in walk_keys(value, key):
+            origins[sub] = "command line"
+        error = set_dotted(raw, key, value)
+        if error:
+            early.items.append(f"command line: {error}")
+    p = Problems(origins)
+    p.items.extend(early.items)
+    cfg = build_section(RunConfig, raw, "", p)
+    cfg.check(p)
+    p.raise_if_any()
+    return cfg
+
+
+def from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+    """A validated `RunConfig` from plain data (e.g. a run's saved config.yaml)."""
+    p = Problems(default_origin=origin)
+    cfg = build_section(RunConfig, raw, "", p)
+    cfg.check(p)
+    p.raise_if_any()
+    return cfg
+
+
+def load_schedule_spec(text: str, total_steps: int) -> ScheduleConfig:
+    """A checked ScheduleConfig from 'name=wsd max_lr=3e-4 cooldown=20%' (keys of `schedule`)."""
+    origin = f"--spec {text!r}"
+    p = Problems(default_origin=origin)
+    raw: dict[str, Any] = {}
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError([f"{origin}: {exc}"]) from None
+    for token in tokens:
+        try:
+            key, value = parse_override(token)
+        except ValueError as exc:
+            p.items.append(f"{origin}: {exc}")
+            continue
+        raw[key.removeprefix("schedule.")] = value
+    cfg = build_section(ScheduleConfig, raw, "schedule", p)
+    check_config(cfg, p, total_steps)
+    p.raise_if_any()
+    return cfg

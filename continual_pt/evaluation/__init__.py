@@ -1,0 +1,1 @@
+"""`cpt eval`: scoring checkpoints on named held-out sets into a results store."""

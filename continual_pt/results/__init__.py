@@ -1,0 +1,1 @@
+"""What runs leave behind, read and shown: metrics sinks, curves, the report table, figures."""
