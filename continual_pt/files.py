@@ -1,0 +1,111 @@
+"""Files that are never seen half-written: write a hidden temporary beside the target, flush it
+to disk, rename it over the target, flush the directory. Also JSON lines without NaN.
+
+A reader sees the old content or the new, never a mix: `os.replace` is atomic within one
+filesystem, which is why the temporary lives in the target's directory. Its name carries the
+process id, a per-process counter and a random token, so concurrent writers (other processes,
+other threads, other hosts on a shared filesystem where process ids repeat) never share one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_calls = itertools.count()
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """A fresh hidden temporary path beside `path`, unique per process and per call."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{next(_calls)}-{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush a file, or every file and folder under a directory, to disk."""
+    path = Path(path)
+    if not path.is_dir():
+        _fsync_file(path)
+        return
+    for entry in sorted(path.rglob("*")):
+        if entry.is_file():
+            _fsync_file(entry)
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(folder)
+    fsync_dir(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write (a file, or a folder the writer creates) that replaces `path`
+    only when the block completes; if it raises, the temporary is removed and `path` is untouched.
+
+    A folder may replace only a missing or empty folder (the rename rule of POSIX).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data`, atomically and durably."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Replace `path` with `text`, atomically and durably."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (JSON has no NaN or infinity) as None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One strict JSON line (newline included) of a record, non-finite floats as null."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
