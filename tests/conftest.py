@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import train_support as ts
+
 _WORDS = ("the", "model", "forgets", "re-warming", "learning", "rate", "λόγος", "naïve", "数据", "🙂",
           "<|endoftext|>", "    ", "\n", "\n\n", "\t", "x = f(1);", "Ünïcödé", "tokens", "of", "a", "corpus")
 
@@ -52,6 +54,24 @@ def data_dataset(tmp_path_factory, data_tokenizer) -> Path:
     prepare(PrepareOptions(sources=[str(src)], tokenizer=str(data_tokenizer), out=str(root / "ds"),
                            val_fraction=0.1, shard_tokens=5000, workers=1, quiet=True))
     return root / "ds"
+
+
+def _fingerprint(paths: dict[str, Path]) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under the world's folders."""
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns)
+            for root in paths.values() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A trained BPE tokenizer and two prepared datasets ('code', 'prose'), built once per session.
+
+    Shared by every module, so it is read-only: a test that writes into it fails at the session's end.
+    """
+    paths = ts.make_world(tmp_path_factory.mktemp("world"))
+    before = _fingerprint(paths)
+    yield paths
+    assert _fingerprint(paths) == before, "a test wrote into the shared world: give that test its own copy"
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ts.shared_world(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
 def run(world, tmp_path_factory):
     """A 12-step run on 'code' with committed checkpoints at steps 4, 8 and 12 (never written to)."""
     return ts.continual_experiment(tmp_path_factory.getbasetemp() / "experiment", world, rewarm=False)["pre"]

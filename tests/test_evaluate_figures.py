@@ -14,11 +14,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ts.shared_world(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
 def exp(world, tmp_path_factory):
     """pre (12 steps on code) -> rewarm-cosine and constant (12 steps on prose); never written to."""
     return ts.continual_experiment(tmp_path_factory.getbasetemp() / "experiment", world)

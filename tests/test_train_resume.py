@@ -17,11 +17,6 @@ from tests import train_support as ts
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ts.make_world(tmp_path_factory.mktemp("world"))
-
-
 def assert_same_run(a, b):
     ra, rb = ts.train_records(a), ts.train_records(b)
     assert [r["step"] for r in ra] == list(range(1, 13))

@@ -124,18 +124,6 @@ def final_weights(run_dir: Path) -> dict:
     return checkpoint.consolidated_state_dict(checkpoint.resolve(run_dir))
 
 
-
-def shared_world(base: Path) -> dict[str, Path]:
-    """make_world once per test session: `base` is the session's temp root, shared by modules."""
-    root = base / "shared-world"
-    done = base / ".shared-world.complete"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        make_world(root)
-        done.touch()
-    return {"tokenizer": root / "tokenizer", "code": root / "code", "prose": root / "prose"}
-
-
 def _train_once(root: Path, cfg: Path, name: str, overrides: list[str] = ()) -> Path:
     run_dir = root / "runs" / name
     done = root / f".{name}.complete"
