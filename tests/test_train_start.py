@@ -24,12 +24,12 @@ from continual_pt.training.session import open_session
 cfg = config.load(sys.argv[1], sys.argv[2:])
 env = distributed.init()
 s = open_session(cfg, env)
-opt = s.engine.optimizer
+opt = s.parts.engine.optimizer
 state = getattr(opt, "optimizer", opt).state
-weights = {k: v.detach().float() for k, v in s.engine.module.model.state_dict().items()}
+weights = {k: v.detach().float() for k, v in s.parts.engine.module.model.state_dict().items()}
 torch.save(weights, cfg.run_dir / "start_weights.pt")
 print(json.dumps({"lr": [g["lr"] for g in opt.param_groups], "optimizer_state": len(state),
-                  "schedule_step": s.engine.lr_scheduler.last_epoch, "start_step": s.start_step}))
+                  "schedule_step": s.parts.engine.lr_scheduler.last_epoch, "start_step": s.start.step}))
 """
 
 
@@ -38,11 +38,6 @@ def inspect(cfg_path, overrides):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ts.make_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +154,42 @@ def bad_run(cfg, overrides, *needles):
     return proc
 
 
-def test_bad_input_is_reported_before_anything_is_written(world, pretrained, tmp_path):
-    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", name="bad")
-    run_dir = tmp_path / "runs" / "bad"
-    bad_run(cfg, [f"checkpoint.resume={tmp_path / 'nowhere'}"], "checkpoint.resume", "does not exist")
+# Bad inputs, one per case: each returns (overrides, what stderr must say).
+def resume_path_missing(tmp_path, request):
+    return [f"checkpoint.resume={tmp_path / 'nowhere'}"], ["checkpoint.resume", "does not exist"]
+
+
+def resume_path_partial(tmp_path, request):
     partial = tmp_path / "partial" / "checkpoints" / "global_step9"
     partial.mkdir(parents=True)
-    bad_run(cfg, [f"checkpoint.resume={partial}"], "global_step9 is partial")
-    bad_run(cfg, [f"checkpoint.resume={pretrained}", f"checkpoint.init={pretrained}"], "never both")
-    bad_run(cfg, ["model.config.vocab_size=100"], "vocabulary mismatch", "100 embedding rows", "300")
-    bad_run(cfg, [f"data.train.code.path={tmp_path / 'missing'}"], str(tmp_path / "missing"))
+    return [f"checkpoint.resume={partial}"], ["global_step9 is partial"]
+
+
+def resume_and_init_together(tmp_path, request):
+    pretrained = request.getfixturevalue("pretrained")   # only this case needs a trained run
+    return [f"checkpoint.resume={pretrained}", f"checkpoint.init={pretrained}"], ["never both"]
+
+
+def model_vocabulary_mismatch(tmp_path, request):
+    return ["model.config.vocab_size=100"], ["vocabulary mismatch", "100 embedding rows", "300"]
+
+
+def train_data_missing(tmp_path, request):
+    return [f"data.train.code.path={tmp_path / 'missing'}"], [str(tmp_path / "missing")]
+
+
+def eval_set_of_another_tokenizer(tmp_path, request):
     other_tok = ts.make_world(tmp_path / "other", vocab_size=280)
-    bad_run(cfg, [f"eval.sets.prose={other_tok['prose']}"], "tokenizer")
-    assert not run_dir.exists()
+    return [f"eval.sets.prose={other_tok['prose']}"], ["tokenizer"]
+
+
+BAD_INPUTS = [resume_path_missing, resume_path_partial, resume_and_init_together, model_vocabulary_mismatch,
+              train_data_missing, eval_set_of_another_tokenizer]
+
+
+@pytest.mark.parametrize("bad_input", BAD_INPUTS, ids=[f.__name__ for f in BAD_INPUTS])
+def test_bad_input_is_reported_before_anything_is_written(world, tmp_path, request, bad_input):
+    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", name="bad")
+    overrides, needles = bad_input(tmp_path, request)
+    bad_run(cfg, overrides, *needles)
+    assert not (tmp_path / "runs" / "bad").exists()
