@@ -17,8 +17,9 @@ from typing import Any
 import deepspeed
 import torch
 import yaml
+from deepspeed import DeepSpeedEngine
 from deepspeed.ops.adam import DeepSpeedCPUAdam
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
 from continual_pt.components import checkpoint, distributed
@@ -34,6 +35,7 @@ from continual_pt.data.sampler import MixtureSampler
 from continual_pt.errors import UserError
 from continual_pt.results.metrics import MetricsLogger
 from continual_pt.schedules.scheduler import ScheduleLR
+from continual_pt.training.state import TrainState
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str,
     return train, evals, str(next(iter(opened.values())).tokenizer_dir)
 
 
-def build_model(cfg: RunConfig, start: Start, vocab_size: int):
+def build_model(cfg: RunConfig, start: Start, vocab_size: int) -> torch.nn.Module:
     """The model to train, with the weights its start mode asks for (fp32, not yet on the engine)."""
     if start.kind == "resume":
         hf_config = AutoConfig.from_pretrained(start.ref.path / "model")
@@ -90,7 +92,8 @@ def build_model(cfg: RunConfig, start: Start, vocab_size: int):
     return models.build(hf_config, cfg.model, cfg.train.seed)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: bool, lr: float):
+def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: bool,
+                   lr: float) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices and embeddings only (never on biases and norm weights)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -102,45 +105,56 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: boo
     return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
-@dataclass
-class Session:
-    """Everything the step loop needs, built and checked."""
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out sets and how much of each is scored (the same tokens every time)."""
 
-    env: DistEnv
-    device: torch.device
-    run_dir: Path
-    engine: Any
+    sets: dict[str, PackedSequences]
+    tokens: int | None
+    micro_batch_size: int
+
+    def score(self, engine: DeepSpeedEngine, env: DistEnv, device: torch.device) -> dict[str, dict[str, float]]:
+        """Token-weighted loss and perplexity per set, in eval mode, back in train mode after."""
+        engine.eval()
+        try:
+            return {name: score_packed(engine, packed, self.tokens, self.micro_batch_size, env, device)
+                    for name, packed in self.sets.items()}
+        finally:
+            engine.train()
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What `open_session` built: the engine and what feeds, scores, records and saves it."""
+
+    engine: DeepSpeedEngine
     sampler: MixtureSampler
-    eval_sets: dict[str, PackedSequences]
+    held_out: HeldOut
     logger: MetricsLogger
+    checkpointer: checkpoint.Checkpointer
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Fixed for the whole phase, derived from the config, the model and the world size."""
+
     lr_at: Callable[[int], float]
-    zero_stage: int
     tokens_per_step: int
     flops_per_token: float
     peak_flops: float | None
-    eval_micro_batch_size: int
-    eval_tokens: int | None
-    hf_config: Any
+    zero_stage: int
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What every checkpoint carries besides the engine's state, so that it exports on its own."""
+
+    hf_config: PretrainedConfig
     tokenizer_dir: str
     resolved_config: dict[str, Any]
-    start_step: int = 0
-    start_tokens: int = 0
-    nonfinite_skips: int = 0
-    resumed: bool = False
 
-    def lr_used(self, step: int) -> float:
-        return self.lr_at(step)
-
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        self.engine.eval()
-        try:
-            return {name: score_packed(self.engine, packed, self.eval_tokens, self.eval_micro_batch_size,
-                                       self.env, self.device)
-                    for name, packed in self.eval_sets.items()}
-        finally:
-            self.engine.train()
-
-    def checkpoint_extras(self) -> dict[str, Callable[[Path], None]]:
+    def writers(self) -> dict[str, Callable[[Path], None]]:
+        """Folder name in the checkpoint -> what writes it (the `extras` of `Checkpointer.save`)."""
         def write_model(path: Path) -> None:
             self.hf_config.save_pretrained(path)
 
@@ -149,13 +163,22 @@ class Session:
 
         def write_config(path: Path) -> None:
             path.mkdir(parents=True, exist_ok=True)
-            (path / "config.yaml").write_text(self.resolved_text)
+            (path / "config.yaml").write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
 
         return {"model": write_model, "tokenizer": write_tokenizer, "run": write_config}
 
-    @property
-    def resolved_text(self) -> str:
-        return yaml.safe_dump(self.resolved_config, sort_keys=False)
+
+@dataclass(frozen=True)
+class Session:
+    """Everything the step loop needs, built and checked, and the state it starts from."""
+
+    env: DistEnv
+    device: torch.device
+    parts: Parts
+    figures: Figures
+    files: CheckpointFiles
+    start: TrainState
+    resumed: bool
 
 
 def _write_run_dir(cfg: RunConfig, run_dir: Path) -> None:
@@ -171,62 +194,92 @@ def _write_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     config.dump(cfg, target)
 
 
+def deepspeed_config(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """The run's DeepSpeed JSON with its batch, precision and clipping filled in from the config."""
+    raw = ds_config.load(cfg.train.ds_config)
+    try:
+        return ds_config.fill(raw, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+                              dp_size=env.world_size, precision=cfg.train.precision,
+                              grad_clip=cfg.optim.grad_clip, global_batch_size=cfg.train.global_batch_size)
+    except ValueError as exc:
+        raise UserError(f"train.ds_config {cfg.train.ds_config}: {exc}") from None
+
+
+def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
+                 lr_at: Callable[[int], float]) -> DeepSpeedEngine:
+    """The DeepSpeed engine over the model's loss, with AdamW and the phase's schedule."""
+    optimizer = make_optimizer(net, cfg.optim, ds_config.offloads_optimizer(ds_cfg), lr_at(0))
+    engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net), optimizer=optimizer,
+                                           lr_scheduler=ScheduleLR(optimizer, lr_at), config=ds_cfg)
+    if cfg.train.compile:
+        engine.compile()
+    return engine
+
+
+def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: MixtureSampler,
+            checkpointer: checkpoint.Checkpointer, rank: int) -> TrainState:
+    """Load what the start mode asks for; on resume, the loop's state, data position and RNG too."""
+    state = TrainState()
+    if start.kind == "resume":
+        client, rank_state = checkpointer.load(engine, start.ref)
+        state.load_state_dict(client)
+        sampler.load_state_dict(rank_state["sampler"])
+        if rank_state.get("rank") == rank:
+            set_rng_state(rank_state["rng"])
+    elif start.kind == "init_checkpoint" and cfg.checkpoint.keep_optimizer:
+        checkpointer.load(engine, start.ref, load_optimizer=True, load_schedule=False)
+    return state
+
+
+def figures_for(cfg: RunConfig, env: DistEnv, hf_config: PretrainedConfig, n_params: int,
+                lr_at: Callable[[int], float], zero_stage: int) -> Figures:
+    """Throughput and MFU constants of the phase."""
+    peak = cfg.log.peak_tflops or default_peak_tflops()
+    return Figures(lr_at=lr_at, zero_stage=zero_stage,
+                   tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
+                   * cfg.data.seq_len,
+                   flops_per_token=models.flops_per_token(hf_config, n_params, cfg.data.seq_len),
+                   peak_flops=peak * 1e12 if peak else None)
+
+
+def start_line(cfg: RunConfig, env: DistEnv, start: Start, step: int, n_params: int, zero_stage: int,
+               device: torch.device) -> str:
+    """The first message of a phase: how it starts, from where, on what."""
+    origin = f" from {start.ref.path}" if start.ref else ""
+    reference = f" {start.reference}" if start.reference else ""
+    return (f"{cfg.name}: start={start.kind}{origin}{reference}, step {step}/{cfg.train.max_steps}, "
+            f"{n_params / 1e6:.1f}M params (non-embedding), world size {env.world_size} ({env.launcher}), "
+            f"ZeRO {zero_stage}, {cfg.train.precision}, device {device}")
+
+
 def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     """Check everything, build the engine, restore state, then (rank 0) create the run dir."""
     device = distributed.device_for(env.local_rank)
-    run_dir = cfg.run_dir
     train_sets, eval_sets, tokenizer_dir = open_datasets(cfg)
     vocab = next(iter(train_sets.values())).dataset.vocab_size
-    start = plan_start(cfg.checkpoint, run_dir)
-    raw_ds = ds_config.load(cfg.train.ds_config)
-    try:
-        ds_cfg = ds_config.fill(raw_ds, micro_batch_size=cfg.train.micro_batch_size,
-                                grad_accum=cfg.train.grad_accum, dp_size=env.world_size,
-                                precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip,
-                                global_batch_size=cfg.train.global_batch_size)
-    except ValueError as exc:
-        raise UserError(f"train.ds_config {cfg.train.ds_config}: {exc}") from None
+    start = plan_start(cfg.checkpoint, cfg.run_dir)
+    ds_cfg = deepspeed_config(cfg, env)
+    zero_stage = ds_config.zero_stage(ds_cfg)
     net = build_model(cfg, start, vocab)
     models.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
-    n_params = models.num_params(net)
     hf_config = net.config
+    n_params = models.num_params(net)  # before DeepSpeed, which may partition the parameters away
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
-    offload = ds_config.offloads_optimizer(ds_cfg)
-    optimizer = make_optimizer(net, cfg.optim, offload, lr_at(0))
-    scheduler = ScheduleLR(optimizer, lr_at)
-    engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net), optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_cfg)
-    if cfg.train.compile:
-        engine.compile()
+    figures = figures_for(cfg, env, hf_config, n_params, lr_at, zero_stage)
+    engine = build_engine(cfg, net, ds_cfg, lr_at)
     sampler = MixtureSampler(train_sets, {n: s.weight for n, s in cfg.data.train.items()}, cfg.data.seed,
                              cfg.train.micro_batch_size, env.rank, env.world_size)
-    step = tokens = skips = 0
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size)
-    if start.kind == "resume":
-        client, rank_state = ckpt.load(engine, start.ref)
-        step, tokens, skips = client["step"], client["tokens_seen"], client.get("nonfinite_skips", 0)
-        sampler.load_state_dict(rank_state["sampler"])
-        if rank_state.get("rank") == env.rank:
-            set_rng_state(rank_state["rng"])
-    elif start.kind == "init_checkpoint" and cfg.checkpoint.keep_optimizer:
-        ckpt.load(engine, start.ref, load_optimizer=True, load_schedule=False)
+    checkpointer = checkpoint.Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
+                                           env.world_size)
+    state = restore(cfg, start, engine, sampler, checkpointer, env.rank)
     distributed.barrier()
     if env.is_main:
-        _write_run_dir(cfg, run_dir)
+        _write_run_dir(cfg, cfg.run_dir)
     distributed.barrier()
-    peak = cfg.log.peak_tflops or default_peak_tflops()
-    eval_mbs = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-    logger = MetricsLogger(run_dir, cfg.log, env.is_main, cfg.name, cfg.train.max_steps, step,
+    logger = MetricsLogger(cfg.run_dir, cfg.log, env.is_main, cfg.name, cfg.train.max_steps, state.step,
                            config.to_dict(cfg))
-    logger.message(f"{cfg.name}: start={start.kind}{f' from {start.ref.path}' if start.ref else ''}"
-                   f"{f' {start.reference}' if start.reference else ''}, step {step}/{cfg.train.max_steps}, "
-                   f"{n_params / 1e6:.1f}M params (non-embedding), world size {env.world_size} ({env.launcher}), "
-                   f"ZeRO {ds_config.zero_stage(ds_cfg)}, {cfg.train.precision}, device {device}")
-    return Session(
-        env=env, device=device, run_dir=run_dir, engine=engine, sampler=sampler, eval_sets=eval_sets,
-        logger=logger, lr_at=lr_at, zero_stage=ds_config.zero_stage(ds_cfg),
-        tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size * cfg.data.seq_len,
-        flops_per_token=models.flops_per_token(hf_config, n_params, cfg.data.seq_len),
-        peak_flops=peak * 1e12 if peak else None, eval_micro_batch_size=eval_mbs, eval_tokens=cfg.eval.tokens,
-        hf_config=hf_config, tokenizer_dir=tokenizer_dir, resolved_config=config.to_dict(cfg),
-        start_step=step, start_tokens=tokens, nonfinite_skips=skips, resumed=start.kind == "resume")
+    logger.message(start_line(cfg, env, start, state.step, n_params, zero_stage, device))
+    held_out = HeldOut(eval_sets, cfg.eval.tokens, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
+    return Session(env=env, device=device, figures=figures, start=state, resumed=start.kind == "resume",
+                   parts=Parts(engine, sampler, held_out, logger, checkpointer),
+                   files=CheckpointFiles(hf_config, tokenizer_dir, config.to_dict(cfg)))
