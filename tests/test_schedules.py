@@ -127,10 +127,12 @@ def test_lr_at_boundaries_and_interior(total_steps, fields, table):
 
 def test_every_schedule_and_shape_has_a_table():
     covered = {c[2]["name"] for c in CASES}
-    assert covered == set(schedules.PARAMS)
-    for name, shapes in schedules.COOLDOWN_SHAPES.items():
-        used = {c[2].get("cooldown_shape", schedules.DEFAULT_SHAPE[name]) for c in CASES if c[2]["name"] == name}
-        assert used == set(shapes)
+    assert covered == set(schedules.SCHEDULES)
+    for name, spec in schedules.SCHEDULES.items():
+        if not spec.cooldown_shapes:
+            continue
+        used = {c[2].get("cooldown_shape", spec.default_shape) for c in CASES if c[2]["name"] == name}
+        assert used == set(spec.cooldown_shapes)
 
 
 def test_paper_infinite_schedule_at_the_paper_run_length():
@@ -235,7 +237,7 @@ def test_several_problems_are_reported_at_once():
     assert any("schedule.min_lr: must lie in [0, max_lr=0.001], got 1.0" in p for p in problems)
 
 
-@pytest.mark.parametrize("name", sorted(schedules.PARAMS))
+@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
 def test_defaults_of_every_schedule_are_valid(name):
     cfg = config.load(None, ["train.max_steps=100", *MINIMAL, f"schedule.name={name}"])
     lr_at = schedules.build(cfg.schedule, 100)

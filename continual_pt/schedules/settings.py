@@ -9,14 +9,14 @@ from continual_pt.schedules.lengths import Length
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule, a pure function of the optimizer step (see schedules.py).
+    """Learning-rate schedule, a pure function of the optimizer step (see specs.py).
 
     Lengths are steps (int), fractions of the run (float in [0, 1]) or "N%".
     Parameters that a schedule does not use must stay unset.
     """
 
     name: str = "cosine"
-    """cosine, constant, linear, inverse_sqrt, wsd or infinite."""
+    """A key of `SCHEDULES`: cosine, constant, linear, inverse_sqrt, wsd or infinite."""
     max_lr: float = 3e-4
     min_lr: float | None = None
     """Floor of the decay, absolute. Give this or min_lr_ratio."""
