@@ -9,7 +9,7 @@ from pathlib import Path
 from continual_pt.config import ScheduleConfig, load, load_schedule_spec
 from continual_pt.errors import UserError
 from continual_pt.results.plots import plot_schedules
-from continual_pt.schedules import boundaries, build, curve, show_steps
+from continual_pt.schedules import curve, lr_table
 
 
 @dataclass
@@ -71,25 +71,8 @@ def _parse_steps(text: str) -> list[int]:
 def show(options: ScheduleOptions) -> int:
     """`cpt schedule show`: a table of the LR of every schedule at chosen steps."""
     schedules = collect(options)
-    fns = [build(cfg, total) for _, cfg, total in schedules]
-    if options.at:
-        steps = sorted(set(_parse_steps(options.at)))
-    else:
-        steps = sorted({s for _, cfg, total in schedules for s in show_steps(cfg, total)})
-    notes: dict[int, dict[str, list[str]]] = {}  # step -> phase name -> numbers of the schedules
-    for i, (_, cfg, total) in enumerate(schedules):
-        for step, name in boundaries(cfg, total):
-            notes.setdefault(step, {}).setdefault(name, []).append(str(i + 1))
-    labels = [label if len(schedules) == 1 else f"[{i + 1}] {label}" for i, (label, _, _) in enumerate(schedules)]
-    widths = [max(len(label), 12) for label in labels]
-    step_width = max(len("step"), *(len(str(s)) for s in steps))
-    print("  ".join([f"{'step':>{step_width}}"] + [f"{lb:<{w}}" for lb, w in zip(labels, widths, strict=True)]
-                    + ["phase"]).rstrip())
-    for step in steps:
-        cells = [f"{fn(step):<{w}.6g}" for fn, w in zip(fns, widths, strict=True)]
-        phases = [name if len(schedules) == 1 else f"{name} [{','.join(nums)}]"
-                  for name, nums in notes.get(step, {}).items()]
-        print("  ".join([f"{step:>{step_width}}"] + cells + ["; ".join(phases)]).rstrip())
+    for line in lr_table(schedules, _parse_steps(options.at) if options.at else None):
+        print(line)
     return 0
 
 
