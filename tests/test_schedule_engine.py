@@ -1,5 +1,6 @@
-"""ScheduleLR inside a real DeepSpeed engine on the CPU: the LR used by optimizer step k is lr_at(k),
-it holds still between accumulation boundaries, and a checkpoint restores the step (and only it).
+"""ScheduleLR on a plain optimizer and inside a real DeepSpeed engine on the CPU: the LR used by
+optimizer step k is lr_at(k), it holds still between accumulation boundaries, and a checkpoint
+restores the step (and only it).
 
 DeepSpeed keeps process-global state (the process group, the accelerator), so the engine runs in
 a subprocess that prints what it saw as JSON; the assertions are made here.
@@ -13,9 +14,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from continual_pt import schedules
 from continual_pt.config import ScheduleConfig
+from continual_pt.schedules.scheduler import ScheduleLR, make_scheduler
 from tests.helpers import REPO, free_port
 
 TOTAL_STEPS = 14
@@ -87,6 +90,75 @@ for stage in (0, 1):
     out[stage] = result
 print("RESULT " + json.dumps(out))
 """
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+def _optimizer(lr: float = 1.0) -> torch.optim.Optimizer:
+    model = torch.nn.Linear(3, 2)
+    decay = [model.weight]
+    return torch.optim.AdamW([{"params": decay}, {"params": [model.bias], "weight_decay": 0.0}], lr=lr)
+
+
+def _train(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    """LRs used by `steps` optimizer steps, read at step time."""
+    used = []
+    hook = optimizer.register_step_pre_hook(lambda opt, *_: used.append([g["lr"] for g in opt.param_groups]))
+    for _ in range(steps):
+        for p in (p for g in optimizer.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        scheduler.step()
+    hook.remove()
+    assert all(a == b for a, b in used)  # every param group gets the same LR
+    return [lrs[0] for lrs in used]
+
+
+def test_scheduler_applies_lr_at_each_step():
+    cfg = ScheduleConfig(name="wsd", max_lr=1e-3, warmup=4, cooldown=4)
+    optimizer = _optimizer()
+    scheduler = make_scheduler(optimizer, cfg, 12)
+    assert isinstance(scheduler, ScheduleLR)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    lr_at = schedules.build(cfg, 12)
+    assert _train(optimizer, scheduler, 12) == [lr_at(k) for k in range(12)]
+    assert scheduler.state_dict() == {"step": 12}
+    assert scheduler.get_last_lr() == [lr_at(12)] * 2
+
+
+def test_scheduler_state_is_the_step_only_and_the_new_config_wins():
+    old = ScheduleConfig(name="cosine", max_lr=3e-4, warmup=2)
+    optimizer = _optimizer()
+    scheduler = make_scheduler(optimizer, old, 20)
+    _train(optimizer, scheduler, 7)
+    state = scheduler.state_dict()
+    assert state == {"step": 7}
+    saved_optimizer = optimizer.state_dict()  # holds the old schedule's LR in its param groups
+
+    new = ScheduleConfig(name="infinite", max_lr=6e-4, warmup=0, cooldown=0.5, anneal_start=0.8)
+    lr_new = schedules.build(new, 20)
+    optimizer2 = _optimizer()
+    scheduler2 = make_scheduler(optimizer2, new, 20)
+    scheduler2.load_state_dict(state)
+    assert scheduler2.last_epoch == 7
+    assert [g["lr"] for g in optimizer2.param_groups] == [lr_new(7)] * 2
+    # Loading optimizer state afterwards (as ZeRO checkpoints do) brings back the old LR;
+    # the step still runs with the new schedule's.
+    optimizer2.load_state_dict(saved_optimizer)
+    assert optimizer2.param_groups[0]["lr"] == schedules.build(old, 20)(7) != lr_new(7)
+    assert _train(optimizer2, scheduler2, 13) == [lr_new(k) for k in range(7, 20)]
+    assert scheduler2.state_dict() == {"step": 20}
+
+
+@pytest.mark.parametrize("state", [{"last_epoch": 3}, {"step": -1}, {"step": 2.5}, None])
+def test_scheduler_rejects_foreign_state(state):
+    scheduler = make_scheduler(_optimizer(), ScheduleConfig(), 10)
+    with pytest.raises(ValueError, match="not a ScheduleLR state"):
+        scheduler.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- inside DeepSpeed
 
 
 @pytest.fixture(scope="module")
