@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHIA_TOKENIZER = REPO.parent / "shared" / "fixtures" / "pythia-tokenizer"
+PYTHIA_TOKENIZER = REPO / "tests" / "fixtures" / "pythia-tokenizer"  # shipped with the repo (see its README.md)
 
 
 def free_port() -> int:
