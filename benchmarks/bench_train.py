@@ -11,7 +11,7 @@ initial weights) on the same packed token windows, with AdamW (betas 0.9/0.95, e
 decay 0.1 on matrices only), gradient clipping at 1.0, a cosine schedule, and the same micro
 batch, accumulation and sequence length:
 
-* cpt: the real `Trainer.train()` on a session from `engine.open_session` (DeepSpeed engine,
+* cpt: the real `Trainer.train()` on a session from `training.session.open_session` (DeepSpeed engine,
   our sampler, metrics.jsonl and TensorBoard every --log-every steps, no progress bar, no
   evaluation, one checkpoint at the end that is not timed).
 * plain: the shortest correct loop: batches already in memory, loss / accumulation, backward,
