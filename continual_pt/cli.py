@@ -152,7 +152,7 @@ def _add_tokenizer(sub) -> None:
     q = tsub.add_parser("train", help="train a byte-level BPE of a chosen vocabulary size",
                         description="Train a byte-level BPE with the `tokenizers` library and save it as a "
                                     "Hugging Face tokenizer folder.")
-    _target(q, "continual_pt.data.tokenizer:train_tokenizer")
+    _target(q, "continual_pt.data.tokenizer_training:train_tokenizer")
     _tokenizer_arguments(q)
 
 

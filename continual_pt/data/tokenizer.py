@@ -11,12 +11,17 @@ import hashlib
 import json
 import re
 import shutil
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual_pt.data import output, sources
+# The package, not AutoTokenizer: that attribute pulls in torch, which only the rare
+# slow-tokenizer conversion below needs, so it is resolved there.
+import transformers
+from huggingface_hub import snapshot_download
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from continual_pt.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -27,8 +32,6 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def canonical_sha256(tokenizer_json: str) -> str:
     """sha256 of a tokenizer's serialisation, independent of formatting and inference settings."""
-    from tokenizers import Tokenizer
-
     data = json.loads(Tokenizer.from_str(tokenizer_json).to_str())
     data.pop("padding", None)
     data.pop("truncation", None)
@@ -77,8 +80,6 @@ def _config_token(config: dict[str, Any], key: str) -> str | None:
 def _hub_folder(name: str) -> Path:
     """Download (or find in the cache) the tokenizer files of a hub model."""
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(name, allow_patterns=list(TOKENIZER_FILES)))
     except Exception as exc:  # the hub client raises many types; the message is what matters
         raise UserError(f"tokenizer {name!r}: not a local folder or file, and the hub could not provide it "
@@ -87,10 +88,8 @@ def _hub_folder(name: str) -> Path:
 
 def _from_transformers(name: str, folder: Path) -> tuple[str, dict[str, Any]]:
     """tokenizer.json text of a folder that only has slow-tokenizer files, via transformers."""
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises many types for unloadable folders
         raise UserError(f"tokenizer {name!r}: cannot load {folder} ({exc})") from None
     if not getattr(tok, "is_fast", False):
@@ -110,8 +109,6 @@ def _resolve_eos(name: str, vocab: dict[str, int], config: dict[str, Any], eos_t
 
 def load_tokenizer(name: str, eos_token: str | None = None) -> LoadedTokenizer:
     """Load a tokenizer folder, tokenizer.json file or hub name (UserError if none loads)."""
-    from tokenizers import Tokenizer
-
     path = Path(name).expanduser()
     config: dict[str, Any] = {}
     folder: Path | None = None
@@ -148,10 +145,8 @@ def tokenizer_sha256(name: str) -> str:
 # --------------------------------------------------------------------------- training
 
 
-def train_bpe(texts, vocab_size: int, min_frequency: int = 2):
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """A byte-level BPE trained on an iterator of documents; `<|endoftext|>` gets id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size < 257:
         raise UserError(f"--vocab-size must be at least 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
@@ -164,54 +159,3 @@ def train_bpe(texts, vocab_size: int, min_frequency: int = 2):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
-
-
-def _limited(texts, max_bytes: float | None):
-    seen = 0
-    for text in texts:
-        if max_bytes is not None and seen >= max_bytes:
-            return
-        seen += len(text)
-        yield text
-
-
-@dataclass
-class TokenizerOptions:
-    """What `cpt tokenizer train` reads and writes."""
-
-    sources: list[str]
-    """Inputs, as for `cpt prepare --source`."""
-    out: str
-    """Tokenizer folder to write."""
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    """Merge only pairs seen at least this often."""
-    max_mb: float | None = None
-    """Train on at most this many MB of text from the start of the sources."""
-    text_field: str = "text"
-    hf_split: str = "train"
-    hf_config: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-
-
-def train_tokenizer(options: TokenizerOptions) -> int:
-    """`cpt tokenizer train`: train a byte-level BPE and save it as a Hugging Face folder."""
-    out = Path(options.out)
-    output.check_destination(out, options.overwrite, is_complete=lambda p: (p / "tokenizer.json").is_file(),
-                             what="a tokenizer")
-    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config)
-    start = time.perf_counter()
-    max_bytes = None if options.max_mb is None else options.max_mb * 1e6
-    tokenizer = train_bpe(_limited(sources.iter_documents(srcs, options.text_field), max_bytes),
-                          options.vocab_size, options.min_frequency)
-    if tokenizer.token_to_id(EOS_TOKEN) != 0:
-        raise RuntimeError("the trained tokenizer lost its EOS token at id 0")
-    with output.atomic_directory(out, options.overwrite) as tmp:
-        loaded = LoadedTokenizer(name=str(out), tokenizer_json=tokenizer.to_str(), sha256="", eos_token=EOS_TOKEN,
-                                 eos_id=0, vocab_size=tokenizer.get_vocab_size(True))
-        loaded.copy_to(tmp)
-    if not options.quiet:
-        print(f"trained a byte-level BPE of {tokenizer.get_vocab_size(True)} tokens in "
-              f"{time.perf_counter() - start:.1f} s -> {out}")
-    return 0

@@ -1,0 +1,68 @@
+"""`cpt tokenizer train`: a byte-level BPE trained on any source, saved as a Hugging Face folder.
+
+    cpt tokenizer train --source kjv --vocab-size 4096 --out data/tok
+
+Kept apart from tokenizer.py so that reading datasets (which loads tokenizers) does not
+import the source readers and their Hugging Face `datasets` dependency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from continual_pt.data import output, sources
+from continual_pt.data.tokenizer import EOS_TOKEN, LoadedTokenizer, train_bpe
+
+
+def _limited(texts: Iterable[str], max_bytes: float | None) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        if max_bytes is not None and seen >= max_bytes:
+            return
+        seen += len(text)
+        yield text
+
+
+@dataclass
+class TokenizerOptions:
+    """What `cpt tokenizer train` reads and writes."""
+
+    sources: list[str]
+    """Inputs, as for `cpt prepare --source`."""
+    out: str
+    """Tokenizer folder to write."""
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    """Merge only pairs seen at least this often."""
+    max_mb: float | None = None
+    """Train on at most this many MB of text from the start of the sources."""
+    text_field: str = "text"
+    hf_split: str = "train"
+    hf_config: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def train_tokenizer(options: TokenizerOptions) -> int:
+    """`cpt tokenizer train`: train a byte-level BPE and save it as a Hugging Face folder."""
+    out = Path(options.out)
+    output.check_destination(out, options.overwrite, is_complete=lambda p: (p / "tokenizer.json").is_file(),
+                             what="a tokenizer")
+    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config)
+    start = time.perf_counter()
+    max_bytes = None if options.max_mb is None else options.max_mb * 1e6
+    tokenizer = train_bpe(_limited(sources.iter_documents(srcs, options.text_field), max_bytes),
+                          options.vocab_size, options.min_frequency)
+    if tokenizer.token_to_id(EOS_TOKEN) != 0:
+        raise RuntimeError("the trained tokenizer lost its EOS token at id 0")
+    with output.atomic_directory(out, options.overwrite) as tmp:
+        loaded = LoadedTokenizer(name=str(out), tokenizer_json=tokenizer.to_str(), sha256="", eos_token=EOS_TOKEN,
+                                 eos_id=0, vocab_size=tokenizer.get_vocab_size(True))
+        loaded.copy_to(tmp)
+    if not options.quiet:
+        print(f"trained a byte-level BPE of {tokenizer.get_vocab_size(True)} tokens in "
+              f"{time.perf_counter() - start:.1f} s -> {out}")
+    return 0
