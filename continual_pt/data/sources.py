@@ -8,7 +8,6 @@ the first record) before anything is written, then streamed in order in chunks o
 from __future__ import annotations
 
 import glob
-import gzip
 import importlib.util
 import json
 import os
@@ -17,13 +16,22 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
+
+import datasets
 
 from continual_pt.data.encode import Chunk, chunk_texts
+from continual_pt.data.formats import (
+    CHUNK_BYTES,
+    FILE_SUFFIXES,
+    FileSource,
+    file_format,
+    file_group_chunks,
+    file_info,
+    rows_per_chunk,
+)
 from continual_pt.errors import UserError
 
-CHUNK_BYTES = 1 << 20
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.zst", ".jsonl.gz", ".parquet", ".txt")
 BUILTINS = ("python-stdlib", "kjv")
 HUB_PREFIX = "hf:"
 
@@ -47,139 +55,6 @@ class Source(Protocol):
         ...
 
 
-def file_format(path: Path) -> str | None:
-    """The suffix in FILE_SUFFIXES that `path` ends with, or None."""
-    name = path.name.lower()
-    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
-
-
-def _open_binary(path: Path) -> BinaryIO:
-    fmt = file_format(path)
-    if fmt == ".jsonl.zst":
-        import zstandard
-
-        # Multi-frame files (as the Pile ships) need read_across_frames.
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
-                                                          closefd=True)
-    if fmt == ".jsonl.gz":
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _line_blocks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
-    """Blocks of whole lines of a JSON-lines file, with the number of their first line."""
-    line = 1
-    rest = b""
-    with _open_binary(path) as f:
-        while True:
-            data = f.read(chunk_bytes)
-            if not data:
-                break
-            data = rest + data
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                rest = data
-                continue
-            block, rest = data[:cut], data[cut:]
-            yield Chunk("lines", str(path), line, block, len(block))
-            line += block.count(b"\n")
-    if rest:
-        yield Chunk("lines", str(path), line, rest, len(rest))
-
-
-def _parquet_column(path: Path, text_field: str):
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
-                        "choose one with --text-field")
-    return pf
-
-
-def _rows_per_chunk(chunk_bytes: int) -> int:
-    # Rows of unknown size: assume documents of a few kB, as in web corpora.
-    return max(16, chunk_bytes // 2048)
-
-
-def _parquet_chunks(path: Path, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    pf = _parquet_column(path, text_field)
-    row = 1
-    for batch in pf.iter_batches(batch_size=_rows_per_chunk(chunk_bytes), columns=[text_field]):
-        texts = batch.column(0).to_pylist()
-        nbytes = sum(len(t) for t in texts if isinstance(t, str))
-        yield Chunk("texts", str(path), row, texts, nbytes)
-        row += len(texts)
-
-
-def _file_group_chunks(paths: list[Path], chunk_bytes: int, lenient: bool = False) -> Iterator[Chunk]:
-    """Whole files, one document each, grouped into chunks of about chunk_bytes."""
-    group: list[tuple[str, bytes]] = []
-    size = 0
-    for path in paths:
-        data = path.read_bytes()
-        group.append((str(path), data))
-        size += len(data)
-        if size >= chunk_bytes:
-            yield Chunk("files", group[0][0], 1, group, size, lenient)
-            group, size = [], 0
-    if group:
-        yield Chunk("files", group[0][0], 1, group, size, lenient)
-
-
-def _first_json_record(path: Path, text_field: str) -> None:
-    """Fail early on a first record that is not JSON or lacks the text field."""
-    for chunk in _line_blocks(path, 1 << 16):
-        for i, line in enumerate(chunk.payload.split(b"\n")):
-            if line.strip():
-                chunk_texts(Chunk("lines", chunk.origin, chunk.first_record + i, line, len(line)), text_field)
-                return
-
-
-def _file_info(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-@dataclass
-class FileSource:
-    """Local files of known formats, in sorted order."""
-
-    spec: str
-    files: list[Path]
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": "files", "files": [_file_info(p) for p in self.files]}
-
-    def probe(self, text_field: str) -> None:
-        for path in self.files:
-            fmt = file_format(path)
-            if fmt == ".parquet":
-                _parquet_column(path, text_field)
-            elif fmt != ".txt":
-                _first_json_record(path, text_field)
-
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-        texts: list[Path] = []
-        for path in self.files:
-            fmt = file_format(path)
-            if fmt == ".txt":
-                texts.append(path)
-                continue
-            # Keep file order: flush pending text files before the next other-format file.
-            yield from _file_group_chunks(texts, chunk_bytes)
-            texts = []
-            if fmt == ".parquet":
-                yield from _parquet_chunks(path, text_field, chunk_bytes)
-            else:
-                yield from _line_blocks(path, chunk_bytes)
-        yield from _file_group_chunks(texts, chunk_bytes)
-
-
 def _batch_chunks(batches, origin: str, text_field: str) -> Iterator[Chunk]:
     """Chunks from the column batches (dicts of lists) of a Hugging Face dataset."""
     row = 1
@@ -200,9 +75,7 @@ class HFDiskSource:
     path: Path
     split: str
 
-    def _load(self):
-        import datasets
-
+    def _load(self) -> datasets.Dataset:
         ds = datasets.load_from_disk(str(self.path))
         if isinstance(ds, datasets.DatasetDict):
             if self.split not in ds:
@@ -224,7 +97,7 @@ class HFDiskSource:
 
     def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
         ds = self._load().select_columns([text_field])
-        yield from _batch_chunks(ds.iter(batch_size=_rows_per_chunk(chunk_bytes)), str(self.path), text_field)
+        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), str(self.path), text_field)
 
 
 @dataclass
@@ -243,13 +116,11 @@ class HubSource:
         pass  # probing would need the network; the first bad row fails the run
 
     def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-        import datasets
-
         try:
             ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except Exception as exc:  # the hub client raises many types; the message is what matters
             raise UserError(f"{self.spec}: cannot open hub dataset {self.name!r}: {exc}") from None
-        yield from _batch_chunks(ds.iter(batch_size=_rows_per_chunk(chunk_bytes)), self.spec, text_field)
+        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), self.spec, text_field)
 
 
 def _stdlib_files() -> list[Path]:
@@ -277,7 +148,7 @@ class StdlibSource:
 
     def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
         # A few test files are deliberately not UTF-8: skipped and counted, as the user cannot fix them.
-        yield from _file_group_chunks(_stdlib_files(), chunk_bytes, lenient=True)
+        yield from file_group_chunks(_stdlib_files(), chunk_bytes, lenient=True)
 
 
 def kjv_path() -> Path:
@@ -297,7 +168,7 @@ class KJVSource:
     spec: str = "kjv"
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": "builtin", **_file_info(kjv_path())}
+        return {"spec": self.spec, "kind": "builtin", **file_info(kjv_path())}
 
     def probe(self, text_field: str) -> None:
         kjv_path()
