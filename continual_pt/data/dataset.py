@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from continual_pt.data.output import is_temp_dir
+from continual_pt.data.tokenizer import tokenizer_sha256
 from continual_pt.errors import UserError
 
 FORMAT_VERSION = 1  # of manifest.json, written by prepare and checked here
@@ -182,8 +183,6 @@ def check_tokenizer(datasets: dict[str, PreparedDataset], expected: str | None =
         raise UserError(f"the datasets were tokenized with different tokenizers:\n{listing}\n"
                         "prepare them again with one tokenizer")
     if expected is not None:
-        from continual_pt.data.tokenizer import tokenizer_sha256
-
         want = tokenizer_sha256(expected)
         if any(h != want for h in hashes.values()):
             raise UserError(f"the configured tokenizer {expected!r} (sha256 {want[:16]}) differs from the one "
@@ -222,14 +221,6 @@ class PackedSequences:
 
     def __repr__(self) -> str:
         return f"PackedSequences({self.dataset!r}, seq_len={self.seq_len}, windows={self.num_windows})"
-
-
-def make_batch(windows: list[np.ndarray]) -> dict[str, Any]:
-    """input_ids and labels LongTensors [rows, seq_len] from windows of seq_len + 1 tokens."""
-    import torch
-
-    stacked = torch.from_numpy(np.stack(windows)) if windows else torch.empty(0, 1, dtype=torch.long)
-    return {"input_ids": stacked[:, :-1].contiguous(), "labels": stacked[:, 1:].contiguous()}
 
 
 def eval_windows(packed: PackedSequences, token_budget: int | None, dp_rank: int = 0, dp_size: int = 1) -> list[int]:

@@ -14,7 +14,10 @@ import hashlib
 import math
 from typing import Any
 
-from continual_pt.data.dataset import PackedSequences, make_batch
+import numpy as np
+import torch
+
+from continual_pt.data.dataset import PackedSequences
 from continual_pt.errors import UserError
 
 STATE_VERSION = 1
@@ -56,6 +59,12 @@ class FeistelPermutation:
         while x >= self.n:
             x = self._encrypt(x)
         return x
+
+
+def make_batch(windows: list[np.ndarray]) -> dict[str, Any]:
+    """input_ids and labels LongTensors [rows, seq_len] from windows of seq_len + 1 tokens."""
+    stacked = torch.from_numpy(np.stack(windows)) if windows else torch.empty(0, 1, dtype=torch.long)
+    return {"input_ids": stacked[:, :-1].contiguous(), "labels": stacked[:, 1:].contiguous()}
 
 
 def epoch_permutation(seed: int, source: str, epoch: int, n: int) -> FeistelPermutation:
@@ -112,8 +121,6 @@ class MixtureSampler:
     def next_batch(self) -> dict[str, Any]:
         """Consume one global micro-batch; this rank's input_ids/labels [mbs, seq_len] plus, per row,
         `source` (index into `names`) and `window` (window index in that source)."""
-        import torch
-
         first = self.dp_rank * self.micro_batch_size
         rows = []
         for j in range(self.micro_batch_size * self.dp_size):
