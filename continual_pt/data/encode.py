@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from continual_pt.errors import UserError
 
@@ -133,8 +134,6 @@ class _Worker:
     """Per-process tokenizer state, built once by `init_worker`."""
 
     def __init__(self, tokenizer_json: str, eos_id: int, dtype: str, val_fraction: float, text_field: str):
-        from tokenizers import Tokenizer
-
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         # Document text is data: a literal "<|endoftext|>" in it must not become the EOS id.
         self.tokenizer.encode_special_tokens = True

@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
+from tqdm import tqdm
 
+from continual_pt import __version__
 from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, encode, output, sources
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
 from continual_pt.data.tokenizer import LoadedTokenizer, load_tokenizer
@@ -135,8 +138,6 @@ def _encoded(chunks: Iterator[encode.Chunk], workers: int, init_args: tuple) -> 
 
 def _tokenize(srcs: list, tok: LoadedTokenizer, dtype: str, options: PrepareOptions, root: Path):
     """Stream every source through the workers into shard writers; returns (shards, totals)."""
-    from tqdm import tqdm
-
     writers = {s: output.ShardWriter(root, s, encode.DTYPES[dtype], options.shard_tokens) for s in SPLITS}
     totals = _Totals()
     init_args = (tok.tokenizer_json, tok.eos_id, dtype, options.val_fraction, options.text_field)
@@ -159,10 +160,6 @@ def _tokenize(srcs: list, tok: LoadedTokenizer, dtype: str, options: PrepareOpti
 
 
 def _software() -> dict[str, str]:
-    import tokenizers
-
-    from continual_pt import __version__
-
     return {"continual_pt": __version__, "tokenizers": tokenizers.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0]}
 
