@@ -1,6 +1,6 @@
 """Typed configuration from YAML: conversion into dataclasses, dotted overrides, gathered problems.
 
-The generic half of the run config (see config.py for the sections): values are converted by
+The generic half of the run config (see sections.py for the sections): values are converted by
 each field's type hint, every problem is collected with the file (or "command line") and dotted
 key it came from, and all of them are raised at once as one `ConfigError`.
 """
@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Union
 
 import yaml
@@ -98,73 +99,108 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+def _mismatch(value: Any, tp: Any, key: str, p: Problems) -> None:
+    p.add(key, f"expected {_type_name(tp)}, got {value!r}")
+    return None
+
+
+def _as_bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 6e-4 as a string
+        except ValueError:
+            pass
+    return None
+
+
+def _as_str(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _as_length(value: Any) -> int | float | str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            if value.strip().endswith("%"):
+                return value.strip()
+    return None
+
+
+# Each returns the converted value, or None when `value` cannot become that type.
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
+def _convert_union(value: Any, tp: Any, key: str, p: Problems) -> Any:
+    args = typing.get_args(tp)
+    inner = [a for a in args if a is not type(None)]
+    if value is None:
+        if type(None) in args:
+            return None
+    elif tp is Length or set(inner) == set(typing.get_args(Length)):
+        length = _as_length(value)
+        if length is not None:
+            return length
+    elif len(inner) == 1:
+        return _convert(value, inner[0], key, p)
+    return _mismatch(value, tp, key, p)
+
+
+def _convert_list(value: Any, tp: Any, key: str, p: Problems) -> list[Any] | None:
+    (item_tp,) = typing.get_args(tp)
+    if not isinstance(value, list):
+        return _mismatch(value, tp, key, p)
+    return [_convert(v, item_tp, f"{key}[{i}]", p) for i, v in enumerate(value)]
+
+
+def _convert_dict(value: Any, tp: Any, key: str, p: Problems) -> dict[str, Any] | None:
+    _, item_tp = typing.get_args(tp)
+    if not isinstance(value, dict):
+        return _mismatch(value, tp, key, p)
+    out = {}
+    for k, v in value.items():
+        if dataclasses.is_dataclass(item_tp) and isinstance(v, str):
+            v = {"path": v}  # shorthand: a named dataset given by its path
+        out[str(k)] = _convert(v, item_tp, f"{key}.{k}", p)
+    return out
+
+
 def _convert(value: Any, tp: Any, key: str, p: Problems) -> Any:
     """Convert a raw YAML value to `tp`, recording a problem (and returning None) if impossible."""
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-        elif tp is Length or set(args) - {type(None)} == set(typing.get_args(Length)):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                try:
-                    return float(value) if "." in value or "e" in value.lower() else int(value)
-                except ValueError:
-                    if value.strip().endswith("%"):
-                        return value.strip()
-        else:
-            inner = [a for a in args if a is not type(None)]
-            if len(inner) == 1:
-                return _convert(value, inner[0], key, p)
-        p.add(key, f"expected {_type_name(tp)}, got {value!r}")
-        return None
+        return _convert_union(value, tp, key, p)
     if dataclasses.is_dataclass(tp):
         return build_section(tp, value, key, p)
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            p.add(key, f"expected a list, got {value!r}")
-            return None
-        return [_convert(v, item_tp, f"{key}[{i}]", p) for i, v in enumerate(value)]
+        return _convert_list(value, tp, key, p)
     if origin is dict:
-        _, item_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            p.add(key, f"expected a mapping, got {value!r}")
-            return None
-        out = {}
-        for k, v in value.items():
-            if dataclasses.is_dataclass(item_tp) and isinstance(v, str):
-                v = {"path": v}  # shorthand: a named dataset given by its path
-            out[str(k)] = _convert(v, item_tp, f"{key}.{k}", p)
-        return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 6e-4 as a string
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    p.add(key, f"expected {_type_name(tp)}, got {value!r}")
-    return None
+        return _convert_dict(value, tp, key, p)
+    scalar = _SCALARS.get(tp)
+    converted = None if scalar is None else scalar(value)
+    return _mismatch(value, tp, key, p) if converted is None else converted
 
 
 def build_section(cls: type, raw: Any, prefix: str, p: Problems) -> Any:
