@@ -20,6 +20,7 @@ from continual_pt.config.typed import (
     to_dict,
     walk_keys,
 )
+from continual_pt.files import atomic_write_text
 from continual_pt.schedules import ScheduleConfig, check_config
 
 
@@ -49,10 +50,7 @@ def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
     """YAML text of a resolved config; written to `path` atomically if given."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return text
 
 

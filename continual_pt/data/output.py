@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from continual_pt.errors import UserError
+from continual_pt.files import fsync_dir
 
 TEMP_RE = re.compile(r"\.tmp-(\d+)$")
 
@@ -75,16 +76,8 @@ def check_destination(out: Path, overwrite: bool, is_complete: Callable[[Path], 
             raise UserError(f"another process (pid {pid}) is writing {out} into {tmp}; wait for it or stop it")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, out: Path) -> None:
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out.exists():
         # Keep the old output until the new one is in place: a crash in between loses neither.
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -93,7 +86,7 @@ def _commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 @contextmanager

@@ -13,13 +13,14 @@ import csv
 import fcntl
 import io
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from continual_pt.files import atomic_write_text, json_line
 
 FILE = "scores.jsonl"
 KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "seq_len", "dtype")
@@ -50,11 +51,6 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
                 # Only a crash of a writer that predates this module could leave one.
                 print(f"warning: {path}:{number}: unreadable row skipped", file=sys.stderr)
     return rows
-
-
-def _clean(value: Any) -> Any:
-    # JSON has no NaN; an empty set scores nan and is stored as null.
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class ScoreStore:
@@ -93,8 +89,8 @@ class ScoreStore:
                     key = score_key(row)
                     if key in present:
                         continue  # another job scored it meanwhile
-                    line = json.dumps({k: _clean(v) for k, v in row.items()}) + "\n"
-                    data = line.encode("utf-8")
+                    # An empty set scores nan, stored as null.
+                    data = json_line(row).encode("utf-8")
                     if os.write(fd, data) != len(data):
                         raise OSError(f"{self.path}: short write")
                     present.add(key)
@@ -111,6 +107,4 @@ class ScoreStore:
         writer.writeheader()
         for row in self.rows():
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_FIELDS})
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp{os.getpid()}")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, self.csv_path)
+        atomic_write_text(self.csv_path, buf.getvalue())

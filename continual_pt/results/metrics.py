@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from continual_pt.config import LogConfig
+from continual_pt.files import json_line
 
 
 class MetricsLogger:
@@ -46,8 +45,7 @@ class MetricsLogger:
         """One JSON line; numeric fields also go to TensorBoard / W&B under kind/name."""
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
+        self.file.write(json_line(record))
         kind = record.get("kind", "train")
         step = record.get("step", 0)
         numeric = {f"{kind}/{k}": v for k, v in record.items()

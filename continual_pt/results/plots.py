@@ -13,6 +13,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from continual_pt.errors import UserError
+from continual_pt.files import atomic_output
 from continual_pt.results.report import RunCurves, load_runs
 
 
@@ -33,10 +34,8 @@ def plot_schedules(curves: dict[str, tuple[Sequence[int], Sequence[float]]], out
     fig.legend(loc="outside lower center", fontsize="small")
     ax.set_title(title or "learning-rate schedules")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    tmp.replace(out_path)
+    with atomic_output(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     return out_path
 
 
@@ -52,12 +51,9 @@ SOURCE_LABELS = {"metrics": "in-loop eval", "scores": "cpt eval"}
 
 
 def _save(fig, path: Path, fmt: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     # SVG text stays text (editable, searchable) instead of glyph outlines.
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
+    with matplotlib.rc_context({"svg.fonttype": "none"}), atomic_output(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=120)
-    tmp.replace(path)
 
 
 def draw_runs(runs: Sequence[RunCurves], sets: Sequence[str], title: str | None = None, log_x: bool = False):

@@ -22,6 +22,7 @@ import yaml
 
 from continual_pt.errors import UserError
 from continual_pt.evaluation.store import FILE, read_scores
+from continual_pt.files import atomic_write_text
 from continual_pt.results.records import read_metrics
 
 SOURCES = ("auto", "metrics", "scores")
@@ -244,8 +245,7 @@ def run_report(options: ReportOptions) -> int:
     table = markdown_table(runs, upstream, downstream, baseline)
     if options.out:
         out = Path(options.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table, encoding="utf-8")
+        atomic_write_text(out, table)
         print(f"wrote {out}")
     else:
         print(table, end="")
