@@ -10,7 +10,6 @@ so a kill at any moment of a save leaves the previous committed checkpoint in ch
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,17 +24,26 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from continual_pt.components import distributed
+from continual_pt.components.model import DTYPES
 from continual_pt.errors import UserError
+from continual_pt.files import atomic_output, atomic_write_text, fsync_tree
 
 MARKER = "COMMITTED.json"
 LATEST = "latest"
 RANK_FILE = "rank{rank}.pt"
 FORMAT_VERSION = 1
-_TAG = re.compile(r"^global_step(\d+)$")
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+"""The name of a checkpoint folder; group 1 is its optimizer step."""
 
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint folder name (`global_step<N>`), None for any other name."""
+    match = TAG_PATTERN.match(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -54,25 +62,10 @@ class CheckpointRef:
 
     @property
     def step(self) -> int:
-        return int(_TAG.match(self.tag).group(1))
+        return step_of(self.tag)
 
     def meta(self) -> dict[str, Any]:
         return json.loads((self.path / MARKER).read_text())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def is_committed(tag_dir: Path) -> bool:
@@ -84,7 +77,7 @@ def verify(tag_dir: Path) -> CheckpointRef:
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint {tag_dir} does not exist")
-    if not _TAG.match(tag_dir.name):
+    if step_of(tag_dir.name) is None:
         raise UserError(f"{tag_dir} is not a checkpoint folder (expected a name like global_step1000)")
     if not is_committed(tag_dir):
         raise UserError(f"checkpoint {tag_dir} is partial: it has no {MARKER} (the save was interrupted); "
@@ -104,13 +97,18 @@ def verify(tag_dir: Path) -> CheckpointRef:
     return CheckpointRef(tag_dir)
 
 
-def list_committed(root: Path) -> list[CheckpointRef]:
-    """Committed checkpoints under a checkpoints/ folder, oldest first."""
+def list_tags(root: Path) -> list[Path]:
+    """Every checkpoint folder under a checkpoints/ folder, committed or not, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    refs = [CheckpointRef(p) for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and is_committed(p)]
-    return sorted(refs, key=lambda r: r.step)
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None),
+                  key=lambda p: step_of(p.name))
+
+
+def list_committed(root: Path) -> list[CheckpointRef]:
+    """Committed checkpoints under a checkpoints/ folder, oldest first."""
+    return [CheckpointRef(p) for p in list_tags(root) if is_committed(p)]
 
 
 def newest_committed(root: Path) -> CheckpointRef | None:
@@ -124,7 +122,7 @@ def resolve(path: str | Path, *, what: str = "checkpoint") -> CheckpointRef:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what}: {path} does not exist")
-    if _TAG.match(path.name):
+    if step_of(path.name) is not None:
         return verify(path)
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     ref = newest_committed(root)
@@ -137,7 +135,7 @@ def is_ours(path: str | Path) -> bool:
     """Whether a path is one of our run, checkpoints or checkpoint folders (else: Hugging Face)."""
     path = Path(path)
     return path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
-                              or bool(_TAG.match(path.name)) or (path / LATEST).is_file())
+                              or step_of(path.name) is not None or (path / LATEST).is_file())
 
 
 class Checkpointer:
@@ -165,9 +163,8 @@ class Checkpointer:
         distributed.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         rank_file = path / RANK_FILE.format(rank=self.rank)
-        tmp = rank_file.with_name(rank_file.name + ".tmp")
-        torch.save(rank_state, tmp)
-        os.replace(tmp, rank_file)
+        with atomic_output(rank_file) as tmp:
+            torch.save(rank_state, tmp)
         if self.rank == 0:
             for name, write in extras.items():
                 write(path / name)
@@ -178,13 +175,13 @@ class Checkpointer:
         return CheckpointRef(path)
 
     def _commit(self, path: Path, step: int, client_state: dict[str, Any]) -> None:
-        _fsync_tree(path)
+        fsync_tree(path)
         files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
                 "time": time.time(), "files": files,
                 **{k: client_state[k] for k in ("tokens_seen", "zero_stage", "precision") if k in client_state}}
-        _atomic_write(path / MARKER, json.dumps(meta, indent=1))
-        _atomic_write(self.root / LATEST, path.name)
+        atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
+        atomic_write_text(self.root / LATEST, path.name)
         self.prune()
 
     def prune(self) -> None:
@@ -194,9 +191,8 @@ class Checkpointer:
             shutil.rmtree(ref.path, ignore_errors=True)
         if committed:
             newest = committed[-1].step
-            for p in self.root.iterdir():
-                m = _TAG.match(p.name)
-                if p.is_dir() and m and int(m.group(1)) < newest and not is_committed(p):
+            for p in list_tags(self.root):
+                if step_of(p.name) < newest and not is_committed(p):
                     shutil.rmtree(p, ignore_errors=True)
 
     def load(self, engine, ref: CheckpointRef, *, load_optimizer: bool = True,
@@ -278,17 +274,14 @@ def export_hf(ref: CheckpointRef, out: Path, dtype: str = "fp32") -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export: {out} exists and is not empty; choose another --out")
     model = load_model_from_checkpoint(ref, attn_implementation="eager")
-    model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer = ref.path / "tokenizer"
-    if tokenizer.is_dir():
-        for file in tokenizer.iterdir():
-            shutil.copy2(file, tmp / file.name)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    model = model.to(DTYPES[dtype])
+    # An empty `out` is replaced by the finished folder, never seen without its tokenizer.
+    with atomic_output(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer = ref.path / "tokenizer"
+        if tokenizer.is_dir():
+            for file in tokenizer.iterdir():
+                shutil.copy2(file, tmp / file.name)
     return out
 
 

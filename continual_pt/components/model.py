@@ -16,6 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from continual_pt.config import ModelConfig
 from continual_pt.errors import UserError
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Weight dtypes by the names the command line takes (export, eval)."""
+
 # Dense bf16 peak of one accelerator, TFLOP/s, for MFU when log.peak_tflops is unset.
 PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
 

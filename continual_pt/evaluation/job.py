@@ -25,16 +25,12 @@ from transformers import AutoModelForCausalLM
 from continual_pt.components import distributed
 from continual_pt.components.checkpoint import load_model_from_checkpoint
 from continual_pt.components.distributed import DistEnv
-from continual_pt.components.model import CausalLMLoss
+from continual_pt.components.model import DTYPES, CausalLMLoss
 from continual_pt.components.scoring import score_packed
 from continual_pt.data.dataset import PackedSequences
 from continual_pt.errors import UserError
 from continual_pt.evaluation.store import FILE, ScoreStore, score_key
 from continual_pt.evaluation.targets import EvalSet, Target, expand_targets, open_sets, pick_task, plan_target
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 
 
 @dataclass

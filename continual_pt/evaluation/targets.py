@@ -28,7 +28,6 @@ from continual_pt.data.dataset import PreparedDataset
 from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
 from continual_pt.errors import UserError
 
-TAG_RE = re.compile(r"^global_step(\d+)$")
 HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 SPLITS = ("val", "train")
 DEFAULT_SEQ_LEN = 2048  # Pythia's context, for models without a run config
@@ -121,10 +120,8 @@ def checkpoint_target(ref) -> Target:
 
 
 def _run_targets(root: Path, warn: Warn) -> list[Target]:
-    tags = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
-                  key=lambda p: int(TAG_RE.match(p.name).group(1)))
     targets = []
-    for path in tags:
+    for path in checkpoint.list_tags(root):
         if not checkpoint.is_committed(path):
             warn(f"skipping {path}: not committed (no {checkpoint.MARKER}; a save in progress or interrupted)")
             continue
@@ -147,7 +144,7 @@ def _hub_target(spec: str) -> Target:
 def _expand(spec: str, warn: Warn) -> list[Target]:
     path = Path(spec).expanduser()
     if path.exists():
-        if TAG_RE.match(path.name):
+        if checkpoint.step_of(path.name) is not None:
             return [checkpoint_target(checkpoint.verify(path))]
         if (path / "checkpoints").is_dir():
             return _run_targets(path / "checkpoints", warn)
