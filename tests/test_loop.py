@@ -15,7 +15,9 @@ from continual_pt.components.distributed import DistEnv
 from continual_pt.training.loop import EXIT_OK, EXIT_RESUMABLE, NonFiniteLoss, Trainer
 from continual_pt.training.policy import Cadence, Deadline, agree_on_stop
 from continual_pt.training.session import CheckpointFiles, Figures, Parts, Session
+from continual_pt.components.scoring import ScoringStopped
 from continual_pt.training.state import TrainState
+from continual_pt.training.stop import StopRequest
 
 TOKENS_PER_STEP = 64
 CLIENT_KEYS = ["step", "tokens_seen", "nonfinite_skips", "zero_stage", "precision"]
@@ -86,7 +88,8 @@ class FakeLogger:
 
 
 class FakeHeldOut:
-    def score(self, engine: FakeEngine, env: DistEnv, device: torch.device) -> dict[str, dict[str, float]]:
+    def score(self, engine: FakeEngine, env: DistEnv, device: torch.device,
+              stop=None) -> dict[str, dict[str, float]]:
         return {"held": {"loss": 1.0, "ppl": math.e, "tokens": 32}}
 
 
@@ -123,18 +126,20 @@ class Run:
     """A Trainer on fakes; `events` lists ('log'|'eval'|'save', step) in the order they happened."""
 
     def __init__(self, cfg: config.RunConfig, start: TrainState | None = None, engine: FakeEngine | None = None,
-                 sampler: FakeSampler | None = None):
+                 sampler: FakeSampler | None = None, held_out: FakeHeldOut | None = None,
+                 stop: StopRequest | None = None):
         self.events: list[tuple[str, int]] = []
         self.logger = FakeLogger(self.events)
         self.checkpointer = FakeCheckpointer(self.events)
-        parts = Parts(engine=engine or FakeEngine(), sampler=sampler or FakeSampler(), held_out=FakeHeldOut(),
+        parts = Parts(engine=engine or FakeEngine(), sampler=sampler or FakeSampler(),
+                      held_out=held_out or FakeHeldOut(),
                       logger=self.logger, checkpointer=self.checkpointer)
         figures = Figures(lr_at=lambda step: 0.01 * step, tokens_per_step=TOKENS_PER_STEP, flops_per_token=6.0,
                           peak_flops=None, zero_stage=2)
         session = Session(env=DistEnv(0, 0, 1, "127.0.0.1", 0, "none"), device=torch.device("cpu"),
                           parts=parts, figures=figures, files=CheckpointFiles(None, "", {}),
                           start=start or TrainState(), resumed=start is not None)
-        self.trainer = Trainer(cfg, session)
+        self.trainer = Trainer(cfg, session, stop)
 
     def train(self) -> int:
         return self.trainer.train()
@@ -270,6 +275,88 @@ def test_a_signal_to_this_process_stops_at_the_next_step_boundary():
     assert run.steps("save") == [4]
     assert run.logger.messages[-1].startswith("received SIGUSR1:")
     assert signal.getsignal(signal.SIGUSR1) is previous
+
+
+def test_a_first_sigint_stops_like_sigterm_after_the_step_and_saves():
+    class InterruptingSampler(FakeSampler):
+        def next_batch(self) -> dict[str, torch.Tensor]:
+            if self.drawn == 2 * 2 + 1:  # during step 3
+                signal.raise_signal(signal.SIGINT)
+            return super().next_batch()
+
+    run = Run(make_cfg(12, with_eval_sets=False), sampler=InterruptingSampler())
+    previous = signal.getsignal(signal.SIGINT)
+    assert run.train() == EXIT_RESUMABLE
+    assert run.steps("save") == [3]
+    assert run.logger.messages[-1].startswith("received SIGINT: saved a committed checkpoint at step 3; ")
+    assert run.logger.messages[-1].endswith(" s after the signal; exiting with status 75 (run again to resume)")
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+class InterruptedHeldOut(FakeHeldOut):
+    """Scores in ten batches, asking `stop` before each; a SIGTERM arrives during batch 3 of the eval at `at`."""
+
+    def __init__(self, trainer_state: list, at: int):
+        self.trainer_state, self.at = trainer_state, at
+        self.batches = 0
+
+    def score(self, engine, env, device, stop=None):
+        for batch in range(10):
+            if stop():
+                raise ScoringStopped(f"stopped after {batch} of 10 batches")
+            self.batches += 1
+            if batch == 3 and self.trainer_state[0].state.step == self.at:
+                signal.raise_signal(signal.SIGTERM)
+        return super().score(engine, env, device)
+
+
+def test_a_stop_during_an_eval_drops_it_and_saves_before_any_further_step():
+    holder: list = []
+    held_out = InterruptedHeldOut(holder, at=4)
+    run = Run(make_cfg(12, eval_every=2, save_every=3), held_out=held_out)
+    holder.append(run.trainer)
+    assert run.train() == EXIT_RESUMABLE
+    assert run.events == [("eval", 0), ("eval", 2), ("save", 3), ("save", 4)]
+    assert held_out.batches == 10 + 10 + 4        # two whole evals, then 4 batches of the interrupted one
+    assert run.logger.messages[-3] == "step 4: eval interrupted by SIGTERM (stopped after 4 of 10 batches); " \
+                                      "dropped, not logged"
+    assert run.logger.messages[-1].startswith("received SIGTERM: saved a committed checkpoint at step 4; ")
+
+
+def test_a_stop_during_the_eval_before_training_exits_with_nothing_to_save():
+    holder: list = []
+    run = Run(make_cfg(12, eval_every=2), held_out=InterruptedHeldOut(holder, at=0))
+    holder.append(run.trainer)
+    assert run.train() == EXIT_RESUMABLE
+    assert run.events == []
+    assert run.logger.messages[-1] == ("received SIGTERM during the eval before training: nothing new to save (the "
+                                       "last committed checkpoint, if any, is unchanged); exiting with status 75 "
+                                       "(run again to resume)")
+
+
+def test_a_stop_during_the_final_eval_saves_and_says_the_eval_is_dropped():
+    holder: list = []
+    run = Run(make_cfg(5, eval_every=4), held_out=InterruptedHeldOut(holder, at=5))
+    holder.append(run.trainer)
+    assert run.train() == EXIT_RESUMABLE
+    assert run.events == [("eval", 0), ("eval", 4), ("log", 5), ("save", 5)]
+    assert run.logger.messages[-1].startswith("received SIGTERM during the final eval (dropped: score the "
+                                              "checkpoint with cpt eval): saved a committed checkpoint at step 5;")
+
+
+def test_a_signal_during_set_up_exits_before_the_first_step_with_nothing_to_save():
+    stop = StopRequest()
+    assert stop.install()
+    try:
+        signal.raise_signal(signal.SIGTERM)       # while the session was being built
+        run = Run(make_cfg(12, eval_every=2), stop=stop)
+        assert run.train() == EXIT_RESUMABLE
+        assert stop.installed                    # the request belongs to its owner, who gives it back
+    finally:
+        stop.uninstall()
+    assert run.events == []
+    assert run.logger.messages == ["received SIGTERM during set-up: nothing new to save (the last committed "
+                                   "checkpoint, if any, is unchanged); exiting with status 75 (run again to resume)"]
 
 
 def test_a_time_limit_already_spent_stops_after_the_first_step():

@@ -8,6 +8,7 @@ evaluation of training and `cpt eval` both score with `score_packed`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,19 +18,26 @@ from continual_pt.components.distributed import DistEnv
 from continual_pt.data.dataset import PackedSequences, eval_windows
 
 
+class ScoringStopped(Exception):
+    """A stop request ended the scoring between two batches; nothing of it is to be reported."""
+
+
 @torch.no_grad()
 def score_packed(forward, packed: PackedSequences, token_budget: int | None, micro_batch_size: int,
-                 env: DistEnv, device: torch.device) -> dict[str, float]:
+                 env: DistEnv, device: torch.device, stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Loss and perplexity of `forward` (a CausalLMLoss or its engine) over a fixed window list.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
     collectively), padding its last batches with repeats whose losses are dropped.
+    `stop`, asked before every batch, must answer alike on every rank (it raises ScoringStopped).
     """
     windows = eval_windows(packed, token_budget, env.rank, env.world_size)
     per_rank = math.ceil(len(eval_windows(packed, token_budget, 0, env.world_size)) / micro_batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     for b in range(per_rank):
+        if stop is not None and stop():
+            raise ScoringStopped(f"stopped after {b} of {per_rank} batches")
         chunk = windows[b * micro_batch_size:(b + 1) * micro_batch_size]
         real = len(chunk)
         if real < micro_batch_size:

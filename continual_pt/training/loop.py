@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
 import time
 
 import torch
 
 from continual_pt.components import distributed
 from continual_pt.components.checkpoint import rng_state
+from continual_pt.components.scoring import ScoringStopped
 from continual_pt.config import RunConfig
 from continual_pt.config.load import ConfigSource
-from continual_pt.training.policy import Cadence, Deadline, StopRequest, agree_on_stop
-from continual_pt.training.session import Session, open_session
+from continual_pt.training import stop as stops
+from continual_pt.training.policy import Cadence, Deadline, agree_on_stop
+from continual_pt.training.session import RunFinished, Session, open_session
 from continual_pt.training.state import TrainState
+from continual_pt.training.stop import StopRequest
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,7 +37,7 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     """Runs one phase on a prepared `Session` (engine, data, logger, checkpointer)."""
 
-    def __init__(self, cfg: RunConfig, session: Session):
+    def __init__(self, cfg: RunConfig, session: Session, stop: StopRequest | None = None):
         self.cfg = cfg
         self.env = session.env
         self.device = session.device
@@ -43,44 +48,50 @@ class Trainer:
         self.state: TrainState = dataclasses.replace(session.start)
         self.start_step = session.start.step
         self.cadence = Cadence.of(cfg)
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()
         self.started = time.monotonic()
         self.deadline = Deadline(cfg.train, self.started)
         self.last_saved_step = self.state.step if session.resumed else -1
         self._window_start = (self.started, self.state.tokens_seen)
         self._grad_norm: float | None = None
+        self._agreed_signum = 0
+        # A plain fp32 engine (ZeRO 0) computes the norm only to clip and drops it: compute it here.
+        self._engine_drops_norm = self.figures.zero_stage == 0 and cfg.train.precision == "fp32"
 
     # ------------------------------------------------------------------ the story
 
     def train(self) -> int:
         """Train to max_steps; returns the process exit status."""
-        self.stop.install()
+        owned = self.stop.install()
         try:
-            if self.cadence.eval_before_training(self.state.step, self.resumed):
-                self.evaluate()
-            while self.state.step < self.cfg.train.max_steps:
-                loss = self.train_step()
-                self.state.advance(self.figures.tokens_per_step)
-                stop_reason = self.agree_on_stop()
-                self.log_step(loss)
-                if self.cadence.eval_after(self.state.step):
-                    self.evaluate()
-                if stop_reason:
-                    self.save()
-                    self.parts.logger.message(f"{stop_reason}: saved a committed checkpoint at step "
-                                              f"{self.state.step}; exiting with status {EXIT_RESUMABLE} "
-                                              "(run again to resume)")
-                    return EXIT_RESUMABLE
-                if self.cadence.save_after(self.state.step):
-                    self.save()
-            if self.cadence.final_eval(self.state.step):
-                self.evaluate()
-            if self.cadence.final_save(self.state.step, self.last_saved_step):
-                self.save()
-            return EXIT_OK
+            return self._run()
         finally:
-            self.stop.uninstall()
+            if owned:
+                self.stop.uninstall()
             self.parts.logger.close()
+
+    def _run(self) -> int:
+        if self.stopped_during_setup():
+            return EXIT_RESUMABLE
+        if self.cadence.eval_before_training(self.state.step, self.resumed) and not self.evaluate():
+            return self.exit_unsaved("during the eval before training")
+        while self.state.step < self.cfg.train.max_steps:
+            loss = self.train_step()
+            self.state.advance(self.figures.tokens_per_step)
+            stop_reason = self.agree_on_stop()
+            self.log_step(loss)
+            if self.cadence.eval_after(self.state.step) and not self.evaluate():
+                stop_reason = stop_reason or self.signal_reason()
+            if stop_reason:
+                return self.save_and_exit(stop_reason)
+            if self.cadence.save_after(self.state.step):
+                self.save()
+        if self.cadence.final_eval(self.state.step) and not self.evaluate():
+            return self.save_and_exit(f"{self.signal_reason()} during the final eval (dropped: score the "
+                                      "checkpoint with cpt eval)")
+        if self.cadence.final_save(self.state.step, self.last_saved_step):
+            self.save()
+        return EXIT_OK
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -92,14 +103,19 @@ class Trainer:
         engine = self.parts.engine
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         skipping = self.cfg.train.max_nonfinite_skips > 0
+        own_norm = None
         for micro in range(self.cfg.train.grad_accum):
             loss = self.forward_finite() if skipping else self.forward()
             engine.backward(loss)
-            if micro == self.cfg.train.grad_accum - 1 and not skipping:
+            last = micro == self.cfg.train.grad_accum - 1
+            if last and not skipping:
                 self.stop_if_nonfinite(loss_sum + loss.detach().double())
+            if last and self._engine_drops_norm:
+                own_norm = gradient_norm(engine.module)
             engine.step()
             loss_sum += loss.detach().double()
         grad_norm = engine.get_global_grad_norm()
+        grad_norm = own_norm if grad_norm is None else grad_norm
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise NonFiniteLoss(f"step {self.state.step}: gradient norm is {float(grad_norm)}; the weights are "
                                 "no longer usable, stopping without saving (resume from the last checkpoint)")
@@ -166,10 +182,18 @@ class Trainer:
         self.parts.logger.progress(self.state.step, {"loss": f"{mean_loss:.4f}", "lr": f"{record['lr']:.2e}",
                                                      "tok/s": f"{tokens_per_s:,.0f}"})
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Token-weighted loss and perplexity on every named held-out set."""
+    def evaluate(self) -> bool:
+        """Token-weighted loss and perplexity on every named held-out set; False if a stop cut it short.
+
+        An interrupted eval is dropped whole: no set of it is logged.
+        """
         started = time.monotonic()
-        results = self.parts.held_out.score(self.parts.engine, self.env, self.device)
+        try:
+            results = self.parts.held_out.score(self.parts.engine, self.env, self.device, stop=self.stop_agreed)
+        except ScoringStopped as exc:
+            self.parts.logger.message(f"step {self.state.step}: eval interrupted by {self.signal_name()} "
+                                      f"({exc}); dropped, not logged")
+            return False
         for name, res in results.items():
             self.parts.logger.log({"kind": "eval", "set": name, "step": self.state.step,
                                    "tokens": self.state.tokens_seen, "loss": res["loss"], "ppl": res["ppl"],
@@ -177,7 +201,41 @@ class Trainer:
         summary = ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f}" for n, r in results.items())
         self.parts.logger.message(f"step {self.state.step}: eval {summary}")
         self._pause_window(started)
-        return results
+        return True
+
+    def stop_agreed(self) -> bool:
+        """Whether a stop signal reached any rank (a collective: every rank asks at the same point)."""
+        self._agreed_signum = int(distributed.all_reduce_max([float(self.stop.signum)], self.device)[0])
+        return self._agreed_signum > 0
+
+    def signal_name(self) -> str:
+        return signal.Signals(self._agreed_signum or self.stop.signum).name
+
+    def signal_reason(self) -> str:
+        return f"received {self.signal_name()}"
+
+    def stopped_during_setup(self) -> bool:
+        """A stop signal that came during set-up (on any rank) ends the run before its first step."""
+        if not self.stop_agreed():
+            return False
+        self.exit_unsaved("during set-up")
+        return True
+
+    def exit_unsaved(self, when: str) -> int:
+        """Stop before any step of this invocation: there is nothing new to save."""
+        self.parts.logger.message(f"{self.signal_reason()} {when}: nothing new to save (the last committed "
+                                  f"checkpoint, if any, is unchanged); exiting with status {EXIT_RESUMABLE} "
+                                  "(run again to resume)")
+        return EXIT_RESUMABLE
+
+    def save_and_exit(self, reason: str) -> int:
+        """Commit this step and exit resumably, saying how long the commit took after the signal."""
+        self.save()
+        waited = self.stop.seconds_since()
+        after = f" {waited:.1f} s after the signal;" if waited is not None else ""
+        self.parts.logger.message(f"{reason}: saved a committed checkpoint at step {self.state.step};{after} "
+                                  f"exiting with status {EXIT_RESUMABLE} (run again to resume)")
+        return EXIT_RESUMABLE
 
     def save(self) -> None:
         """A committed checkpoint of this step: engine, loop state, and each rank's data position and RNG."""
@@ -205,10 +263,26 @@ def run_phase(source: ConfigSource) -> int:
 
 def run(cfg: RunConfig) -> int:
     """Set up under whichever launcher started us, train, and return the exit status."""
-    env = distributed.init()
-    session = open_session(cfg, env)
+    stop = stops.process_request()
     try:
-        return Trainer(cfg, session).train()
-    except NonFiniteLoss as exc:
-        session.parts.logger.message(f"error: {exc}")
-        return EXIT_FAILED
+        env = distributed.init()
+        try:
+            session = open_session(cfg, env)
+        except RunFinished as done:
+            if env.is_main:
+                print(f"{cfg.name}: {done}", file=sys.stderr)
+            return EXIT_OK
+        try:
+            return Trainer(cfg, session, stop).train()
+        except NonFiniteLoss as exc:
+            session.parts.logger.message(f"error: {exc}")
+            return EXIT_FAILED
+        finally:
+            session.release()
+    finally:
+        stop.uninstall()
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    """The 2-norm over all gradients of `module` (before clipping), in float64."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

@@ -9,15 +9,11 @@ from __future__ import annotations
 import math
 import signal
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any
 
 import torch
 
 from continual_pt.components import distributed
 from continual_pt.config import RunConfig, TrainConfig, parse_duration
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def due(step: int, every: int) -> bool:
@@ -99,22 +95,3 @@ class Deadline:
         self.slowest_step = max(self.slowest_step, now - self.last_step_end)
         self.last_step_end = now
         return now + self.slowest_step >= self.at
-
-
-class StopRequest:
-    """Remembers a stop signal; the loop acts on it at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

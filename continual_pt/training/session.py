@@ -35,6 +35,7 @@ from continual_pt.data.sampler import MixtureSampler
 from continual_pt.errors import UserError
 from continual_pt.results.metrics import MetricsLogger
 from continual_pt.schedules.scheduler import ScheduleLR
+from continual_pt.training.lock import RunLock
 from continual_pt.training.state import TrainState
 
 
@@ -72,6 +73,10 @@ def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str,
         train[name] = PackedSequences(ds, cfg.data.seq_len)
     for name, spec in cfg.eval.sets.items():
         ds = PreparedDataset(spec.path, split=spec.split)
+        if ds.num_tokens < cfg.data.seq_len + 1:
+            raise UserError(f"eval.sets.{name} ({spec.path}, split {spec.split}) has {ds.num_tokens} tokens, fewer "
+                            f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}; lower data.seq_len "
+                            "or use a larger set")
         opened[f"eval.sets.{name}"] = ds
         evals[name] = PackedSequences(ds, cfg.data.seq_len)
     check_tokenizer(opened, cfg.data.tokenizer)
@@ -85,6 +90,7 @@ def build_model(cfg: RunConfig, start: Start, vocab_size: int) -> torch.nn.Modul
         return models.build(hf_config, cfg.model, cfg.train.seed)
     if start.kind == "init_checkpoint":
         model = checkpoint.load_model_from_checkpoint(start.ref, cfg.model.attn_implementation)
+        model = models.with_init_config(model, cfg.model, str(start.ref.path))
         return models.finish_for_training(model, cfg.model)
     if start.kind == "init_hf":
         return models.load_pretrained(start.reference, cfg.model)
@@ -113,11 +119,14 @@ class HeldOut:
     tokens: int | None
     micro_batch_size: int
 
-    def score(self, engine: DeepSpeedEngine, env: DistEnv, device: torch.device) -> dict[str, dict[str, float]]:
-        """Token-weighted loss and perplexity per set, in eval mode, back in train mode after."""
+    def score(self, engine: DeepSpeedEngine, env: DistEnv, device: torch.device,
+              stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]]:
+        """Token-weighted loss and perplexity per set, in eval mode, back in train mode after.
+
+        `stop` (asked between batches, alike on every rank) ends it early with ScoringStopped."""
         engine.eval()
         try:
-            return {name: score_packed(engine, packed, self.tokens, self.micro_batch_size, env, device)
+            return {name: score_packed(engine, packed, self.tokens, self.micro_batch_size, env, device, stop)
                     for name, packed in self.sets.items()}
         finally:
             engine.train()
@@ -179,6 +188,12 @@ class Session:
     files: CheckpointFiles
     start: TrainState
     resumed: bool
+    lock: RunLock | None = None
+
+    def release(self) -> None:
+        """Let the run dir's lock go (the process's end would too)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _write_run_dir(cfg: RunConfig, run_dir: Path) -> None:
@@ -252,14 +267,85 @@ def start_line(cfg: RunConfig, env: DistEnv, start: Start, step: int, n_params: 
             f"ZeRO {zero_stage}, {cfg.train.precision}, device {device}")
 
 
+class RunFinished(Exception):
+    """The run's checkpoint is already at train.max_steps: nothing to train, nothing to write."""
+
+
+def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> RunLock | None:
+    """Rank 0 locks the run dir; every rank learns whether it could (so none waits on the others)."""
+    lock = RunLock(run_dir) if env.is_main else None
+    problem = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except UserError as exc:
+            problem = exc
+    failed = distributed.all_reduce_max([1.0 if problem else 0.0], device)[0]
+    if problem is not None:
+        raise problem
+    if failed:
+        raise UserError(f"run dir {run_dir} is in use by another run (rank 0 could not lock it)")
+    return lock
+
+
+def saved_run_config(ref: checkpoint.CheckpointRef) -> dict[str, Any] | None:
+    """The resolved config a checkpoint was written under (its run/config.yaml), if it has one."""
+    path = ref.path / "run" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def check_resume(cfg: RunConfig, start: Start, zero_stage: int) -> None:
+    """Refuse a resume that cannot continue the run as saved; RunFinished when nothing is left to do."""
+    if start.kind != "resume":
+        return
+    ref, max_steps = start.ref, cfg.train.max_steps
+    if ref.step > max_steps:
+        raise UserError(f"checkpoint {ref.path} is at step {ref.step}, beyond train.max_steps={max_steps}; "
+                        "raise train.max_steps or resume from an earlier checkpoint (checkpoint.resume=...)")
+    meta = ref.meta()
+    for field, saved, now in (("ZeRO stage (train.ds_config)", meta.get("zero_stage"), zero_stage),
+                              ("train.precision", meta.get("precision"), cfg.train.precision)):
+        if saved is not None and saved != now:
+            raise UserError(f"checkpoint {ref.path} was saved with {field} {saved}, this run asks for {now}; "
+                            f"resume with {saved}, or start a new phase from its weights (checkpoint.init)")
+    saved_model = ((saved_run_config(ref) or {}).get("model") or {}).get("config")
+    if saved_model is not None and saved_model != cfg.model.config:
+        changed = ", ".join(f"{k}: {saved_model.get(k)!r} saved, {cfg.model.config.get(k)!r} now"
+                            for k in sorted(set(saved_model) | set(cfg.model.config))
+                            if saved_model.get(k) != cfg.model.config.get(k))
+        raise UserError(f"model.config differs from the one checkpoint {ref.path} was trained with ({changed}); "
+                        "a resume continues the saved architecture: restore model.config, or start a new phase "
+                        "from its weights (checkpoint.init)")
+    if ref.step == max_steps:
+        raise RunFinished(f"finished: checkpoint {ref.path} is at train.max_steps={max_steps}, nothing to do "
+                          "(raise train.max_steps to train further)")
+
+
 def open_session(cfg: RunConfig, env: DistEnv) -> Session:
-    """Check everything, build the engine, restore state, then (rank 0) create the run dir."""
+    """Check the data, lock the run dir, then build and restore the rest (see `_open_locked`).
+
+    On any failure of set-up the lock goes, and so does the run dir if this start created it."""
     device = distributed.device_for(env.local_rank)
-    train_sets, eval_sets, tokenizer_dir = open_datasets(cfg)
+    datasets = open_datasets(cfg)
+    lock = lock_run_dir(cfg.run_dir, env, device)
+    try:
+        return _open_locked(cfg, env, device, datasets, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(undo_dir=True)
+        raise
+
+
+def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
+                 datasets: tuple[dict[str, PackedSequences], dict[str, PackedSequences], str],
+                 lock: RunLock | None) -> Session:
+    """Check everything, build the engine, restore state, then (rank 0) write the run dir."""
+    train_sets, eval_sets, tokenizer_dir = datasets
     vocab = next(iter(train_sets.values())).dataset.vocab_size
     start = plan_start(cfg.checkpoint, cfg.run_dir)
     ds_cfg = deepspeed_config(cfg, env)
     zero_stage = ds_config.zero_stage(ds_cfg)
+    check_resume(cfg, start, zero_stage)
     net = build_model(cfg, start, vocab)
     models.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
     hf_config = net.config
@@ -280,6 +366,6 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
                            config.to_dict(cfg))
     logger.message(start_line(cfg, env, start, state.step, n_params, zero_stage, device))
     held_out = HeldOut(eval_sets, cfg.eval.tokens, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
-    return Session(env=env, device=device, figures=figures, start=state, resumed=start.kind == "resume",
+    return Session(env=env, device=device, figures=figures, start=state, resumed=start.kind == "resume", lock=lock,
                    parts=Parts(engine, sampler, held_out, logger, checkpointer),
                    files=CheckpointFiles(hf_config, tokenizer_dir, config.to_dict(cfg)))
