@@ -12,10 +12,10 @@ import torch
 from continual_pt import config
 from continual_pt.components import checkpoint, distributed
 from continual_pt.components.distributed import DistEnv
+from continual_pt.components.scoring import ScoringStopped
 from continual_pt.training.loop import EXIT_OK, EXIT_RESUMABLE, NonFiniteLoss, Trainer
 from continual_pt.training.policy import Cadence, Deadline, agree_on_stop
 from continual_pt.training.session import CheckpointFiles, Figures, Parts, Session
-from continual_pt.components.scoring import ScoringStopped
 from continual_pt.training.state import TrainState
 from continual_pt.training.stop import StopRequest
 
