@@ -19,6 +19,7 @@ from typing import Any
 from continual_pt import __version__
 from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 from continual_pt.errors import UserError
+from continual_pt.training import stop as stops
 
 SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is "
                "one document), a glob or a directory of them, a Hugging Face dataset saved with "
@@ -274,6 +275,8 @@ def launched_main(command: str, argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        stops.process_request()  # before the heavy imports: a stop during set-up is remembered, not fatal
     func = target_function(args.target)
     try:
         return int(func(options_for(func, args)) or 0)
