@@ -5,13 +5,20 @@ A checkpoint is `checkpoints/global_step<N>/`: DeepSpeed's files, one `rank<r>.p
 commit marker `COMMITTED.json` listing every file with its size. `checkpoints/latest` is
 replaced atomically only after the marker exists, and loaders trust committed tags alone,
 so a kill at any moment of a save leaves the previous committed checkpoint in charge.
+
+The marker records each file's size and xxh3_64 checksum; every rank hashes the files it wrote
+itself (still in its own page cache, and in parallel across nodes), rank 0 the shared ones.
+A tag is never written into while it carries a marker: re-saving a committed step first moves
+the old tag aside (one rename) and deletes it only after the new one is committed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,15 +30,16 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from continual_pt.components import distributed
+from continual_pt.components import distributed, integrity
 from continual_pt.components.model import DTYPES
 from continual_pt.errors import UserError
-from continual_pt.files import atomic_output, atomic_write_text, fsync_tree
+from continual_pt.files import atomic_output, atomic_write_text, fsync_dir, fsync_tree
 
 MARKER = "COMMITTED.json"
 LATEST = "latest"
 RANK_FILE = "rank{rank}.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each file recorded as {"size", "xxh3_64"}, 1: its size alone
+RETIRED = ".retired-"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 """The name of a checkpoint folder; group 1 is its optimizer step."""
 
@@ -72,8 +80,9 @@ def is_committed(tag_dir: Path) -> bool:
     return (tag_dir / MARKER).is_file()
 
 
-def verify(tag_dir: Path) -> CheckpointRef:
-    """A committed checkpoint whose files are all present at their recorded sizes, else UserError."""
+def verify(tag_dir: Path, *, hint: bool = True) -> CheckpointRef:
+    """A committed checkpoint whose files all match the marker's sizes and checksums, else UserError
+    (with `hint`, naming the newest intact checkpoint before it)."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint {tag_dir} does not exist")
@@ -81,20 +90,30 @@ def verify(tag_dir: Path) -> CheckpointRef:
         raise UserError(f"{tag_dir} is not a checkpoint folder (expected a name like global_step1000)")
     if not is_committed(tag_dir):
         raise UserError(f"checkpoint {tag_dir} is partial: it has no {MARKER} (the save was interrupted); "
-                        "use an earlier committed checkpoint")
+                        "use an earlier committed checkpoint" + (_intact_hint(tag_dir) if hint else ""))
     try:
         meta = json.loads((tag_dir / MARKER).read_text())
         files = meta["files"]
     except (json.JSONDecodeError, KeyError) as exc:
-        raise UserError(f"{tag_dir / MARKER}: unreadable commit marker ({exc})") from None
-    for name, size in files.items():
-        file = tag_dir / name
-        if not file.is_file():
-            raise UserError(f"checkpoint {tag_dir} is partial: {name} is missing")
-        if file.stat().st_size != size:
-            raise UserError(f"checkpoint {tag_dir} is corrupt: {name} has {file.stat().st_size} bytes, "
-                            f"the commit marker recorded {size}")
+        raise UserError(f"{tag_dir / MARKER}: unreadable commit marker ({exc})"
+                        + (_intact_hint(tag_dir) if hint else "")) from None
+    for name, recorded in files.items():
+        wrong = integrity.problem(tag_dir, name, recorded)
+        if wrong:
+            raise UserError(f"checkpoint {tag_dir} {wrong}" + (_intact_hint(tag_dir) if hint else ""))
     return CheckpointRef(tag_dir)
+
+
+def _intact_hint(tag_dir: Path) -> str:
+    """Where to resume from instead of a broken checkpoint: the newest older one that verifies."""
+    for ref in reversed(list_committed(tag_dir.parent)):
+        if ref.step < step_of(tag_dir.name):
+            try:
+                verify(ref.path, hint=False)
+            except UserError:
+                continue
+            return f"; the newest intact checkpoint is {ref.path}: resume from it with checkpoint.resume={ref.path}"
+    return f"; no older intact checkpoint under {tag_dir.parent}"
 
 
 def list_tags(root: Path) -> list[Path]:
@@ -138,12 +157,19 @@ def is_ours(path: str | Path) -> bool:
                               or step_of(path.name) is not None or (path / LATEST).is_file())
 
 
+def _owned_by(name: str, rank: int) -> bool:
+    """Whether rank `rank` wrote a checkpoint file (DeepSpeed's per-rank ZeRO files, our rank file)."""
+    return (name.startswith((f"zero_pp_rank_{rank}_", f"bf16_zero_pp_rank_{rank}_"))
+            or name == RANK_FILE.format(rank=rank))
+
+
 class Checkpointer:
     """Saves and loads DeepSpeed checkpoints of one run under the commit protocol."""
 
-    def __init__(self, root: Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, root: Path, keep_last: int, rank: int, world_size: int, keep_every: int = 0):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.keep_every = keep_every
         self.rank = rank
         self.world_size = world_size
 
@@ -154,41 +180,105 @@ class Checkpointer:
         `extras` maps a folder name in the checkpoint to a callable writing it (rank 0 only),
         e.g. the model config and tokenizer needed for export.
         """
-        tag = tag_for(step)
-        path = self.root / tag
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if path.exists() and not is_committed(path):
-                shutil.rmtree(path)  # a stale partial save of this same step
+        path = self.root / tag_for(step)
+        self._check_space(engine, path)
+        retired = self._retire(path) if self.rank == 0 else None
         distributed.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        try:
+            self._write(engine, path, client_state, rank_state, extras)
+            distributed.barrier()
+            if self.rank == 0:
+                self._commit(path, step, client_state, retired)
+        except (OSError, RuntimeError) as exc:
+            if not integrity.is_disk_full(exc, self.root):
+                raise
+            raise UserError(self._abandon(path, retired)) from None
+        distributed.barrier()
+        return CheckpointRef(path)
+
+    def _write(self, engine, path: Path, client_state: dict[str, Any], rank_state: dict[str, Any],
+               extras: dict[str, Any]) -> None:
+        engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
         rank_file = path / RANK_FILE.format(rank=self.rank)
         with atomic_output(rank_file) as tmp:
             torch.save(rank_state, tmp)
         if self.rank == 0:
             for name, write in extras.items():
                 write(path / name)
-        distributed.barrier()
-        if self.rank == 0:
-            self._commit(path, step, client_state)
-        distributed.barrier()
-        return CheckpointRef(path)
+        elif self.world_size > 1:
+            own = {p.name: integrity.entry(p) for p in sorted(path.iterdir())
+                   if p.is_file() and _owned_by(p.name, self.rank)}
+            atomic_write_text(path / f".checksums-rank{self.rank}.json", json.dumps(own))
 
-    def _commit(self, path: Path, step: int, client_state: dict[str, Any]) -> None:
+    def _check_space(self, engine, path: Path) -> None:
+        """Refuse, on every rank alike, a save that would not fit: a full disk mid-save costs the save."""
+        previous = newest_committed(self.root)
+        try:
+            need = integrity.recorded_size(previous.meta()["files"]) if previous else 0
+        except (OSError, json.JSONDecodeError, KeyError):
+            need = 0
+        free = integrity.free_bytes(self.root)
+        device = getattr(engine, "device", torch.device("cpu"))
+        if distributed.all_reduce_max([float(need > free)], device)[0]:
+            raise UserError(f"no space left on device: checkpoint {path} needs about "
+                            f"{integrity.megabytes(need)} (the size of {previous.tag}) and {self.root} has "
+                            f"{integrity.megabytes(free)} free; free some space (or move out_dir) and run again "
+                            f"(the committed {previous.path} is untouched)")
+
+    def _retire(self, path: Path) -> Path | None:
+        """Clear the way for a save of `path`: drop a partial tag, rename a committed one aside."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            return None
+        if not is_committed(path):
+            shutil.rmtree(path)  # a stale partial save of this same step
+            return None
+        retired = self.root / f"{RETIRED}{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, retired)
+        fsync_dir(self.root)
+        return retired
+
+    def _abandon(self, path: Path, retired: Path | None) -> str:
+        """After a full disk: remove the partial save, put back what it replaced; the message to show."""
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            if retired is not None:
+                os.rename(retired, path)
+        previous = newest_committed(self.root)
+        kept = f"the committed {previous.path} is intact" if previous else "there is no earlier committed checkpoint"
+        free = integrity.megabytes(integrity.free_bytes(self.root))
+        return (f"no space left on device while saving checkpoint {path}: {free} free on {self.root}; the "
+                f"partial save was removed and {kept}; free some space (or move out_dir) and run again")
+
+    def _commit(self, path: Path, step: int, client_state: dict[str, Any], retired: Path | None) -> None:
         fsync_tree(path)
-        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {}
+        for rank in range(1, self.world_size):
+            table = path / f".checksums-rank{rank}.json"
+            if table.is_file():
+                files.update(json.loads(table.read_text()))
+                table.unlink()
+        for name in integrity.listed_files(path):
+            if name not in files:
+                files[name] = integrity.entry(path / name)
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-                "time": time.time(), "files": files,
+                "time": time.time(), "files": dict(sorted(files.items())),
                 **{k: client_state[k] for k in ("tokens_seen", "zero_stage", "precision") if k in client_state}}
         atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
         atomic_write_text(self.root / LATEST, path.name)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
         self.prune()
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` committed checkpoints; drop partial ones older than the newest."""
+        """Keep the newest `keep_last` committed checkpoints and every `keep_every`-th step's; drop
+        partial ones older than the newest."""
         committed = list_committed(self.root)
-        for ref in committed[: max(0, len(committed) - self.keep_last)]:
-            shutil.rmtree(ref.path, ignore_errors=True)
+        keep = {r.step for r in committed[-self.keep_last:]}
+        keep |= {r.step for r in committed if self.keep_every and r.step % self.keep_every == 0}
+        for ref in committed:
+            if ref.step not in keep:
+                shutil.rmtree(ref.path, ignore_errors=True)
         if committed:
             newest = committed[-1].step
             for p in list_tags(self.root):
@@ -271,6 +361,8 @@ def load_model_from_checkpoint(ref: CheckpointRef, attn_implementation: str = "s
 def export_hf(ref: CheckpointRef, out: Path, dtype: str = "fp32") -> Path:
     """Write a Hugging Face folder (model + tokenizer) loadable without DeepSpeed."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; name a folder to write the model into")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export: {out} exists and is not empty; choose another --out")
     model = load_model_from_checkpoint(ref, attn_implementation="eager")

@@ -218,6 +218,9 @@ class CheckpointConfig:
     """Steps between checkpoints; 0 saves only at the end and on preemption."""
     keep_last: int = 2
     """Committed checkpoints kept (at least 2)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none), e.g. 1000 as Pythia
+    does, for evaluations and later runs from earlier checkpoints; a multiple of every_steps."""
 
     def check(self, p: Problems) -> None:
         if self.resume not in ("auto", "never") and self.init:
@@ -230,6 +233,13 @@ class CheckpointConfig:
         if self.keep_last < 2:
             p.add("checkpoint.keep_last", f"must be >= 2 (a kill during a save must leave one "
                   f"committed checkpoint), got {self.keep_last}")
+        if self.keep_every < 0:
+            p.add("checkpoint.keep_every", f"must be >= 0, got {self.keep_every}")
+        elif self.keep_every and not self.every_steps:
+            p.add("checkpoint.keep_every", "needs checkpoint.every_steps > 0 (without it only the last step is saved)")
+        elif self.keep_every and self.keep_every % self.every_steps:
+            p.add("checkpoint.keep_every", f"must be a multiple of checkpoint.every_steps ({self.every_steps}), "
+                  f"got {self.keep_every}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import checkpoint, distributed
+from continual_pt.components import branches, checkpoint, distributed
 from continual_pt.components import model as models
 from continual_pt.components.checkpoint import set_rng_state
 from continual_pt.components.distributed import DistEnv
@@ -51,7 +51,10 @@ class Start:
 def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
     """Resolve resume/init into one start mode; errors name the missing or partial checkpoint."""
     if cfg.resume not in ("auto", "never"):
-        return Start("resume", checkpoint.resolve(cfg.resume, what="checkpoint.resume"))
+        ref = checkpoint.resolve(cfg.resume, what="checkpoint.resume")
+        branches.open_root(run_dir / "checkpoints", resume=ref)   # an older one of this run: branch
+        return Start("resume", ref)
+    branches.open_root(run_dir / "checkpoints")
     if cfg.resume == "auto":
         ref = checkpoint.newest_committed(run_dir / "checkpoints")
         if ref is not None:
@@ -356,7 +359,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     sampler = MixtureSampler(train_sets, {n: s.weight for n, s in cfg.data.train.items()}, cfg.data.seed,
                              cfg.train.micro_batch_size, env.rank, env.world_size)
     checkpointer = checkpoint.Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
-                                           env.world_size)
+                                           env.world_size, keep_every=cfg.checkpoint.keep_every)
     state = restore(cfg, start, engine, sampler, checkpointer, env.rank)
     distributed.barrier()
     if env.is_main:

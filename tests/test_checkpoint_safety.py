@@ -1,0 +1,252 @@
+"""Nothing lost, nothing silent, in-process with a stand-in engine: re-saving a committed step,
+branching on resume from an older checkpoint, checksums, keep-every-N, a full disk, export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from continual_pt import cli, config
+from continual_pt.components import checkpoint
+from continual_pt.errors import UserError
+from continual_pt.training.session import plan_start
+
+MODEL = "mp_rank_00_model_states.pt"
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+MINIMAL = ["model.config.hidden_size=8", "data.train.corpus.path=data/corpus", "train.max_steps=100"]
+
+
+class FakeEngine:
+    """Writes what DeepSpeed's save_checkpoint would: the model states and, optionally, optimizer states."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, weights: bytes, optim: bytes | None = None):
+        self.weights, self.optim = weights, optim
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MODEL).write_bytes(self.weights)
+        if self.optim is not None:
+            (path / OPTIM).write_bytes(self.optim)
+
+
+def save(ckpt: checkpoint.Checkpointer, step: int, weights: bytes, optim: bytes | None = None,
+         extras: dict | None = None) -> checkpoint.CheckpointRef:
+    return ckpt.save(FakeEngine(weights, optim), step, {"tokens_seen": step * 10}, {"step": step}, extras or {})
+
+
+def names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+# --------------------------------------------------------------------------- item 4: re-saving a step
+
+
+def test_resaving_a_committed_step_replaces_it_whole(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=3, rank=0, world_size=1)
+    save(ckpt, 4, b"old-weights", b"old-optim")
+    save(ckpt, 4, b"new-weights!")   # e.g. after a resume from an earlier step, or resume: never
+    ref = checkpoint.verify(root / "global_step4")
+    assert sorted(ref.meta()["files"]) == [MODEL, "rank0.pt"]   # never the marker, never the old optimizer
+    assert (ref.path / MODEL).read_bytes() == b"new-weights!"
+    assert not (ref.path / OPTIM).exists()
+    assert names(root) == ["global_step4", "latest"]               # the retired copy is gone
+
+
+def test_a_kill_between_retiring_and_committing_leaves_the_previous_state(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=3, rank=0, world_size=1)
+    save(ckpt, 2, b"two-weights")
+    save(ckpt, 4, b"old-weights", b"old-optim")
+    write = checkpoint.atomic_write_text
+
+    def killed_at_the_marker(path, text, *args):
+        if Path(path).name == checkpoint.MARKER:
+            raise KeyboardInterrupt   # what a kill looks like from inside: nothing after this line runs
+        write(path, text, *args)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", killed_at_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        save(ckpt, 4, b"NEW-weights")   # same size as the old weights: only content tells them apart
+    monkeypatch.undo()
+    newest = checkpoint.newest_committed(root)
+    checkpoint.verify(newest.path)
+    # Never a mix of the new model states and the old optimizer states under a marker.
+    assert newest.step == 2 and (newest.path / MODEL).read_bytes() == b"two-weights"
+    plan_start(config.CheckpointConfig(), tmp_path)   # the next start tidies the leftovers away
+    assert names(root) == ["global_step2", "latest"]
+
+
+# --------------------------------------------------------------------------- item 5: branching
+
+
+def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    for step in (2, 4, 6):
+        save(ckpt, step, f"weights-{step}".encode())
+    start = plan_start(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path)
+    assert start.kind == "resume" and start.ref.step == 2
+    assert [r.step for r in checkpoint.list_committed(root)] == [2]
+    assert (root / checkpoint.LATEST).read_text() == "global_step2"
+    (aside,) = (root / "branches").iterdir()
+    assert names(aside) == ["global_step4", "global_step6"]
+    for step in (4, 6):   # kept whole, never deleted
+        assert (checkpoint.verify(aside / f"global_step{step}").path / MODEL).read_bytes() == f"weights-{step}".encode()
+    err = capsys.readouterr().err
+    assert f"moved global_step4, global_step6 aside to {aside}" in err and "never resumed automatically" in err
+    # The next automatic resume continues the live branch, and keep_last counts only that branch.
+    assert plan_start(config.CheckpointConfig(), tmp_path).ref.step == 2
+    small = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+    save(small, 3, b"weights-3")
+    assert [r.step for r in checkpoint.list_committed(root)] == [2, 3]
+    save(small, 4, b"weights-4b")
+    assert [r.step for r in checkpoint.list_committed(root)] == [3, 4]
+    assert names(aside) == ["global_step4", "global_step6"]
+
+
+def test_resuming_the_newest_or_another_runs_checkpoint_moves_nothing(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    for step in (2, 4):
+        save(ckpt, step, b"w")
+    plan_start(config.CheckpointConfig(resume=str(root / "global_step4")), tmp_path)
+    plan_start(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path / "other-run")
+    assert names(root) == ["global_step2", "global_step4", "latest"]
+
+
+# --------------------------------------------------------------------------- item 15: checksums
+
+
+def flip_one_byte(file: Path, at: int = 3) -> None:
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_a_byte_flipped_in_place_is_refused_naming_the_file_and_the_newest_intact(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    for step in (2, 4, 6):
+        save(ckpt, step, f"weights-{step}".encode(), b"optimizer-state")
+    entry = checkpoint.verify(root / "global_step6").meta()["files"][MODEL]
+    assert entry["size"] == 9 and len(entry["xxh3_64"]) == 16
+    flip_one_byte(root / "global_step6" / MODEL)
+    flip_one_byte(root / "global_step4" / OPTIM)
+    expected = (rf"checkpoint {root / 'global_step6'} is corrupt: {MODEL} does not match its checksum in "
+                rf"the commit marker .*the newest intact checkpoint is {root / 'global_step2'}: resume from it "
+                rf"with checkpoint.resume={root / 'global_step2'}")
+    with pytest.raises(UserError, match=expected):
+        plan_start(config.CheckpointConfig(), tmp_path)                              # resume
+    with pytest.raises(UserError, match=rf"global_step4 is corrupt: {OPTIM} does not match"):
+        plan_start(config.CheckpointConfig(resume="never", init=str(root / "global_step4")), tmp_path / "b")
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2   # export
+    assert f"{MODEL} does not match its checksum" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_marker_without_checksums_is_still_checked_by_size(tmp_path):
+    path = tmp_path / "checkpoints" / "global_step3"
+    path.mkdir(parents=True)
+    (path / MODEL).write_bytes(b"weights")
+    (path / checkpoint.MARKER).write_text(json.dumps({"step": 3, "files": {MODEL: 7}}))
+    assert checkpoint.verify(path).step == 3
+
+
+# --------------------------------------------------------------------------- item 20: keep_every, export --out
+
+
+def test_keep_every_keeps_multiples_besides_the_last(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1, keep_every=4)
+    for step in range(1, 10):
+        save(ckpt, step, b"w")
+    assert [r.step for r in checkpoint.list_committed(root)] == [4, 8, 9]
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["checkpoint.keep_every=-1"], "checkpoint.keep_every: must be >= 0, got -1"),
+    (["checkpoint.every_steps=300", "checkpoint.keep_every=1000"],
+     "checkpoint.keep_every: must be a multiple of checkpoint.every_steps (300), got 1000"),
+    (["checkpoint.keep_every=1000"],
+     "checkpoint.keep_every: needs checkpoint.every_steps > 0 (without it only the last step is saved)"),
+])
+def test_keep_every_is_checked(overrides, problem):
+    with pytest.raises(config.ConfigError) as info:
+        config.load(None, MINIMAL + overrides)
+    assert [p.split(": ", 1)[1] for p in info.value.problems] == [problem]
+    assert config.load(None, MINIMAL + ["checkpoint.every_steps=500", "checkpoint.keep_every=1000"]
+                       ).checkpoint.keep_every == 1000
+
+
+def test_export_onto_an_existing_file_is_a_clear_error(tmp_path, capsys):
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep_last=2, rank=0, world_size=1)
+    save(ckpt, 2, b"w")
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"keep me")
+    assert cli.main(["export", str(tmp_path), "--out", str(target)]) == 2
+    assert capsys.readouterr().err.strip() == (f"cpt export: error: --out {target} is an existing file; "
+                                               "name a folder to write the model into")
+    assert target.read_bytes() == b"keep me"
+
+
+# --------------------------------------------------------------------------- item 8: a full disk
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str):
+    """A tmpfs of `size` mounted at `where` (we run as root); skip when mounting is not permitted."""
+    where.mkdir(parents=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"cpt-test-{uuid.uuid4().hex[:8]}",
+                        str(where)], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here ({exc}); needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_save_that_would_not_fit_is_refused_before_writing(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        root = disk / "checkpoints"
+        ckpt = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+        first = save(ckpt, 2, b"w" * 600_000)
+        free = shutil.disk_usage(root).free
+        with pytest.raises(UserError) as info:
+            save(ckpt, 4, b"w" * 600_000)
+        message = str(info.value)
+        assert message.startswith(f"no space left on device: checkpoint {root / 'global_step4'} needs about 0.6 MB "
+                                  f"(the size of global_step2) and {root} has {free / 1e6:.1f} MB free")
+        assert names(root) == ["global_step2", "latest"]
+        assert checkpoint.verify(first.path).step == 2
+
+
+@pytest.mark.parametrize("writer", ["bytes", "torch"])
+def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, writer):
+    def fill(path: Path) -> None:
+        if writer == "torch":   # torch reports a full disk as "RuntimeError: ... unexpected pos"
+            torch.save(torch.zeros(400_000), path / "big.pt")
+        else:
+            (path / "big.bin").write_bytes(b"x" * 1_600_000)
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        root = disk / "checkpoints"
+        ckpt = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+        save(ckpt, 2, b"w" * 1000)
+        with pytest.raises(UserError, match=rf"^no space left on device while saving checkpoint "
+                                            rf"{root / 'global_step4'}: .*{root / 'global_step2'} is intact"):
+            save(ckpt, 4, b"w" * 1000, extras={"big": lambda p: (p.mkdir(), fill(p))})
+        assert names(root) == ["global_step2", "latest"]
+        checkpoint.verify(root / "global_step2")
