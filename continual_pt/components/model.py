@@ -5,16 +5,25 @@ Knows nothing of DeepSpeed. Hub names take an optional revision (`EleutherAI/pyt
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from continual_pt.config import ModelConfig
+from continual_pt.config import ConfigError, ModelConfig
 from continual_pt.errors import UserError
+
+# What a transformers config refuses to build: its own checks raise any of these.
+CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Weight dtypes by the names the command line takes (export, eval)."""
@@ -63,27 +72,103 @@ def load_hf_config(name_or_path: str, revision: str | None = None):
                         f"{f' at revision {revision!r}' if revision else ''}: {exc}") from None
 
 
-def architecture(cfg: ModelConfig, vocab_size: int, seq_len: int, base=None):
-    """The transformers config to build: from `base` (an init model's), name_or_path, or cfg.config."""
+def architecture(cfg: ModelConfig, vocab_size: int, seq_len: int) -> PretrainedConfig:
+    """The transformers config to build from scratch: name_or_path's with cfg.config over it, or
+    cfg.config alone; every key of cfg.config must be a field of the model's config class."""
     if cfg.name_or_path:
-        hf = load_hf_config(cfg.name_or_path, cfg.revision)
-    elif base is not None:
-        hf = base
-    else:
-        fields = dict(cfg.config)
-        model_type = fields.pop("model_type", "gpt_neox")
-        if model_type == "gpt_neox":
-            fields = {**GPT_NEOX_DEFAULTS, **fields}
-        fields.setdefault("vocab_size", pad_vocab(vocab_size))
-        fields.setdefault("max_position_embeddings", seq_len)
-        try:
-            return AutoConfig.for_model(model_type, **fields)
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"model.config: cannot build a {model_type!r} config: {exc}") from None
-    overrides = {k: v for k, v in cfg.config.items() if k != "model_type"}
-    if overrides:
-        hf = hf.__class__.from_dict({**hf.to_dict(), **overrides})
+        return merged_config(load_hf_config(cfg.name_or_path, cfg.revision), cfg, cfg.name_or_path, init=False)
+    fields = dict(cfg.config)
+    model_type = fields.pop("model_type", "gpt_neox")
+    if model_type == "gpt_neox":
+        fields = {**GPT_NEOX_DEFAULTS, **fields}
+    fields.setdefault("vocab_size", pad_vocab(vocab_size))
+    fields.setdefault("max_position_embeddings", seq_len)
+    try:
+        hf = AutoConfig.for_model(model_type, **fields)
+    except CONFIG_ERRORS as exc:
+        raise UserError(f"model.config: cannot build a {model_type!r} config: {exc}") from None
+    built, known = hf.to_dict(), config_fields(type(hf))
+    # transformers keeps a key it does not know as a stray attribute that no model reads.
+    problems = [unknown_key(cfg, key, type(hf)) for key in cfg.config if key not in known and key in built]
+    if problems:
+        raise ConfigError(problems)
     return hf
+
+
+@functools.cache
+def config_fields(cls: type[PretrainedConfig]) -> frozenset[str]:
+    """The fields a transformers config class defines: its own, the common ones and their aliases."""
+    params = [name for cls_ in (cls, PretrainedConfig) for name in inspect.signature(cls_.__init__).parameters]
+    try:
+        defaults = list(cls().to_dict())
+    except CONFIG_ERRORS:  # a class without usable defaults: its signature alone
+        defaults = []
+    return frozenset(params + defaults + list(getattr(cls, "attribute_map", {}))) - {"self", "kwargs"}
+
+
+def unknown_key(cfg: ModelConfig, key: str, cls: type[PretrainedConfig]) -> str:
+    """The problem line for a model.config key that `cls` does not define, with a did-you-mean."""
+    fields = sorted(f for f in config_fields(cls) if not f.startswith("_"))
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"accepted: {', '.join(fields)}"
+    return f"{cfg.where(key)}: unknown key for {cls.model_type} ({cls.__name__}); {hint}"
+
+
+def may_differ_on_init(field: str) -> bool:
+    """Whether a config field may differ from the init model's: it changes no parameter shape and
+    nothing the loaded weights compute at inference (dropout rates; the initialisation range)."""
+    return "dropout" in field or field.endswith("_pdrop") or field == "initializer_range"
+
+
+def _changes(cls: type[PretrainedConfig], base: dict[str, Any], key: str, value: Any) -> dict[str, tuple]:
+    """Field -> (before, after) of the config `base` once `key` is set to `value`."""
+    after = cls.from_dict({**base, key: value}).to_dict()
+    return {f: (base.get(f), after.get(f)) for f in sorted(set(base) | set(after))
+            if f not in ("_name_or_path", "transformers_version") and base.get(f) != after.get(f)}
+
+
+def _judge(cfg: ModelConfig, base: PretrainedConfig, source: str, init: bool) -> tuple[dict[str, Any], list[str]]:
+    """The model.config keys to apply over `base`, and the problems of the others."""
+    cls, before, known = type(base), base.to_dict(), config_fields(type(base))
+    applied, problems = {}, []
+    for key, value in cfg.config.items():
+        if key == "model_type":
+            if value != base.model_type:
+                problems.append(f"{cfg.where(key)}: {value!r}, but {source} is a {base.model_type!r} model")
+            continue
+        try:
+            changes = _changes(cls, before, key, value)
+        except CONFIG_ERRORS as exc:
+            problems.append(f"{cfg.where(key)}: cannot apply {value!r} to the config of {source}: {exc}")
+            continue
+        if key not in known and key in changes:
+            problems.append(unknown_key(cfg, key, cls))
+        elif not changes and key not in known and key not in before:
+            problems.append(f"{cfg.where(key)}: has no effect on the config of {source} (transformers reads "
+                            "it only when a config is built from scratch); set the field it stands for instead")
+        elif changes and init and not all(may_differ_on_init(f) for f in changes):
+            changed = ", ".join(f"{f} {old!r} -> {new!r}" for f, (old, new) in changes.items())
+            problems.append(f"{cfg.where(key)}: would change the architecture of checkpoint.init {source} "
+                            f"({changed}); its weights fix the architecture: only dropout rates and "
+                            "initializer_range may differ from it")
+        elif changes:
+            applied[key] = value
+    return applied, problems
+
+
+def merged_config(base: PretrainedConfig, cfg: ModelConfig, source: str, init: bool) -> PretrainedConfig:
+    """`base` with model.config applied; unknown or ineffective keys are refused, and with `init`
+    (the weights come from `source`) so is every key that would change the architecture."""
+    applied, problems = _judge(cfg, base, source, init)
+    if problems:
+        raise ConfigError(problems)
+    if not applied:
+        return base
+    if init and (not dist.is_initialized() or dist.get_rank() == 0):
+        listed = ", ".join(f"model.config.{k}={v!r} ({cfg.origins.get(k, 'config')})" for k, v in applied.items())
+        print(f"checkpoint.init: applying {listed} over the config of {source} (dropout rates and "
+              "initializer_range may differ from the init model's)", file=sys.stderr, flush=True)
+    return type(base).from_dict({**base.to_dict(), **applied})
 
 
 def build(hf_config, cfg: ModelConfig, seed: int) -> nn.Module:
@@ -95,14 +180,32 @@ def build(hf_config, cfg: ModelConfig, seed: int) -> nn.Module:
 
 
 def load_pretrained(reference: str, cfg: ModelConfig) -> nn.Module:
-    """A Hugging Face model's weights (hub name, `name@revision`, or folder) in fp32."""
+    """A Hugging Face model's weights (hub name, `name@revision`, or folder) in fp32, with the
+    model.config fields that may differ from its config applied."""
     name, revision = split_revision(reference)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch.float32,
+        base = AutoConfig.from_pretrained(name, revision=revision)
+        hf = merged_config(base, cfg, reference, init=True)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, config=hf, dtype=torch.float32,
                                                      attn_implementation=cfg.attn_implementation)
+    except UserError:
+        raise
     except (OSError, ValueError) as exc:
         raise UserError(f"checkpoint.init: cannot load a Hugging Face model from {reference!r}: {exc}") from None
     return finish_for_training(model, cfg)
+
+
+def with_init_config(model: nn.Module, cfg: ModelConfig, source: str) -> nn.Module:
+    """`model` (weights loaded from `source`) rebuilt with the model.config fields that may differ
+    from its config applied; the same model if there are none. Refuses architecture changes."""
+    hf = merged_config(model.config, cfg, source, init=True)
+    if hf is model.config:
+        return model
+    # Dropout modules read their rates when built: build anew and move the same weights over.
+    rebuilt = AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.attn_implementation,
+                                               dtype=torch.float32)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
 
 
 def finish_for_training(model: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -94,19 +94,21 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             early.items.append(f"command line: {error}")
     p = Problems(origins)
     p.items.extend(early.items)
+    return _validated(raw, p)
+
+
+def _validated(raw: dict[str, Any], p: Problems) -> RunConfig:
     cfg = build_section(RunConfig, raw, "", p)
     cfg.check(p)
     p.raise_if_any()
+    # model.config is checked against the model's config class where the model is built.
+    cfg.model.origins = {key: p.origin(f"model.config.{key}") for key in cfg.model.config}
     return cfg
 
 
 def from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     """A validated `RunConfig` from plain data (e.g. a run's saved config.yaml)."""
-    p = Problems(default_origin=origin)
-    cfg = build_section(RunConfig, raw, "", p)
-    cfg.check(p)
-    p.raise_if_any()
-    return cfg
+    return _validated(raw, Problems(default_origin=origin))
 
 
 def load_schedule_spec(text: str, total_steps: int) -> ScheduleConfig:

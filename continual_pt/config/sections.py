@@ -34,6 +34,13 @@ class ModelConfig:
     """Attention kernel: sdpa, eager (or another that transformers accepts)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False,
+                                    metadata={"internal": True})
+    """Where each key of `config` came from (a file or "command line"), for messages; never dumped."""
+
+    def where(self, key: str) -> str:
+        """`<origin>: model.config.<key>`, the prefix of a message about one key of `config`."""
+        return f"{self.origins.get(key, 'config')}: model.config.{key}"
 
     def check(self, p: Problems) -> None:
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):

@@ -7,6 +7,7 @@ key it came from, and all of them are raised at once as one `ConfigError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -211,7 +212,7 @@ def build_section(cls: type, raw: Any, prefix: str, p: Problems) -> Any:
         p.add(prefix or "(top level)", f"expected a mapping, got {raw!r}")
         return cls()
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not _internal(f)]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -226,9 +227,20 @@ def build_section(cls: type, raw: Any, prefix: str, p: Problems) -> Any:
     return cls(**kwargs)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-data view of a config (what `dump` writes)."""
-    return dataclasses.asdict(cfg)
+def _internal(f: dataclasses.Field) -> bool:
+    # Bookkeeping of the loader (e.g. where a value came from): never read from YAML nor dumped.
+    return bool(f.metadata.get("internal"))
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data view of a config (what `dump` writes), without the loader's bookkeeping fields."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not _internal(f)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(v) for v in cfg)
+    return copy.deepcopy(cfg)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
