@@ -1,5 +1,5 @@
 """Files that are never seen half-written: write a hidden temporary beside the target, flush it
-to disk, rename it over the target, flush the directory. Also JSON lines without NaN.
+to disk, rename it over the target, flush the directory. Also JSON lines without NaN, appended on a line boundary and read back past a torn line.
 
 A reader sees the old content or the new, never a mix: `os.replace` is atomic within one
 filesystem, which is why the temporary lives in the target's directory. Its name carries the
@@ -15,6 +15,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,3 +110,53 @@ def json_safe(value: Any) -> Any:
 def json_line(record: dict[str, Any]) -> str:
     """One strict JSON line (newline included) of a record, non-finite floats as null."""
     return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+def open_append(path: str | Path) -> int:
+    """An O_APPEND descriptor of `path` (created if missing) whose next write starts a line: a last
+    line torn by a writer killed mid-write is ended first, so that it cannot swallow the next row."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# (file, line number, text) of every unreadable line already reported by this process.
+_reported: set[tuple[str, int, str]] = set()
+
+
+def parse_json_line(line: str) -> dict[str, Any] | None:
+    """The JSON object of one line, or None when the line is not one (e.g. torn mid-write)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file in order (none if it is missing). A line that is not
+    one is skipped with a warning, given once per process however often the file is read."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = parse_json_line(line)
+            if record is not None:
+                records.append(record)
+                continue
+            seen = (str(path.resolve()), number, line.rstrip("\r\n"))  # once ended, still the same line
+            if seen not in _reported:
+                _reported.add(seen)
+                print(f"warning: {path}:{number}: unreadable row skipped (a line torn by a writer that "
+                      "was killed mid-write?)", file=sys.stderr)
+    return records

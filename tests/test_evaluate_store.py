@@ -40,6 +40,22 @@ def test_nan_is_stored_as_null_and_a_torn_line_is_skipped(tmp_path, capsys):
     assert "unreadable row skipped" in capsys.readouterr().err
 
 
+def test_a_row_appended_after_a_torn_line_is_kept_and_the_warning_comes_once(tmp_path, capsys):
+    store = ScoreStore(tmp_path / "scores.jsonl")
+    store.append([row(1)])
+    with open(store.path, "a") as f:
+        f.write('{"run": "torn", "loss"')            # a writer killed mid-line
+    assert store.append([row(2)]) == 1
+    assert store.rows() == [row(1), row(2)]
+    assert store.path.read_text().splitlines()[1:] == ['{"run": "torn", "loss"', json.dumps(row(2))]
+    assert store.append([row(2), row(3)]) == 1 and read_scores(store.path) == [row(1), row(2), row(3)]
+    with open(store.csv_path, newline="") as f:
+        assert [v["step"] for v in csv.DictReader(f)] == ["1", "2", "3"]
+    err = capsys.readouterr().err
+    assert err == f"warning: {store.path}:2: unreadable row skipped (a line torn by a writer that was killed " \
+                  "mid-write?)\n"
+
+
 def _append_many(path: str, worker: int, n: int) -> None:
     store = ScoreStore(path)
     # Overlapping keys in different orders, one row per call: many lock round trips, and rows

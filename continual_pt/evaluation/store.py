@@ -4,7 +4,9 @@ One JSON line per (checkpoint, held-out set, token budget, sequence length, dtyp
 jobs (a SLURM array) may append to one store at once: each append takes an exclusive
 `fcntl.flock` on `scores.jsonl.lock`, re-reads the file, drops rows already present and
 writes each new row with one `write()` on an O_APPEND descriptor, so no row is lost, torn
-or written twice. The CSV is regenerated from the jsonl under the same lock.
+or written twice. Each row starts a line of its own: a line torn by a writer killed mid-write is
+ended first, so it never swallows the row after it. The CSV is regenerated from the jsonl under
+the same lock.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import json
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from continual_pt.files import atomic_write_text, json_line
+from continual_pt.files import atomic_write_text, json_line, open_append, read_json_lines
 
 FILE = "scores.jsonl"
 KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "seq_len", "dtype")
@@ -36,21 +36,8 @@ def score_key(row: dict[str, Any]) -> tuple:
 
 
 def read_scores(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a scores.jsonl in file order; a line that does not parse is reported and skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                # Only a crash of a writer that predates this module could leave one.
-                print(f"warning: {path}:{number}: unreadable row skipped", file=sys.stderr)
-    return rows
+    """Rows of a scores.jsonl in file order; a line that does not parse is reported once and skipped."""
+    return read_json_lines(path)
 
 
 class ScoreStore:
@@ -82,7 +69,7 @@ class ScoreStore:
         """Append the rows whose key is not in the store yet; returns how many were written."""
         with self._locked():
             present = self.keys()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = open_append(self.path)
             written = 0
             try:
                 for row in rows:

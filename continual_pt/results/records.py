@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from continual_pt.files import read_json_lines
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; when a resumed run logged a step again, the later record wins."""
+    """Records of a metrics.jsonl; when a resumed run logged a step again, the later record wins.
+    A line torn by a kill mid-write is skipped with one warning."""
     records: dict[tuple[str, str, int], dict[str, Any]] = {}
-    path = Path(path)
-    if not path.is_file():
-        return []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
+    for rec in read_json_lines(path):
         if "step" in rec:
             records[(rec.get("kind", "train"), rec.get("set", ""), rec["step"])] = rec
     return sorted(records.values(), key=lambda r: (r["step"], r.get("kind", "train") != "eval"))
