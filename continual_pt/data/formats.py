@@ -7,10 +7,11 @@ row) of every record, so a bad record is reported where the user can find it.
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow.parquet as pq
 import zstandard
@@ -28,34 +29,74 @@ def file_format(path: Path) -> str | None:
     return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
-def _open_binary(path: Path) -> BinaryIO:
+def _truncated(path: Path, how: str) -> UserError:
+    return UserError(f"{path}: truncated file: {how}; the file is incomplete (an interrupted download "
+                     "or copy?): fetch it again")
+
+
+def _zstd_blocks(path: Path, read_size: int) -> Iterator[bytes]:
+    """Decompressed pieces of a .zst file of one or more frames; UserError if it ends inside a frame."""
+    dctx = zstandard.ZstdDecompressor()
+    frame, in_frame = dctx.decompressobj(), False
+    with open(path, "rb") as f:
+        # Compressed reads of a fraction of read_size keep the decompressed pieces near read_size.
+        while data := f.read(max(1 << 12, read_size // 8)):
+            while data:
+                try:
+                    out = frame.decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise UserError(f"{path}: not a valid zstd stream ({exc})") from None
+                in_frame = True
+                if out:
+                    yield out
+                if not frame.eof:
+                    break
+                # Multi-frame files (as the Pile ships): the next frame starts in the unused input.
+                data, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise _truncated(path, "the zstd stream ends inside a frame")
+
+
+def _gzip_blocks(path: Path, read_size: int) -> Iterator[bytes]:
+    """Decompressed pieces of a .gz file; UserError if it ends before its end-of-stream marker."""
+    with gzip.open(path, "rb") as f:
+        try:
+            while data := f.read(read_size):
+                yield data
+        except EOFError:
+            raise _truncated(path, "the gzip stream ends before its end-of-stream marker") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise UserError(f"{path}: not a valid gzip stream ({exc})") from None
+
+
+def _plain_blocks(path: Path, read_size: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(read_size):
+            yield data
+
+
+def _decoded_blocks(path: Path, read_size: int) -> Iterator[bytes]:
+    """The bytes of a JSON-lines file, decompressed, in pieces of about read_size."""
     fmt = file_format(path)
     if fmt == ".jsonl.zst":
-        # Multi-frame files (as the Pile ships) need read_across_frames.
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
-                                                          closefd=True)
+        return _zstd_blocks(path, read_size)
     if fmt == ".jsonl.gz":
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+        return _gzip_blocks(path, read_size)
+    return _plain_blocks(path, read_size)
 
 
 def _line_blocks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
     """Blocks of whole lines of a JSON-lines file, with the number of their first line."""
     line = 1
     rest = b""
-    with _open_binary(path) as f:
-        while True:
-            data = f.read(chunk_bytes)
-            if not data:
-                break
-            data = rest + data
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                rest = data
-                continue
-            block, rest = data[:cut], data[cut:]
-            yield Chunk("lines", str(path), line, block, len(block))
-            line += block.count(b"\n")
+    for data in _decoded_blocks(path, chunk_bytes):
+        rest += data
+        cut = rest.rfind(b"\n") + 1 if len(rest) >= chunk_bytes else 0
+        if cut == 0:
+            continue
+        block, rest = rest[:cut], rest[cut:]
+        yield Chunk("lines", str(path), line, block, len(block))
+        line += block.count(b"\n")
     if rest:
         yield Chunk("lines", str(path), line, rest, len(rest))
 
@@ -124,9 +165,14 @@ class FileSource:
 
     spec: str
     files: list[Path]
+    skipped: list[Path] = field(default_factory=list)
+    """Files of unknown type that --skip-unknown left out (recorded in the manifest)."""
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": "files", "files": [file_info(p) for p in self.files]}
+        found = {"spec": self.spec, "kind": "files", "files": [file_info(p) for p in self.files]}
+        if self.skipped:
+            found["skipped_unknown"] = [str(p.resolve()) for p in self.skipped]
+        return found
 
     def probe(self, text_field: str) -> None:
         for path in self.files:

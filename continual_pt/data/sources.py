@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import sysconfig
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,11 +209,36 @@ def _is_hf_disk(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _directory_files(path: Path) -> list[Path]:
-    found = [p for p in path.rglob("*") if p.is_file() and file_format(p)]
-    if not found:
-        raise UserError(f"{path}: no input files in this directory (accepted: {', '.join(FILE_SUFFIXES)})")
-    return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _unknown_summary(unknown: list[Path], limit: int = 8) -> str:
+    by_suffix = Counter(p.suffix.lower() or "no suffix" for p in unknown)
+    kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(by_suffix.items()))
+    names = ", ".join(str(p) for p in unknown[:limit]) + (f" and {len(unknown) - limit} more"
+                                                          if len(unknown) > limit else "")
+    return f"{len(unknown)} file{'s' if len(unknown) > 1 else ''} of unknown type ({kinds}): {names}"
+
+
+def _known_files(spec: str, found: list[Path], skip_unknown: bool, where: str) -> FileSource:
+    """The files of a directory or glob: unknown types fail the run unless the user chose to skip them."""
+    known = [p for p in found if file_format(p)]
+    unknown = [p for p in found if not file_format(p)]
+    if not known:
+        held = f"; it holds {_unknown_summary(unknown)}" if unknown else ""
+        raise UserError(f"{where}: no input files (accepted: {', '.join(FILE_SUFFIXES)}){held}")
+    if unknown and not skip_unknown:
+        raise UserError(f"{where}: {_unknown_summary(unknown)} (accepted: {', '.join(FILE_SUFFIXES)}); "
+                        "convert them, or pass --skip-unknown to read only the others")
+    return FileSource(spec, known, skipped=unknown)
+
+
+def _directory_files(spec: str, path: Path, skip_unknown: bool) -> FileSource:
+    # Hidden entries (.git/, .gitattributes, .DS_Store) are never inputs unless of an accepted type.
+    found = [p for p in path.rglob("*") if p.is_file() and (file_format(p) or not _hidden(p, path))]
+    found.sort(key=lambda p: p.relative_to(path).as_posix())
+    return _known_files(spec, found, skip_unknown, str(path))
 
 
 def _checked_file(path: Path) -> Path:
@@ -221,7 +247,8 @@ def _checked_file(path: Path) -> Path:
     return path
 
 
-def resolve_source(spec: str, hf_split: str = "train", hf_config: str | None = None) -> Source:
+def resolve_source(spec: str, hf_split: str = "train", hf_config: str | None = None,
+                   skip_unknown: bool = False) -> Source:
     """The source named by a --source value; UserError if it names nothing readable."""
     if spec == "python-stdlib":
         return StdlibSource()
@@ -233,28 +260,34 @@ def resolve_source(spec: str, hf_split: str = "train", hf_config: str | None = N
     if path.is_dir():
         if _is_hf_disk(path):
             return HFDiskSource(spec, path, hf_split)
-        return FileSource(spec, _directory_files(path))
+        return _directory_files(spec, path, skip_unknown)
     if path.is_file():
         return FileSource(spec, [_checked_file(path)])
     if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-        files = [_checked_file(p) for p in matches if p.is_file()]
+        files = [p for p in matches if p.is_file()]
         if not files:
             raise UserError(f"{spec}: the pattern matches no files")
-        return FileSource(spec, files)
+        return _known_files(spec, files, skip_unknown, spec)
     raise UserError(f"{spec}: no such file or directory (built-in sources: {', '.join(BUILTINS)}; "
                     f"a hub dataset is written {HUB_PREFIX}NAME)")
 
 
 def resolve_sources(specs: list[str], text_field: str, hf_split: str = "train",
-                    hf_config: str | None = None) -> list[Source]:
+                    hf_config: str | None = None, skip_unknown: bool = False) -> list[Source]:
     """Resolve and probe every source; raises before anything is read in full."""
-    sources = [resolve_source(s, hf_split, hf_config) for s in specs]
+    sources = [resolve_source(s, hf_split, hf_config, skip_unknown) for s in specs]
     for source in sources:
         if isinstance(source, FileSource) and all(p.stat().st_size == 0 for p in source.files):
             raise UserError(f"{source.spec}: empty input (every file is empty)")
         source.probe(text_field)
     return sources
+
+
+def skipped_notes(sources: list[Source]) -> list[str]:
+    """One line per source that --skip-unknown shortened, naming what was left out."""
+    return [f"{s.spec}: skipped {_unknown_summary(s.skipped)}" for s in sources
+            if isinstance(s, FileSource) and s.skipped]
 
 
 def iter_chunks(sources: list[Source], text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
