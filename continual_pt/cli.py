@@ -60,7 +60,13 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split of a Hugging Face dataset (saved DatasetDict or hub name; default: train)")
     parser.add_argument("--hf-config", default=None, help="config name of a hub dataset (hf:NAME)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (it is only removed once the new one is complete)")
+                        help="replace an existing output of this command, complete or interrupted (it is only "
+                             "removed once the new one is complete); a directory holding anything else is "
+                             "never replaced")
+    parser.add_argument("--skip-unknown", action="store_true",
+                        help="in a directory or glob --source, skip files of other types than those accepted "
+                             "(they are named and recorded); without it such files fail the run. Hidden files "
+                             "(.gitattributes, .git/) of other types are always ignored")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
 

@@ -7,10 +7,15 @@ so the output order is the chunk order whatever the number of workers.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +25,7 @@ from tokenizers import Tokenizer
 from continual_pt.errors import UserError
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -151,11 +157,29 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when `cpt prepare` dies, even by SIGKILL: an orphan would hold a core for minutes."""
+    linux = sys.platform.startswith("linux")
+    if not linux or ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def init_worker(tokenizer_json: str, eos_id: int, dtype: str, val_fraction: float, text_field: str,
-                own_process: bool) -> None:
-    """Build this process's tokenizer; in a pool each process uses one core."""
+                parent_pid: int | None) -> None:
+    """Build this process's tokenizer; `parent_pid` is None in the parent, else each process uses one core."""
     global _WORKER
-    if own_process:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+        # Ctrl-C reaches the whole process group: the parent stops the pool, workers print nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = _Worker(tokenizer_json, eos_id, dtype, val_fraction, text_field)
 

@@ -10,8 +10,9 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +60,62 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def check_destination(out: Path, overwrite: bool, is_complete: Callable[[Path], bool],
-                      what: str = "a prepared dataset") -> None:
-    """Raise if writing `out` would replace what it must not; call before writing anything."""
+@dataclass(frozen=True)
+class OutputKind:
+    """What one writer produces, so that only its own output is ever replaced."""
+
+    what: str
+    """For messages: "a prepared dataset"."""
+    marker: str
+    """File written last: its presence marks the output complete."""
+    own: re.Pattern[str]
+    """Matches every path the writer creates, relative, folders with a trailing "/"."""
+
+
+def foreign_entries(root: Path, own: re.Pattern[str], rel: str = "") -> list[str]:
+    """Paths under `root` that the writer described by `own` would not create (not descending into them)."""
+    found = []
+    for entry in sorted(os.scandir(root / rel), key=lambda e: e.name):
+        is_dir = entry.is_dir(follow_symlinks=False)
+        name = f"{rel}{entry.name}{'/' if is_dir else ''}"
+        if entry.is_symlink() or not own.fullmatch(name):
+            found.append(name)
+        elif is_dir:
+            found.extend(foreign_entries(root, own, name))
+    return found
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _check_existing(out: Path, overwrite: bool, kind: OutputKind) -> None:
+    complete = (out / kind.marker).is_file()
+    foreign = foreign_entries(out, kind.own)
+    # --overwrite replaces a directory wholesale: anything the writer did not create would be lost.
+    if foreign and complete:
+        raise UserError(f"{out} is {kind.what} but also holds entries it did not write ({_listing(foreign)}); "
+                        "refusing to replace it: move them away or choose another --out")
+    if foreign:
+        raise UserError(f"{out} exists, is not empty and is not {kind.what} (it holds {_listing(foreign)}); "
+                        "refusing to replace it: choose another --out")
+    if complete and not overwrite:
+        raise UserError(f"{out} is already {kind.what}; pass --overwrite to replace it "
+                        "(the old one is kept until the new one is complete)")
+    if not complete and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} holds the output of an interrupted run (no {kind.marker}), not yet {kind.what}; "
+                        "pass --overwrite to replace it")
+
+
+def check_destination(out: Path, overwrite: bool, kind: OutputKind) -> None:
+    """Raise if writing `out` would replace what it must not; call before writing anything.
+
+    Only the writer's own output, complete or interrupted, is ever replaced, and only with `overwrite`."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"{out} exists and is not a directory; choose another --out")
-        if is_complete(out) and not overwrite:
-            raise UserError(f"{out} is already {what}; pass --overwrite to replace it "
-                            "(the old one is kept until the new one is complete)")
-        if not is_complete(out) and any(out.iterdir()) and not overwrite:
-            raise UserError(f"{out} exists, is not empty and is not {what}; refusing to replace it "
-                            "(choose another --out, or pass --overwrite)")
+        _check_existing(out, overwrite, kind)
     for tmp, pid in _temp_dirs(out):
         if pid != os.getpid() and _alive(pid):
             raise UserError(f"another process (pid {pid}) is writing {out} into {tmp}; wait for it or stop it")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -37,11 +38,15 @@ from tqdm import tqdm
 from continual_pt import __version__
 from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, encode, output, sources
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
-from continual_pt.data.tokenizer import LoadedTokenizer, load_tokenizer
+from continual_pt.data.tokenizer import TOKENIZER_FILES, LoadedTokenizer, load_tokenizer
 from continual_pt.errors import UserError
 
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
+DATASET = output.OutputKind(
+    "a prepared dataset", MANIFEST,
+    re.compile(rf"{re.escape(MANIFEST)}|{TOKENIZER_DIR}/({'|'.join(map(re.escape, TOKENIZER_FILES))})?"
+               rf"|({'|'.join(SPLITS)})/(\d{{6,}}\.bin)?"))
 
 
 def default_workers() -> int:
@@ -71,6 +76,8 @@ class PrepareOptions:
     hf_split: str = "train"
     hf_config: str | None = None
     overwrite: bool = False
+    skip_unknown: bool = False
+    """Skip files of unknown type in a directory or glob source instead of failing."""
     quiet: bool = False
 
     def check(self) -> None:
@@ -115,13 +122,13 @@ class _Totals:
 def _encoded(chunks: Iterator[encode.Chunk], workers: int, init_args: tuple) -> Iterator[encode.Encoded]:
     """Encoded chunks in input order, at most 2 x workers of them in flight (bounded memory)."""
     if workers == 1:
-        encode.init_worker(*init_args, own_process=False)
+        encode.init_worker(*init_args, parent_pid=None)
         yield from map(encode.encode_chunk, chunks)
         return
     # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe. An executor rather
     # than multiprocessing.Pool: a worker killed by the OOM killer fails the run instead of hanging it.
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=encode.init_worker, initargs=(*init_args, True))
+                                   initializer=encode.init_worker, initargs=(*init_args, os.getpid()))
     try:
         pending: deque = deque()
         for chunk in chunks:
@@ -192,10 +199,13 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     """Tokenize `options.sources` into the dataset directory `options.out`; returns its manifest."""
     options.check()
     out = Path(options.out)
-    output.check_destination(out, options.overwrite, is_complete=lambda p: (p / MANIFEST).is_file())
+    output.check_destination(out, options.overwrite, DATASET)
     tok = load_tokenizer(options.tokenizer, options.eos_token)
     dtype = choose_dtype(options.dtype, tok.vocab_size, options.tokenizer)
-    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config)
+    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config,
+                                   options.skip_unknown)
+    for note in [] if options.quiet else sources.skipped_notes(srcs):
+        print(note, file=sys.stderr)
     fingerprints = [s.fingerprint() for s in srcs]
     with output.atomic_directory(out, options.overwrite) as tmp:
         tok.copy_to(tmp / TOKENIZER_DIR)
@@ -223,9 +233,19 @@ def _print_summary(out: Path, manifest: dict[str, Any], totals: _Totals) -> None
           f"{tokens / seconds:,.0f} tokens/s ({manifest['dtype']}, skipped: {totals.skipped or 'none'})")
 
 
+def _stop(signum: int, frame: Any) -> None:
+    print(f"cpt prepare: stopped by {signal.Signals(signum).name}; the unfinished output is removed",
+          file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def run_prepare(options: PrepareOptions) -> int:
     """`cpt prepare`."""
-    # SIGTERM (scancel, timeouts) unwinds like Ctrl-C, so the temporary directory is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    prepare(options)
+    # SIGTERM (scancel, timeouts) and Ctrl-C unwind without a traceback, removing the temporary directory.
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        prepare(options)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

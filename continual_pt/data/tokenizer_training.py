@@ -8,13 +8,18 @@ import the source readers and their Hugging Face `datasets` dependency.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from continual_pt.data import output, sources
-from continual_pt.data.tokenizer import EOS_TOKEN, LoadedTokenizer, train_bpe
+from continual_pt.data.tokenizer import EOS_TOKEN, TOKENIZER_FILES, LoadedTokenizer, train_bpe
+
+TOKENIZER = output.OutputKind("a tokenizer", "tokenizer.json",
+                              re.compile("|".join(map(re.escape, TOKENIZER_FILES))))
 
 
 def _limited(texts: Iterable[str], max_bytes: float | None) -> Iterator[str]:
@@ -43,15 +48,19 @@ class TokenizerOptions:
     hf_split: str = "train"
     hf_config: str | None = None
     overwrite: bool = False
+    skip_unknown: bool = False
+    """Skip files of unknown type in a directory or glob source instead of failing."""
     quiet: bool = False
 
 
 def train_tokenizer(options: TokenizerOptions) -> int:
     """`cpt tokenizer train`: train a byte-level BPE and save it as a Hugging Face folder."""
     out = Path(options.out)
-    output.check_destination(out, options.overwrite, is_complete=lambda p: (p / "tokenizer.json").is_file(),
-                             what="a tokenizer")
-    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config)
+    output.check_destination(out, options.overwrite, TOKENIZER)
+    srcs = sources.resolve_sources(options.sources, options.text_field, options.hf_split, options.hf_config,
+                                   options.skip_unknown)
+    for note in [] if options.quiet else sources.skipped_notes(srcs):
+        print(note, file=sys.stderr)
     start = time.perf_counter()
     max_bytes = None if options.max_mb is None else options.max_mb * 1e6
     tokenizer = train_bpe(_limited(sources.iter_documents(srcs, options.text_field), max_bytes),
