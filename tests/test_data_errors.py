@@ -14,16 +14,10 @@ import pytest
 
 from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
-from continual_pt.data.prepare import PrepareOptions, prepare
 from continual_pt.errors import UserError
+from tests.helpers import prepare_quietly
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(sources, tokenizer, out: Path, **kw) -> dict:
-    kw.setdefault("workers", 1)
-    kw.setdefault("quiet", True)
-    return prepare(PrepareOptions(sources=[str(s) for s in sources], tokenizer=str(tokenizer), out=str(out), **kw))
 
 
 def jsonl(path: Path, texts: list[str]) -> Path:
@@ -33,7 +27,7 @@ def jsonl(path: Path, texts: list[str]) -> Path:
 
 def expect_error(match: str, sources, tokenizer, out: Path, **kw) -> str:
     with pytest.raises(UserError, match=match) as info:
-        run(sources, tokenizer, out, **kw)
+        prepare_quietly(sources, tokenizer, out, **kw)
     assert not out.exists() and not list(out.parent.glob(f"{out.name}.tmp-*"))  # nothing written or left
     return str(info.value)
 
@@ -100,7 +94,7 @@ def test_missing_or_null_text_field(tmp_path, data_tokenizer):
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "hf"))
     expect_error("no column 'text'", [tmp_path / "hf"], data_tokenizer, tmp_path / "o")
     # The right --text-field makes the same input work.
-    run([tmp_path / "hf"], data_tokenizer, tmp_path / "ok", text_field="body", val_fraction=0.0)
+    prepare_quietly([tmp_path / "hf"], data_tokenizer, tmp_path / "ok", text_field="body", val_fraction=0.0)
 
 
 def test_uint16_cannot_hold_a_large_vocabulary(tmp_path, data_tokenizer):
@@ -126,25 +120,25 @@ def test_bad_options_and_tokenizer(tmp_path, data_tokenizer):
 def test_existing_output_is_never_overwritten_or_lost(tmp_path, data_tokenizer, data_docs):
     good = jsonl(tmp_path / "good.jsonl", data_docs(30, seed=11))
     out = tmp_path / "out"
-    run([good], data_tokenizer, out)
+    prepare_quietly([good], data_tokenizer, out)
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(UserError, match="already a prepared dataset; pass --overwrite"):
-        run([good], data_tokenizer, out)
+        prepare_quietly([good], data_tokenizer, out)
     # A failing --overwrite run (bad line found mid-way) keeps the old dataset intact.
     bad = jsonl(tmp_path / "bad.jsonl", data_docs(300, seed=12))
     with open(bad, "a") as f:
         f.write("{oops\n")
     with pytest.raises(UserError, match="broken JSON"):
-        run([bad], data_tokenizer, out, overwrite=True)
+        prepare_quietly([bad], data_tokenizer, out, overwrite=True)
     assert (out / "manifest.json").read_bytes() == before
     assert PreparedDataset(out).num_docs > 0
-    run([jsonl(tmp_path / "new.jsonl", ["new"])], data_tokenizer, out, overwrite=True, val_fraction=0.0)
+    prepare_quietly([jsonl(tmp_path / "new.jsonl", ["new"])], data_tokenizer, out, overwrite=True, val_fraction=0.0)
     assert PreparedDataset(out).num_docs == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="is not empty and is not a prepared dataset"):
-        run([good], data_tokenizer, tmp_path / "other")
+        prepare_quietly([good], data_tokenizer, tmp_path / "other")
 
 
 def test_concurrent_writer_is_refused(tmp_path, data_tokenizer):
@@ -152,7 +146,7 @@ def test_concurrent_writer_is_refused(tmp_path, data_tokenizer):
     live = tmp_path / f"out.tmp-{os.getppid()}"  # a process that is alive
     live.mkdir()
     with pytest.raises(UserError, match=f"another process \\(pid {os.getppid()}\\) is writing"):
-        run([path], data_tokenizer, tmp_path / "out")
+        prepare_quietly([path], data_tokenizer, tmp_path / "out")
 
 
 def start_prepare_and_wait_for_a_shard(out: Path, tokenizer: Path) -> tuple[subprocess.Popen, Path]:
@@ -183,7 +177,7 @@ def test_interrupted_prepare_is_never_mistaken_for_a_dataset(tmp_path, data_toke
         PreparedDataset(tmp_path / "renamed")
     tmp_path.joinpath("renamed").rename(tmp)
     # The next run removes the dead process's leftovers and completes.
-    run([jsonl(tmp_path / "x.jsonl", ["def f(): pass"])], data_tokenizer, out, val_fraction=0.0)
+    prepare_quietly([jsonl(tmp_path / "x.jsonl", ["def f(): pass"])], data_tokenizer, out, val_fraction=0.0)
     assert PreparedDataset(out).num_docs == 1 and not tmp.exists()
 
 

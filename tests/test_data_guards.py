@@ -18,17 +18,11 @@ import zstandard
 from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.data.formats import FILE_SUFFIXES
-from continual_pt.data.prepare import PrepareOptions, prepare
 from continual_pt.errors import UserError
+from tests.helpers import prepare_quietly
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEPTED = ", ".join(FILE_SUFFIXES)
-
-
-def run(sources, tokenizer, out: Path, **kw) -> dict:
-    kw.setdefault("workers", 1)
-    kw.setdefault("quiet", True)
-    return prepare(PrepareOptions(sources=[str(s) for s in sources], tokenizer=str(tokenizer), out=str(out), **kw))
 
 
 def lines_of(texts: list[str]) -> bytes:
@@ -42,7 +36,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def refused(match: str, sources, tokenizer, out: Path, **kw) -> str:
     """The message of the UserError a run raises; asserts it left no temporary directory."""
     with pytest.raises(UserError, match=match) as info:
-        run(sources, tokenizer, out, **kw)
+        prepare_quietly(sources, tokenizer, out, **kw)
     assert not list(out.parent.glob(f"{out.name}.tmp-*"))
     return str(info.value)
 
@@ -82,7 +76,7 @@ def test_overwrite_replaces_a_dataset_only_when_it_holds_nothing_else(tmp_path, 
     src = tmp_path / "x.jsonl"
     src.write_bytes(lines_of(["old one", "old two"]))
     out = tmp_path / "ds"
-    run([src], data_tokenizer, out, val_fraction=0.0)
+    prepare_quietly([src], data_tokenizer, out, val_fraction=0.0)
     (out / "notes.txt").write_text("mine")
     msg = refused("refusing", [src], data_tokenizer, out, overwrite=True)
     assert msg == (f"{out} is a prepared dataset but also holds entries it did not write (notes.txt); "
@@ -90,7 +84,7 @@ def test_overwrite_replaces_a_dataset_only_when_it_holds_nothing_else(tmp_path, 
     assert (out / "notes.txt").read_text() == "mine" and PreparedDataset(out).num_docs == 2
     (out / "notes.txt").unlink()
     src.write_bytes(lines_of(["new"]))
-    run([src], data_tokenizer, out, val_fraction=0.0, overwrite=True)
+    prepare_quietly([src], data_tokenizer, out, val_fraction=0.0, overwrite=True)
     assert PreparedDataset(out).num_docs == 1
 
 
@@ -98,12 +92,12 @@ def test_overwrite_replaces_an_interrupted_output(tmp_path, data_tokenizer):
     src = tmp_path / "x.jsonl"
     src.write_bytes(lines_of(["one", "two", "three"]))
     out = tmp_path / "ds"
-    run([src], data_tokenizer, out, val_fraction=0.0)
+    prepare_quietly([src], data_tokenizer, out, val_fraction=0.0)
     (out / "manifest.json").unlink()  # as a killed run's temporary directory renamed by hand
     msg = refused("interrupted", [src], data_tokenizer, out)
     assert msg == (f"{out} holds the output of an interrupted run (no manifest.json), not yet a prepared "
                    "dataset; pass --overwrite to replace it")
-    run([src], data_tokenizer, out, val_fraction=0.0, overwrite=True)
+    prepare_quietly([src], data_tokenizer, out, val_fraction=0.0, overwrite=True)
     assert PreparedDataset(out).num_docs == 3
 
 
@@ -150,7 +144,7 @@ def test_a_truncated_compressed_file_is_named_as_truncated(tmp_path, data_tokeni
     rc = main(["prepare", "-s", str(path), "-t", str(data_tokenizer), "-o", str(tmp_path / "o"), "-q"])
     assert rc == 2 and capsys.readouterr().err == f"cpt prepare: error: {msg}\n"
     path.write_bytes(whole)  # the complete file is read in full
-    splits = run([path], data_tokenizer, tmp_path / "o")["splits"]
+    splits = prepare_quietly([path], data_tokenizer, tmp_path / "o")["splits"]
     assert splits["train"]["num_docs"] + splits["val"]["num_docs"] == 1000
 
 

@@ -11,8 +11,7 @@ from tokenizers import Tokenizer
 
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.data.encode import is_val, val_threshold
-from continual_pt.data.prepare import PrepareOptions, prepare
-from tests.helpers import PYTHIA_TOKENIZER
+from tests.helpers import PYTHIA_TOKENIZER, prepare_quietly
 
 PYTHIA = PYTHIA_TOKENIZER
 EOS = "<|endoftext|>"
@@ -70,19 +69,13 @@ def expected_split(docs: list[str], val_fraction: float, split: str) -> str:
     return "".join(d + EOS for d in docs if is_val(d, threshold) == (split == "val"))
 
 
-def run(sources, tokenizer, out: Path, **kw) -> dict:
-    kw.setdefault("workers", 1)
-    kw.setdefault("quiet", True)
-    return prepare(PrepareOptions(sources=[str(s) for s in sources], tokenizer=str(tokenizer), out=str(out), **kw))
-
-
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl.zst", "jsonl.gz", "parquet", "txt", "hf-disk"])
 @pytest.mark.parametrize("tokenizer", ["trained", "pythia"])
 def test_round_trip(kind, tokenizer, tmp_path, data_docs, data_tokenizer):
     docs = data_docs(60, seed=3)
     tok = data_tokenizer if tokenizer == "trained" else PYTHIA
     src = write_input(kind, docs, tmp_path)
-    manifest = run([src], tok, tmp_path / "out", val_fraction=0.2, shard_tokens=997)
+    manifest = prepare_quietly([src], tok, tmp_path / "out", val_fraction=0.2, shard_tokens=997)
     for split in ("train", "val"):
         assert decode_split(tmp_path / "out", split) == expected_split(docs, 0.2, split)
     assert manifest["splits"]["train"]["num_docs"] + manifest["splits"]["val"]["num_docs"] == len(docs)
@@ -91,7 +84,7 @@ def test_round_trip(kind, tokenizer, tmp_path, data_docs, data_tokenizer):
 
 def test_literal_eos_in_text_is_not_a_separator(tmp_path, data_tokenizer):
     docs = [f"a {EOS} b", EOS, f"{EOS}{EOS} c"]
-    manifest = run([write_input("jsonl", docs, tmp_path)], data_tokenizer, tmp_path / "out", val_fraction=0.0)
+    manifest = prepare_quietly([write_input("jsonl", docs, tmp_path)], data_tokenizer, tmp_path / "out", val_fraction=0.0)
     ds = PreparedDataset(tmp_path / "out")
     tokens = ds.tokens(0, ds.num_tokens)
     assert manifest["splits"]["train"]["num_docs"] == 3
@@ -108,13 +101,13 @@ def test_truncation_in_tokenizer_json_is_ignored(tmp_path, data_tokenizer, data_
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
     docs = data_docs(10, seed=4)
-    run([write_input("jsonl", docs, tmp_path)], folder, tmp_path / "out", val_fraction=0.0)
+    prepare_quietly([write_input("jsonl", docs, tmp_path)], folder, tmp_path / "out", val_fraction=0.0)
     assert decode_split(tmp_path / "out", "train") == "".join(d + EOS for d in docs)
 
 
 def test_manifest_records_what_the_reader_needs(tmp_path, data_tokenizer, data_docs):
     src = write_input("jsonl", data_docs(50, seed=5), tmp_path)
-    m = run([src], data_tokenizer, tmp_path / "out", val_fraction=0.1, shard_tokens=300)
+    m = prepare_quietly([src], data_tokenizer, tmp_path / "out", val_fraction=0.1, shard_tokens=300)
     assert m["format_version"] == 1 and m["dtype"] == "uint16" and m["eos_id"] == 0
     assert m["vocab_size"] == Tokenizer.from_file(str(data_tokenizer / "tokenizer.json")).get_vocab_size(True)
     assert m["sources"][0]["files"][0]["size"] == src.stat().st_size
@@ -131,9 +124,9 @@ def test_manifest_records_what_the_reader_needs(tmp_path, data_tokenizer, data_d
 
 def test_split_is_disjoint_and_stable_when_the_corpus_grows(tmp_path, data_tokenizer, data_docs):
     small, extra = data_docs(150, seed=6), data_docs(150, seed=7)
-    run([write_input("jsonl", small, tmp_path)], data_tokenizer, tmp_path / "a", val_fraction=0.2)
+    prepare_quietly([write_input("jsonl", small, tmp_path)], data_tokenizer, tmp_path / "a", val_fraction=0.2)
     (tmp_path / "grown").mkdir()
-    run([write_input("jsonl", extra + small, tmp_path / "grown")], data_tokenizer, tmp_path / "b", val_fraction=0.2)
+    prepare_quietly([write_input("jsonl", extra + small, tmp_path / "grown")], data_tokenizer, tmp_path / "b", val_fraction=0.2)
 
     def side(text: dict[str, str], doc: str) -> str:
         # Documents have unique "document s-i:" prefixes, so a substring test finds exactly them.
@@ -154,18 +147,18 @@ def test_same_bytes_with_one_and_two_workers(tmp_path, monkeypatch, data_tokeniz
     from continual_pt.data import sources
 
     src = write_input("jsonl", data_docs(3000, seed=8), tmp_path)
-    m1 = run([src], data_tokenizer, tmp_path / "w1", workers=1, shard_tokens=20000, val_fraction=0.05)
+    m1 = prepare_quietly([src], data_tokenizer, tmp_path / "w1", workers=1, shard_tokens=20000, val_fraction=0.05)
     # Small chunks, so that two workers really interleave and finish out of order.
     monkeypatch.setattr(sources, "CHUNK_BYTES", 8192)
     assert len(list(sources.iter_chunks(sources.resolve_sources([str(src)], "text"), "text", 8192))) > 50
-    m2 = run([src], data_tokenizer, tmp_path / "w2", workers=2, shard_tokens=20000, val_fraction=0.05)
+    m2 = prepare_quietly([src], data_tokenizer, tmp_path / "w2", workers=2, shard_tokens=20000, val_fraction=0.05)
     for split in ("train", "val"):
         assert m1["splits"][split] == m2["splits"][split]
     assert len(m1["splits"]["train"]["shards"]) > 3
 
 
 def test_kjv_is_one_document_per_chapter(tmp_path, data_tokenizer):
-    m = run(["kjv"], data_tokenizer, tmp_path / "kjv", val_fraction=0.0, workers=2)
+    m = prepare_quietly(["kjv"], data_tokenizer, tmp_path / "kjv", val_fraction=0.0, workers=2)
     assert m["splits"]["train"]["num_docs"] == 1189  # chapters of the King James Bible
     ds = PreparedDataset(tmp_path / "kjv")
     tok = Tokenizer.from_file(str(ds.tokenizer_dir / "tokenizer.json"))
@@ -194,7 +187,7 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path, data_tokenizer):
     big = tmp_path / "big.json"
     tok.save(str(big))
     doc = "x <extra_65999> y"
-    run([write_input("jsonl", [doc], tmp_path)], big, tmp_path / "out", val_fraction=0.0)
+    prepare_quietly([write_input("jsonl", [doc], tmp_path)], big, tmp_path / "out", val_fraction=0.0)
     ds = PreparedDataset(tmp_path / "out")
     assert ds.dtype == np.uint32 and ds.vocab_size > 65536
     assert int(ds.tokens(0, ds.num_tokens).max()) == tok.token_to_id("<extra_65999>")
@@ -212,7 +205,7 @@ def test_hub_dataset_is_streamed(tmp_path, monkeypatch, data_tokenizer, data_doc
         return datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    m = run(["hf:org/corpus"], data_tokenizer, tmp_path / "out", val_fraction=0.0, hf_config="en", hf_split="valid")
+    m = prepare_quietly(["hf:org/corpus"], data_tokenizer, tmp_path / "out", val_fraction=0.0, hf_config="en", hf_split="valid")
     assert calls == [("org/corpus", "en", "valid", True)]
     assert decode_split(tmp_path / "out", "train") == "".join(d + EOS for d in docs)
     assert m["sources"][0] == {"spec": "hf:org/corpus", "kind": "hf-hub", "name": "org/corpus", "config": "en",
