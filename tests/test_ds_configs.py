@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import yaml
 
+from continual_pt import config
+from continual_pt.config import ConfigError
 from continual_pt.config import deepspeed as ds_config
+from tests.helpers import REPO
 
 NAMES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
 
@@ -66,6 +72,59 @@ def test_find_by_name_or_path(tmp_path):
     assert ds_config.find("zero7") is None
     with pytest.raises(FileNotFoundError, match="accepted: zero0, zero1"):
         ds_config.load("zero7")
+
+
+def test_shipped_configs_are_package_data_shown_at_the_top_level():
+    # A wheel carries only the package: the files live there; the top-level folders show the same ones.
+    assert ds_config.DS_CONFIG_DIR == REPO / "continual_pt" / "ds_configs"
+    for folder in ("ds_configs", "configs"):
+        shipped, browsed = REPO / "continual_pt" / folder, REPO / folder
+        files = sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(browsed) for p in browsed.rglob("*") if p.is_file())
+        assert all((shipped / f).read_bytes() == (browsed / f).read_bytes() for f in files)
+    assert len(list((REPO / "continual_pt" / "ds_configs").glob("*.json"))) == len(NAMES)
+    assert (REPO / "continual_pt" / "configs" / "quickstart" / "pretrain.yaml").is_file()
+
+
+UNUSABLE = {
+    "not_json": ('{"zero_optimization": ', "not valid JSON: Expecting value: line 1 column 23 (char 22)"),
+    "a_list": ("[1, 2]", "expected a JSON object of DeepSpeed settings ({...}), got an array"),
+    "a_number": ("3", "expected a JSON object of DeepSpeed settings ({...}), got a number"),
+    "a_string": ('"zero2"', "expected a JSON object of DeepSpeed settings ({...}), got a string"),
+    "a_section_not_an_object": ('{"bf16": true}', "bf16: expected a JSON object, got True"),
+    "offload_not_an_object": ('{"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}}',
+                              "zero_optimization.offload_optimizer: expected a JSON object, got 'cpu'"),
+}
+
+
+def _run_config(tmp_path, ds_text: str):
+    ds = tmp_path / "ds.json"
+    ds.write_text(ds_text)
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": {"config": {"hidden_size": 8}}, "data": {"train": {"c": "data/c"}},
+                                   "train": {"max_steps": 2, "ds_config": str(ds)}}))
+    return ds, run
+
+
+@pytest.mark.parametrize("kind", list(UNUSABLE))
+def test_an_unusable_file_is_one_config_problem_naming_it(tmp_path, kind):
+    text, message = UNUSABLE[kind]
+    ds, run = _run_config(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(run)
+    assert info.value.problems == [f"{run}: train.ds_config: {ds}: {message}"]
+    with pytest.raises(ds_config.DeepSpeedFileError) as direct:   # a UserError: `cpt` prints it, no traceback
+        ds_config.load(str(ds))
+    assert str(direct.value) == f"{ds}: {message}"
+
+
+def test_the_cli_says_so_in_one_message(tmp_path):
+    ds, run = _run_config(tmp_path, "[1, 2]")
+    proc = subprocess.run([sys.executable, "-m", "continual_pt.cli", "config", "--config", str(run)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"cpt config: error: invalid configuration (1 problem(s)):\n  - {run}: train.ds_config: "
+                           f"{ds}: expected a JSON object of DeepSpeed settings ({{...}}), got an array\n")
 
 
 class _DataParallel:

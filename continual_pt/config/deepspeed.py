@@ -1,7 +1,8 @@
 """DeepSpeed configs: find a file of ds_configs/ and fill its "auto" fields from the run config.
 
 ZeRO stage and offload live in the JSON files; batch sizes, accumulation, clipping and
-precision are decided by the run config and written there as "auto".
+precision are decided by the run config and written there as "auto". The shipped files are
+package data (continual_pt/ds_configs/), so a wheel install finds them too.
 """
 
 from __future__ import annotations
@@ -11,12 +12,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+from continual_pt.errors import UserError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 PRECISIONS = ("bf16", "fp16", "fp32")
+# Sections that `fill` and the readers below descend into: each must be a JSON object if present.
+OBJECT_SECTIONS = ("bf16", "fp16", "zero_optimization", "zero_optimization.offload_optimizer")
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
 
 
 class BatchSizeError(ValueError):
     """global batch != micro batch x gradient accumulation x data-parallel size."""
+
+
+class DeepSpeedFileError(UserError, ValueError):
+    """A DeepSpeed config file that is not a JSON object of settings; the message names the file."""
 
 
 def available() -> list[str]:
@@ -39,10 +50,38 @@ def load(name_or_path: str) -> dict[str, Any]:
     if path is None:
         raise FileNotFoundError(
             f"no DeepSpeed config {name_or_path!r}; accepted: {', '.join(available())} or a path to a JSON file")
+    return read(path)
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The settings of one DeepSpeed JSON file; `DeepSpeedFileError` naming it if they are unusable."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        raise DeepSpeedFileError(f"{path}: not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeepSpeedFileError(f"{path}: cannot read it: {exc}") from None
+    if not isinstance(data, dict):
+        raise DeepSpeedFileError(f"{path}: expected a JSON object of DeepSpeed settings ({{...}}), "
+                                 f"got {_JSON_KINDS.get(type(data), type(data).__name__)}")
+    for section in OBJECT_SECTIONS:
+        parent, _, key = section.rpartition(".")
+        node = data.get(parent, {}) if parent else data
+        if isinstance(node, dict) and key in node and not isinstance(node[key], dict):
+            raise DeepSpeedFileError(f"{path}: {section}: expected a JSON object, got {node[key]!r}")
+    return data
+
+
+def problem(name_or_path: str) -> str | None:
+    """What is wrong with a DeepSpeed config given by name or path, or None if it is usable."""
+    path = find(name_or_path)
+    if path is None:
+        return f"no DeepSpeed config {name_or_path!r}; accepted: {', '.join(available())} or a path to a JSON file"
+    try:
+        read(path)
+    except DeepSpeedFileError as exc:
+        return str(exc)
+    return None
 
 
 def check_batch(global_batch_size: int, micro_batch_size: int, grad_accum: int, dp_size: int) -> None:

@@ -165,9 +165,9 @@ class TrainConfig:
                     parse_duration(value)
                 except ValueError as exc:
                     p.add(f"train.{key}", str(exc))
-        if deepspeed.find(self.ds_config) is None:
-            p.add("train.ds_config", f"no DeepSpeed config {self.ds_config!r}; accepted: "
-                  f"{', '.join(deepspeed.available())} or a path to a JSON file")
+        ds_problem = deepspeed.problem(self.ds_config)
+        if ds_problem:
+            p.add("train.ds_config", ds_problem)
 
 
 @dataclass
