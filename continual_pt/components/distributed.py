@@ -2,7 +2,8 @@
 
 Each launcher announces ranks differently; `detect()` reads whichever is present and
 `init()` turns it into the environment torch.distributed expects, then starts DeepSpeed's
-communication backend (nccl on GPUs, gloo on the CPU).
+communication backend (nccl on GPUs, gloo on the CPU), building the ops it needs first under a
+lock that a killed start cannot leave behind (see `components.ops`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
+
+from continual_pt.components import ops
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def init(env: DistEnv | None = None) -> DistEnv:
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     if not dist.is_initialized():
         device_for(env.local_rank)
+        ops.prepare()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return env
