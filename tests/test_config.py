@@ -162,3 +162,25 @@ schedule: {name: cosnie, warmup: 500, min_lr: 1.0, max_lr: 1.0e-3}
     assert f"{path}: train.warmup: unknown key" in err
     assert "command line: train.precision" in err
     assert "Traceback" not in err
+
+
+def test_an_override_that_is_not_yaml_is_a_problem_not_a_traceback():
+    # An unquoted `key={a: b}` reaches us split by the shell into 'key={a:' and 'b}'.
+    with pytest.raises(ConfigError) as info:
+        config.load(None, MINIMAL + ["model.config={hidden_size:", "8}"])
+    assert info.value.problems == [
+        "command line: override 'model.config={hidden_size:': the value is not valid YAML (while parsing a flow "
+        "node); quote it for the shell, e.g. 'model.config={hidden_size: 64}'",
+        "command line: override '8}' is not of the form key=value (e.g. train.max_steps=100)"]
+
+
+def test_model_config_origins_are_recorded_but_never_dumped(tmp_path):
+    path = write(tmp_path, "model: {config: {hidden_size: 8}}\ndata: {train: {c: data/c}}\ntrain: {max_steps: 3}\n")
+    cfg = config.load(path, ["model.config.num_hidden_layers=2"])
+    assert cfg.model.origins == {"hidden_size": str(path), "num_hidden_layers": "command line"}
+    assert cfg.model.where("num_hidden_layers") == "command line: model.config.num_hidden_layers"
+    assert "origins" not in config.dump(cfg) and "origins" not in config.to_dict(cfg)["model"]
+    assert config.from_dict(config.to_dict(cfg)).model.origins == {"hidden_size": "config",
+                                                                  "num_hidden_layers": "config"}
+    with pytest.raises(ConfigError, match="model.origins: unknown key"):
+        config.load(path, ["model.origins={hidden_size: x}"])

@@ -251,7 +251,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r} has an empty key")
-    return key, yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key, None
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({problem}); quote it for the "
+                         "shell, e.g. 'model.config={hidden_size: 64}'") from None
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> str | None:
