@@ -129,7 +129,9 @@ def _changes(cls: type[PretrainedConfig], base: dict[str, Any], key: str, value:
 
 def _judge(cfg: ModelConfig, base: PretrainedConfig, source: str, init: bool) -> tuple[dict[str, Any], list[str]]:
     """The model.config keys to apply over `base`, and the problems of the others."""
-    cls, before, known = type(base), base.to_dict(), config_fields(type(base))
+    cls, known = type(base), config_fields(type(base))
+    # Compared after the same round trip as the candidates, so that only `key` makes a difference.
+    before = cls.from_dict(base.to_dict()).to_dict()
     applied, problems = {}, []
     for key, value in cfg.config.items():
         if key == "model_type":
