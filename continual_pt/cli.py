@@ -106,8 +106,9 @@ def _add_train(sub) -> None:
         "train", help="run one continual pre-training phase on the DeepSpeed engine",
         description="Train (or re-warm) a model on prepared data. Run it directly for one process, or "
                     "under deepspeed, torchrun, srun or mpirun for several: `python -m continual_pt.train` "
-                    "takes the same arguments. SIGTERM/SIGUSR1 save a committed checkpoint and exit 75 "
-                    "(run the same command again to resume: checkpoint.resume=auto).")
+                    "takes the same arguments. SIGTERM/SIGUSR1 and a first Ctrl-C save a committed checkpoint "
+                    "and exit 75 (run the same command again to resume: checkpoint.resume=auto); a second "
+                    "Ctrl-C aborts at once. One run at a time per run directory.")
     _add_config_args(p)
     _target(p, "continual_pt.training.loop:run_phase")
 

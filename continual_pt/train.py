@@ -10,9 +10,12 @@ torchrun, SLURM and MPI:
     srun --ntasks-per-node 8 python -m continual_pt.train --config run.yaml
     mpirun -np 16 python -m continual_pt.train --config run.yaml
 
-Exit status: 0 finished; 75 stopped early by SIGTERM, SIGUSR1 or train.time_limit after saving
-a committed checkpoint (run the same command again to resume); 1 the loss became non-finite;
-2 bad input (config, data, checkpoint), reported before anything is written.
+Exit status: 0 finished (also when the run's checkpoint is already at train.max_steps); 75 stopped
+early by SIGTERM, SIGUSR1, a first Ctrl-C (SIGINT) or train.time_limit after saving a committed
+checkpoint, or during set-up with nothing new to save (run the same command again to resume; a
+second Ctrl-C aborts at once, leaving the last committed checkpoint); 1 the loss became
+non-finite; 2 bad input (config, data, checkpoint) or a run dir another run holds, reported
+before anything is written.
 """
 
 import sys
