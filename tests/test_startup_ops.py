@@ -139,10 +139,10 @@ def test_start_after_a_killed_build_does_not_wait_on_its_lock(built_ext, tmp_pat
     assert not baton.exists()
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"exited {proc.returncode} before {path} appeared"
+        assert proc.poll() is None, f"exited {proc.returncode} before {path} appeared\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
         time.sleep(0.1)
 
@@ -151,15 +151,17 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 def test_train_killed_during_the_op_build_then_started_again_trains(world, tmp_path):
     ext = tmp_path / "ext"   # nothing built: the first start must build the op
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", name="wedge",
-                          train={"max_steps": 2}, eval={"sets": {}, "every_steps": 0})
+                          train={"max_steps": 2}, schedule={"name": "cosine", "max_lr": 3.0e-3, "warmup": 1},
+                          eval={"sets": {}, "every_steps": 0})
     cmd = ts.train_command(cfg, [])
-    first = subprocess.Popen(cmd, env=_env(ext), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    with open(tmp_path / "first.log", "w") as out:
+        first = subprocess.Popen(cmd, env=_env(ext), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(ext / OP / "lock", first, timeout=180)
+        _wait_for(ext / OP / "lock", first, timeout=180, log=tmp_path / "first.log")
         time.sleep(1.0)   # the compiler is running
     finally:
-        os.killpg(first.pid, signal.SIGKILL)   # a time limit: the whole job, compiler included
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)   # a time limit: the whole job, compiler included
         first.wait(timeout=30)
     assert (ext / OP / "lock").exists()   # the wedge as a killed start leaves it
     log = tmp_path / "second.log"
