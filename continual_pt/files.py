@@ -1,5 +1,6 @@
 """Files that are never seen half-written: write a hidden temporary beside the target, flush it
-to disk, rename it over the target, flush the directory. Also JSON lines without NaN, appended on a line boundary and read back past a torn line.
+to disk, rename it over the target, flush the directory. Also JSON lines: without NaN, appended
+on a line boundary, read back past a torn line.
 
 A reader sees the old content or the new, never a mix: `os.replace` is atomic within one
 filesystem, which is why the temporary lives in the target's directory. Its name carries the
