@@ -49,11 +49,14 @@ def test_plot_draws_each_set_and_the_schedule_for_every_run(exp, tmp_path, capsy
             records = in_loop(path, name)
             assert list(line.get_xdata()) == [r["tokens"] for r in records]
             assert list(line.get_ydata()) == [r["loss"] for r in records]
+    # The LR panel is each run's schedule from step 0 (warmup included), 64 tokens per step, on which
+    # every logged LR lies at the start of the step that used it.
     for line, path in zip(lr_ax.lines, paths):
         records = ts.train_records(path)
-        assert list(line.get_xdata()) == [r["tokens"] for r in records]
-        assert list(line.get_ydata()) == [r["lr"] for r in records]
+        assert list(line.get_xdata()) == [64 * step for step in range(13)]
+        assert [line.get_ydata()[r["step"] - 1] for r in records] == [r["lr"] for r in records]
     assert max(lr_ax.lines[1].get_ydata()) == 2.0e-3 and set(lr_ax.lines[2].get_ydata()) == {3.0e-4}
+    assert list(lr_ax.lines[1].get_ydata()[:3]) == [0.0, 1.0e-3, 2.0e-3]     # the rewarm's 2-step warmup
 
 
 def test_scores_replace_in_loop_curves_when_the_run_has_them(world, exp, tmp_path, capsys):

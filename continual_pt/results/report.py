@@ -9,21 +9,27 @@ scores.jsonl that `cpt eval` writes into the run directory. With source "auto", 
 the scores when the run has any for it, else the in-loop records. Within the scores, one
 series is used per set: the (split, budget, seq len, dtype) measured at the most checkpoints,
 ties going to the larger budget, so that a curve never mixes budgets.
+
+The LR is drawn from the schedule in the run's saved config.yaml, from step 0 (so a warmup shows)
+to the last step the run reached, at tokens = step x tokens per step.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from continual_pt.config import Problems, ScheduleConfig, build_section
 from continual_pt.errors import UserError
 from continual_pt.evaluation.store import FILE, read_scores
 from continual_pt.files import atomic_write_text
 from continual_pt.results.records import read_metrics
+from continual_pt.schedules import build, check_config, curve
 
 SOURCES = ("auto", "metrics", "scores")
 
@@ -51,7 +57,9 @@ class RunCurves:
     metrics_evals: dict[str, list[Point]] = field(default_factory=dict)
     """The in-loop curves, kept for the step-0 reference of forgetting."""
     lr: list[tuple[int, float]] = field(default_factory=list)
-    """(tokens seen, learning rate) of each logged training step."""
+    """(tokens seen, learning rate): the schedule from step 0, else each logged training step."""
+    init: str | None = None
+    """The checkpoint (or pretrained model) the run started from: checkpoint.init of its config."""
 
 
 def _finite(value: Any) -> bool:
@@ -89,13 +97,54 @@ def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
     return curves
 
 
-def _run_name(run_dir: Path) -> str:
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file():
-        data = yaml.safe_load(cfg.read_text())
-        if isinstance(data, dict) and data.get("name"):
-            return str(data["name"])
-    return run_dir.name
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as plain data ({} when it has none)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data or {}
+
+
+def _section(saved: dict[str, Any], name: str) -> dict[str, Any]:
+    value = saved.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def tokens_per_step(saved: dict[str, Any], records: list[dict[str, Any]]) -> int | None:
+    """Tokens of one optimizer step: from a logged training record, else from the config's
+    train.global_batch_size x data.seq_len; None when neither says."""
+    for r in records:
+        step, tokens = r.get("step"), r.get("tokens")
+        if r.get("kind", "train") == "train" and isinstance(step, int) and step > 0 and isinstance(tokens, int):
+            return tokens // step
+    batch, seq_len = _section(saved, "train").get("global_batch_size"), _section(saved, "data").get("seq_len")
+    return batch * seq_len if isinstance(batch, int) and isinstance(seq_len, int) else None
+
+
+def schedule_lr(run_dir: Path, saved: dict[str, Any],
+                records: list[dict[str, Any]]) -> list[tuple[int, float]] | None:
+    """(tokens, LR) of the saved config's schedule from step 0 to the last step the run reached;
+    None (with a warning if the config is unusable) when the config does not give it."""
+    max_steps, tps = _section(saved, "train").get("max_steps"), tokens_per_step(saved, records)
+    if "schedule" not in saved or not isinstance(max_steps, int) or max_steps < 1 or not tps:
+        return None
+    p = Problems(default_origin=str(run_dir / "config.yaml"))
+    cfg = build_section(ScheduleConfig, saved["schedule"], "schedule", p)
+    if not p.items:
+        check_config(cfg, p, max_steps)
+    if p.items:
+        print(f"warning: the LR panel shows the logged LR of {run_dir}: {'; '.join(p.items)}", file=sys.stderr)
+        return None
+    reached = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=max_steps)
+    lr_at = build(cfg, max_steps)
+    steps = sorted({s for s in curve(cfg, max_steps)[0] if s <= reached} | {reached})
+    return [(step * tps, lr_at(step)) for step in steps]
 
 
 def load_run(path: str | Path, source: str = "auto") -> RunCurves:
@@ -109,14 +158,19 @@ def load_run(path: str | Path, source: str = "auto") -> RunCurves:
     records = read_metrics(metrics_file)
     from_metrics = _metrics_curves(records)
     from_scores = _scores_curves(read_scores(scores_file)) if source != "metrics" else {}
-    run = RunCurves(_run_name(run_dir), run_dir, metrics_evals=from_metrics)
+    saved = _saved_config(run_dir)
+    init = _section(saved, "checkpoint").get("init")
+    run = RunCurves(str(saved.get("name") or run_dir.name), run_dir, metrics_evals=from_metrics,
+                    init=str(init) if init else None)
     for name in list(from_metrics) + [n for n in from_scores if n not in from_metrics]:
         use_scores = name in from_scores and source in ("auto", "scores")
         if use_scores or (source != "scores" and name in from_metrics):
             run.evals[name] = from_scores[name] if use_scores else from_metrics[name]
             run.sources[name] = "scores" if use_scores else "metrics"
-    run.lr = [(int(r["tokens"]), float(r["lr"])) for r in records
-              if r.get("kind", "train") == "train" and _finite(r.get("lr")) and "tokens" in r]
+    planned = schedule_lr(run_dir, saved, records)
+    run.lr = planned if planned is not None else [
+        (int(r["tokens"]), float(r["lr"])) for r in records
+        if r.get("kind", "train") == "train" and _finite(r.get("lr")) and "tokens" in r]
     return run
 
 
@@ -167,12 +221,14 @@ def _fmt(value: float | None, digits: int, signed: bool = False) -> str:
 
 def report_rows(runs: list[RunCurves], upstream: str, downstream: str,
                 baseline: RunCurves | None) -> list[dict[str, Any]]:
-    """Per run: final/best loss and ppl of both sets, forgetting and gain (None where unknown)."""
+    """Per run: final/best loss and ppl of both sets, forgetting and gain (None where unknown).
+    Forgetting is measured only for a run that started from a checkpoint (checkpoint.init): the
+    step 0 of a run from scratch is a random model, nothing there to forget."""
     base_final = summarize(baseline.evals.get(downstream, [])).final if baseline else None
     rows = []
     for run in runs:
         up, down = summarize(run.evals.get(upstream, [])), summarize(run.evals.get(downstream, []))
-        start = start_loss(run, upstream)
+        start = start_loss(run, upstream) if run.init else None
         last = up.final or down.final
         rows.append({
             "run": run.name, "tokens": last.tokens if last else None, "up": up, "down": down,
