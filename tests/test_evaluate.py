@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from continual_pt.cli import main
+from continual_pt.components import integrity
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.evaluation.store import read_scores, score_key
 from tests import train_support as ts
@@ -267,3 +268,27 @@ def test_hub_names_keep_their_revision_without_touching_the_network(tmp_path, mo
     (tmp_path / "runs").mkdir()
     with pytest.raises(Exception, match="runs/missing does not exist"):
         expand_targets(["runs/missing"], print)          # a typo of a local path is not a hub name
+
+
+def test_listing_checks_sizes_and_only_the_scored_checkpoint_is_hashed(world, run, tmp_path, capsys, monkeypatch):
+    """A job-array task must not read every checkpoint of a run: listing compares sizes, and the one
+    checkpoint a task scores is checked byte for byte before its weights are used."""
+    copy = tmp_path / "pre"
+    shutil.copytree(run, copy)
+    corrupt = copy / "checkpoints" / "global_step8" / "mp_rank_00_model_states.pt"
+    data = bytearray(corrupt.read_bytes())
+    data[-5] ^= 0xFF                                       # same size, other bytes
+    corrupt.write_bytes(bytes(data))
+    hashed: list[str] = []
+    real = integrity.checksum
+    monkeypatch.setattr(integrity, "checksum", lambda file: hashed.append(str(file)) or real(file))
+    assert eval_cli(copy, "--list") == 0
+    assert "3 checkpoint(s)" in capsys.readouterr().out and hashed == []
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(copy, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--task-index", 0) == 0
+    marker = json.loads((copy / "checkpoints" / "global_step4" / "COMMITTED.json").read_text())
+    assert sorted(hashed) == sorted(str(copy / "checkpoints" / "global_step4" / name) for name in marker["files"])
+    err = failing(capsys, copy, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--task-index", 1,
+                  needles=["global_step8", "mp_rank_00_model_states.pt", "checksum"])
+    assert "is corrupt" in err
+    assert [r["step"] for r in read_scores(store)] == [4]

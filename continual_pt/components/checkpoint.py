@@ -80,9 +80,10 @@ def is_committed(tag_dir: Path) -> bool:
     return (tag_dir / MARKER).is_file()
 
 
-def verify(tag_dir: Path, *, hint: bool = True) -> CheckpointRef:
+def verify(tag_dir: Path, *, hint: bool = True, checksums: bool = True) -> CheckpointRef:
     """A committed checkpoint whose files all match the marker's sizes and checksums, else UserError
-    (with `hint`, naming the newest intact checkpoint before it)."""
+    (with `hint`, naming the newest intact checkpoint before it). `checksums=False` checks sizes
+    only: for listing many checkpoints, of which a job then loads one."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint {tag_dir} does not exist")
@@ -98,7 +99,7 @@ def verify(tag_dir: Path, *, hint: bool = True) -> CheckpointRef:
         raise UserError(f"{tag_dir / MARKER}: unreadable commit marker ({exc})"
                         + (_intact_hint(tag_dir) if hint else "")) from None
     for name, recorded in files.items():
-        wrong = integrity.problem(tag_dir, name, recorded)
+        wrong = integrity.problem(tag_dir, name, recorded, checksums)
         if wrong:
             raise UserError(f"checkpoint {tag_dir} {wrong}" + (_intact_hint(tag_dir) if hint else ""))
     return CheckpointRef(tag_dir)

@@ -44,16 +44,17 @@ def listed_files(tag_dir: Path) -> list[str]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(tag_dir).parts)]
 
 
-def problem(tag_dir: Path, name: str, recorded: int | dict[str, Any]) -> str | None:
+def problem(tag_dir: Path, name: str, recorded: int | dict[str, Any], checksums: bool = True) -> str | None:
     """What is wrong with one file against its record (a bare size in markers written before
-    checksums), or None when it matches."""
+    checksums), or None when it matches; `checksums=False` compares sizes only."""
     file = tag_dir / name
     if not file.is_file():
         return f"is partial: {name} is missing"
     size = recorded if isinstance(recorded, int) else recorded["size"]
     if file.stat().st_size != size:
         return f"is corrupt: {name} has {file.stat().st_size} bytes, the commit marker recorded {size}"
-    if isinstance(recorded, dict) and CHECKSUM in recorded and checksum(file) != recorded[CHECKSUM]:
+    if checksums and isinstance(recorded, dict) and CHECKSUM in recorded \
+            and checksum(file) != recorded[CHECKSUM]:
         return (f"is corrupt: {name} does not match its checksum in the commit marker ({CHECKSUM}); "
                 "it changed after the checkpoint was committed")
     return None

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from continual_pt.components import distributed
-from continual_pt.components.checkpoint import load_model_from_checkpoint
+from continual_pt.components.checkpoint import load_model_from_checkpoint, verify
 from continual_pt.components.distributed import DistEnv
 from continual_pt.components.model import DTYPES, CausalLMLoss
 from continual_pt.components.scoring import score_packed
@@ -123,7 +123,8 @@ def _broadcast(obj: Any, env: DistEnv) -> Any:
 def load_model(target: Target, dtype: str, device: torch.device) -> torch.nn.Module:
     """The target's causal LM on `device` in `dtype`, in eval mode (weights loaded in fp32 first)."""
     if target.kind == "checkpoint":
-        model = load_model_from_checkpoint(target.ref)
+        # Listing checked sizes only; the one checkpoint scored is checked byte for byte.
+        model = load_model_from_checkpoint(verify(target.ref.path))
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(target.name_or_path, revision=target.revision,
