@@ -15,8 +15,11 @@ import torch
 
 from continual_pt import cli, config
 from continual_pt.components import checkpoint
+from continual_pt.components.distributed import DistEnv
 from continual_pt.errors import UserError
-from continual_pt.training.session import plan_start
+from continual_pt.training.session import Start, open_session, plan_start, settle_start
+from tests import train_support as ts
+from tests.helpers import free_port
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -42,6 +45,13 @@ class FakeEngine:
 def save(ckpt: checkpoint.Checkpointer, step: int, weights: bytes, optim: bytes | None = None,
          extras: dict | None = None) -> checkpoint.CheckpointRef:
     return ckpt.save(FakeEngine(weights, optim), step, {"tokens_seen": step * 10}, {"step": step}, extras or {})
+
+
+def begin(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
+    """What a start does with its checkpoints once its checks have passed: plan, then settle."""
+    start = plan_start(cfg, run_dir)
+    settle_start(cfg, run_dir, start)
+    return start
 
 
 def names(root: Path) -> list[str]:
@@ -83,7 +93,7 @@ def test_a_kill_between_retiring_and_committing_leaves_the_previous_state(tmp_pa
     checkpoint.verify(newest.path)
     # Never a mix of the new model states and the old optimizer states under a marker.
     assert newest.step == 2 and (newest.path / MODEL).read_bytes() == b"two-weights"
-    plan_start(config.CheckpointConfig(), tmp_path)   # the next start tidies the leftovers away
+    begin(config.CheckpointConfig(), tmp_path)   # the next start tidies the leftovers away
     assert names(root) == ["global_step2", "latest"]
     assert (root / checkpoint.LATEST).read_text() == "global_step2"
 
@@ -96,7 +106,7 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capsy
     ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4, 6):
         save(ckpt, step, f"weights-{step}".encode())
-    start = plan_start(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path)
+    start = begin(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path)
     assert start.kind == "resume" and start.ref.step == 2
     assert [r.step for r in checkpoint.list_committed(root)] == [2]
     assert (root / checkpoint.LATEST).read_text() == "global_step2"
@@ -107,7 +117,7 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"moved global_step4, global_step6 aside to {aside}" in err and "never resumed automatically" in err
     # The next automatic resume continues the live branch, and keep_last counts only that branch.
-    assert plan_start(config.CheckpointConfig(), tmp_path).ref.step == 2
+    assert begin(config.CheckpointConfig(), tmp_path).ref.step == 2
     small = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
     save(small, 3, b"weights-3")
     assert [r.step for r in checkpoint.list_committed(root)] == [2, 3]
@@ -116,13 +126,28 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capsy
     assert names(aside) == ["global_step4", "global_step6"]
 
 
+def test_a_refused_resume_of_an_older_checkpoint_moves_nothing(world, tmp_path):
+    """A start that a check refuses (here a changed precision) must leave the run as it found it."""
+    root = tmp_path / "runs" / "run" / "checkpoints"
+    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    for step in (2, 4):
+        ckpt.save(FakeEngine(b"w"), step, {"tokens_seen": step, "zero_stage": 0, "precision": "fp32"}, {}, {})
+    cfg = config.load(ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", train={"precision": "bf16"},
+                                      checkpoint={"resume": str(root / "global_step2")}))
+    env = DistEnv(0, 0, 1, "127.0.0.1", free_port(), "none")
+    with pytest.raises(UserError, match="saved with train.precision fp32, this run asks for bf16"):
+        open_session(cfg, env)
+    assert names(root) == ["global_step2", "global_step4", "latest"]
+    assert not (root / "branches").exists()
+
+
 def test_resuming_the_newest_or_another_runs_checkpoint_moves_nothing(tmp_path):
     root = tmp_path / "checkpoints"
     ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4):
         save(ckpt, step, b"w")
-    plan_start(config.CheckpointConfig(resume=str(root / "global_step4")), tmp_path)
-    plan_start(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path / "other-run")
+    begin(config.CheckpointConfig(resume=str(root / "global_step4")), tmp_path)
+    begin(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path / "other-run")
     assert names(root) == ["global_step2", "global_step4", "latest"]
 
 
@@ -148,9 +173,9 @@ def test_a_byte_flipped_in_place_is_refused_naming_the_file_and_the_newest_intac
                 rf"the commit marker .*the newest intact checkpoint is {root / 'global_step2'}: resume from it "
                 rf"with checkpoint.resume={root / 'global_step2'}")
     with pytest.raises(UserError, match=expected):
-        plan_start(config.CheckpointConfig(), tmp_path)                              # resume
+        begin(config.CheckpointConfig(), tmp_path)                              # resume
     with pytest.raises(UserError, match=rf"global_step4 is corrupt: {OPTIM} does not match"):
-        plan_start(config.CheckpointConfig(resume="never", init=str(root / "global_step4")), tmp_path / "b")
+        begin(config.CheckpointConfig(resume="never", init=str(root / "global_step4")), tmp_path / "b")
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2   # export
     assert f"{MODEL} does not match its checksum" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()

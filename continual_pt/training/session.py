@@ -49,12 +49,10 @@ class Start:
 
 
 def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
-    """Resolve resume/init into one start mode; errors name the missing or partial checkpoint."""
+    """Resolve resume/init into one start mode, changing nothing; errors name the missing or partial
+    checkpoint."""
     if cfg.resume not in ("auto", "never"):
-        ref = checkpoint.resolve(cfg.resume, what="checkpoint.resume")
-        branches.open_root(run_dir / "checkpoints", resume=ref)   # an older one of this run: branch
-        return Start("resume", ref)
-    branches.open_root(run_dir / "checkpoints")
+        return Start("resume", checkpoint.resolve(cfg.resume, what="checkpoint.resume"))
     if cfg.resume == "auto":
         ref = checkpoint.newest_committed(run_dir / "checkpoints")
         if ref is not None:
@@ -64,6 +62,13 @@ def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
             return Start("init_checkpoint", checkpoint.resolve(cfg.init, what="checkpoint.init"))
         return Start("init_hf", reference=cfg.init)
     return Start("scratch")
+
+
+def settle_start(cfg: config.CheckpointConfig, run_dir: Path, start: Start) -> None:
+    """Once every check of the start has passed: remove our leftover partial saves, and when an explicit
+    checkpoint.resume names an older checkpoint of this run, move the newer ones aside (a branch)."""
+    explicit = start.kind == "resume" and cfg.resume not in ("auto", "never")
+    branches.open_root(run_dir / "checkpoints", resume=start.ref if explicit else None)
 
 
 def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str, PackedSequences], str]:
@@ -351,6 +356,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     check_resume(cfg, start, zero_stage)
     net = build_model(cfg, start, vocab)
     models.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
+    settle_start(cfg.checkpoint, cfg.run_dir, start)   # nothing is moved before every check passed
     hf_config = net.config
     n_params = models.num_params(net)  # before DeepSpeed, which may partition the parameters away
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
