@@ -22,7 +22,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import branches, checkpoint, distributed
+from continual_pt.components import branches, checkpoint, distributed, ops
 from continual_pt.components import model as models
 from continual_pt.components.checkpoint import set_rng_state
 from continual_pt.components.distributed import DistEnv
@@ -114,6 +114,7 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: boo
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"lr": lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if offload:
+        ops.prepare(("CPUAdamBuilder",))   # built under our lock: a kill mid-build cannot wedge later starts
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     # The fused kernel (CUDA, and the CPU since torch 2.4) is the fastest AdamW step there is.
     return torch.optim.AdamW(groups, fused=True, **kwargs)
