@@ -1,0 +1,30 @@
+"""A user's clone has nothing beside it: the tests that use shipped fixtures pass in a fresh clone
+whose parent folder holds no `shared/` (or anything else)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+# The tests that read the Pythia tokenizer fixture.
+FIXTURE_TESTS = ["tests/test_data_tokenizer.py", "tests/test_data_reader.py"]
+
+
+def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: nothing to clone")
+    clone = tmp_path / "alone" / "continual-pt"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    assert sorted(p.name for p in clone.parent.iterdir()) == ["continual-pt"]
+    env = {**os.environ, "PYTHONPATH": str(clone)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                           *FIXTURE_TESTS], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout and "error" not in proc.stdout.lower()
