@@ -130,40 +130,45 @@ def _remove_leftovers(root: Path, say: Say) -> list[Path]:
     return [b for b in batons if b.exists()]
 
 
-def settle_batons(root: Path, timeout: float, say: Say = say_stderr) -> None:
-    """Remove leftover torch build locks under `root`; wait, saying so, for ones a live process holds."""
+def wait_out_loud(blocker: Callable[[], str | None], timeout: float, say: Say, advice: str,
+                  why: str = "") -> None:
+    """Poll until `blocker()` is None; it names what is waited on. Say so (with `why`) after
+    NOTICE_AFTER_S and give up after `timeout` seconds with a UserError naming it and `advice`."""
     start = time.monotonic()
     noticed = False
-    while held := _remove_leftovers(root, say):
+    while (what := blocker()) is not None:
         waited = time.monotonic() - start
-        who = ", ".join(f"{b} (pids {holders(b) or 'unknown'})" for b in held)
         if waited >= timeout:
-            raise UserError(f"gave up after {waited:.0f} s waiting for the torch extension build lock {who}; "
-                            f"end that process (or, if none is building, delete the file), or raise {TIMEOUT_ENV}")
+            raise UserError(f"gave up after {waited:.0f} s waiting for {what}; {advice}")
         if not noticed and waited >= NOTICE_AFTER_S:
-            say(f"waiting for the torch extension build lock {who} (another process is building a DeepSpeed op)")
+            say(f"waiting for {what}{why}")
             noticed = True
         time.sleep(POLL_S)
+
+
+def settle_batons(root: Path, timeout: float, say: Say = say_stderr) -> None:
+    """Remove leftover torch build locks under `root`; wait, saying so, for ones a live process holds."""
+    def blocker() -> str | None:
+        held = _remove_leftovers(root, say)
+        if not held:
+            return None
+        who = ", ".join(f"{b} (pids {holders(b) or 'unknown'})" for b in held)
+        return f"the torch extension build lock {who}"
+
+    wait_out_loud(blocker, timeout, say, "end that process (or, if none is building, delete the file), "
+                                         f"or raise {TIMEOUT_ENV}", " (another process is building a DeepSpeed op)")
 
 
 def _acquire(f: IO[str], path: Path, timeout: float, say: Say) -> None:
-    start = time.monotonic()
-    noticed = False
-    while True:
+    def blocker() -> str | None:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return None
         except BlockingIOError:
-            pass
-        waited = time.monotonic() - start
-        holder = path.read_text(errors="replace").strip() or "another process"
-        if waited >= timeout:
-            raise UserError(f"gave up after {waited:.0f} s waiting for {path}, held by {holder}; end that process "
-                            f"if it is stuck (its lock goes with it), or raise {TIMEOUT_ENV}")
-        if not noticed and waited >= NOTICE_AFTER_S:
-            say(f"waiting for {path}, held by {holder}")
-            noticed = True
-        time.sleep(POLL_S)
+            return f"{path}, held by {path.read_text(errors='replace').strip() or 'another process'}"
+
+    wait_out_loud(blocker, timeout, say, f"end that process if it is stuck (its lock goes with it), or raise "
+                                         f"{TIMEOUT_ENV}")
 
 
 @contextmanager
