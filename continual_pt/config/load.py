@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+def _parsed(texts: Iterable[str], origin: str, p: Problems) -> Iterator[tuple[str, Any]]:
+    """(dotted key, YAML value) of each `key=value`; one that does not parse is a problem of `origin`."""
+    for text in texts:
+        try:
+            yield parse_override(text)
+        except ValueError as exc:
+            p.items.append(f"{origin}: {exc}")
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Resolve defaults < YAML file < overrides into a validated `RunConfig`.
 
@@ -80,12 +90,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         raw = loaded
         for key in walk_keys(raw):
             origins[key] = str(path)
-    for text in overrides:
-        try:
-            key, value = parse_override(text)
-        except ValueError as exc:
-            early.items.append(f"command line: {exc}")
-            continue
+    for key, value in _parsed(overrides, "command line", early):
         origins[key] = "command line"
         for sub in walk_keys(value, key):
             origins[sub] = "command line"
@@ -120,12 +125,7 @@ def load_schedule_spec(text: str, total_steps: int) -> ScheduleConfig:
         tokens = shlex.split(text)
     except ValueError as exc:
         raise ConfigError([f"{origin}: {exc}"]) from None
-    for token in tokens:
-        try:
-            key, value = parse_override(token)
-        except ValueError as exc:
-            p.items.append(f"{origin}: {exc}")
-            continue
+    for key, value in _parsed(tokens, origin, p):
         raw[key.removeprefix("schedule.")] = value
     cfg = build_section(ScheduleConfig, raw, "schedule", p)
     check_config(cfg, p, total_steps)
