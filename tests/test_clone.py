@@ -4,6 +4,7 @@ whose parent folder holds no `shared/` (or anything else)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,12 +12,11 @@ import pytest
 
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow
-
 # The tests that read the Pythia tokenizer fixture.
 FIXTURE_TESTS = ["tests/test_data_tokenizer.py", "tests/test_data_reader.py"]
 
 
+@pytest.mark.slow
 def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout: nothing to clone")
@@ -28,3 +28,12 @@ def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
                            *FIXTURE_TESTS], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout and "error" not in proc.stdout.lower()
+
+
+def test_no_test_reads_outside_the_repository():
+    """What the clone test cannot reach: no test module names a folder beside the repository."""
+    beside = re.compile(r"\.\./shared|parents?\b.*[\"']shared[\"']|/ [\"']shared[\"']|REPO\.parent")
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tests").rglob("*.py"))
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if beside.search(line) and path.name != "test_clone.py"]
+    assert offenders == []
