@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from continual_pt.components import checkpoint
 from tests import train_support as ts
 from tests.helpers import REPO
 from tests.ssh_loopback import HOSTS, require, ssh_loopback  # noqa: F401  (the fixture)
@@ -141,8 +142,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_hosts_over_ssh_train_what_two_ranks_on_one_node_train(world, tmp_path, monkeypatch,
-                                                                    ssh_loopback):  # noqa: F811
+def test_two_hosts_over_ssh_stop_resume_and_train_what_two_ranks_on_one_node_train(world, tmp_path, monkeypatch,
+                                                                                    ssh_loopback):  # noqa: F811
+    """Through launch/deepspeed.sh: pdsh over ssh, one rank per host; a stop at step 4 exits 75 through
+    pdsh and the launcher, and the same command resumes on both hosts to the one-node run's numbers."""
     require(shutil.which("pdsh") is not None, "pdsh is not installed (Debian: pdsh)")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", eval={
@@ -154,16 +157,21 @@ def test_two_hosts_over_ssh_train_what_two_ranks_on_one_node_train(world, tmp_pa
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in HOSTS))
     (tmp_path / "ds_env").write_text("OMP_NUM_THREADS=1\n")   # the remote shells get only what is exported
-    env = ssh_loopback.env(ts.env())
-    env["PATH"] = os.pathsep.join([str(ssh_loopback.bin_dir), str(Path(sys.executable).parent), env["PATH"]])
-    env = {**env, "DS_ENV_FILE": str(tmp_path / "ds_env"), **supervisor()}
+    env = ts.env()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env = {**ssh_loopback.env(env), "DS_ENV_FILE": str(tmp_path / "ds_env"), **supervisor()}
     env.pop("MASTER_ADDR", None)   # the script's default: the hostfile's first host
-    proc = run_script([str(hostfile), str(cfg), "name=two-nodes"], env, tmp_path, timeout=300)
+    proc = run_script([str(hostfile), str(cfg), "name=two-nodes", "train.stop_after_steps=4"], env, tmp_path,
+                      timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-8000:]
+    assert proc.returncode == 75, out[-8000:]
     assert f"cmd = pdsh -S -f 1024 -w {','.join(HOSTS)} " in out
     assert "--master_addr=127.0.0.1 --master_port=" + env["MASTER_PORT"] in out
     for rank, host in enumerate(HOSTS):   # pdsh labels each line with the host that printed it
         assert f"{host}: " in out and f"nnodes=2, num_local_procs=1, node_rank={rank}" in out
     assert "world size 2 (deepspeed)" in out
-    assert_same_run(tmp_path / "runs" / "one-node", tmp_path / "runs" / "two-nodes")
+    run = tmp_path / "runs" / "two-nodes"
+    assert [r.step for r in checkpoint.list_committed(run / "checkpoints")] == [4]
+    proc = run_script([str(hostfile), str(cfg), "name=two-nodes"], env, tmp_path, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
+    assert_same_run(tmp_path / "runs" / "one-node", run)
