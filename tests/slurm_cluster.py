@@ -1,6 +1,6 @@
 """A one-node SLURM cluster on this machine for the batch-script tests.
 
-`slurm` (session fixture) starts munged, slurmctld and slurmd with every file in one folder
+`slurm` (the session fixture `slurm_fixture`; import it into a test module) starts munged, slurmctld and slurmd with every file in one folder
 (`$TMPDIR/cpt-slurm-<uid>`): slurm.conf, state, spool, logs, pid files and munge's key and socket.
 Daemons left by an earlier session that was killed are stopped through that folder's pid files
 first; two sessions at once are serialised by a lock on the folder. No `slurmctld` on PATH: the
@@ -264,8 +264,8 @@ def cluster_root() -> Path:
     return Path(tempfile.gettempdir()) / f"cpt-slurm-{os.getuid()}"
 
 
-@pytest.fixture(scope="session")
-def slurm():
+@pytest.fixture(scope="session", name="slurm")
+def slurm_fixture():
     """A running one-node cluster (see the module doc); stopped at the session's end."""
     if shutil.which("slurmctld") is None:
         reason = "SLURM is not installed (no slurmctld on PATH; apt-get install slurm-wlm munge)"

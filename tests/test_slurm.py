@@ -17,7 +17,7 @@ import torch
 
 from tests import train_support as ts
 from tests.helpers import REPO
-from tests.slurm_cluster import slurm  # noqa: F401  (the session fixture)
+from tests.slurm_cluster import FINAL_STATES, slurm_fixture  # noqa: F401  (the fixture `slurm`)
 
 TRAIN = REPO / "launch" / "slurm" / "train.sbatch"
 EVAL = REPO / "launch" / "slurm" / "eval.sbatch"
@@ -58,24 +58,22 @@ def last_step(run_dir: Path) -> int:
     return records[-1]["step"] if records else 0
 
 
-def wait_running_past(slurm, job: str, log: Path, run_dir: Path, step: int, restarts: int,
-                      timeout: float = 180) -> None:
-    """Wait until start number `restarts` of the job has logged a step above `step`."""
+def wait_until(slurm, job: str, log: Path, what: str, done, timeout: float = 180) -> None:
+    """Poll until `done(record)` holds for the job's record; fail with the logs if it ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         record = slurm.job(job)
-        if record["JobState"] in slurm_final_states():
-            raise AssertionError(slurm.report(job, f"job ended before step {step}", log))
-        if int(record["Restarts"]) == restarts and record["JobState"] == "RUNNING" and last_step(run_dir) > step:
+        if done(record):
             return
+        if record["JobState"] in FINAL_STATES:
+            raise AssertionError(slurm.report(job, f"job ended before {what}", log))
         time.sleep(0.05)
-    raise AssertionError(slurm.report(job, f"no step above {step} on restart {restarts} in {timeout} s", log))
+    raise AssertionError(slurm.report(job, f"not {what} after {timeout} s", log))
 
 
-def slurm_final_states() -> set[str]:
-    from tests.slurm_cluster import FINAL_STATES
-
-    return FINAL_STATES
+def running_past(run_dir: Path, step: int, restarts: int):
+    """Start number `restarts` of the job is running and has logged a step above `step`."""
+    return lambda r: (r["JobState"], r["Restarts"]) == ("RUNNING", str(restarts)) and last_step(run_dir) > step
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +84,18 @@ def long_run(world, tmp_path_factory):
                           train={"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "precision": "fp32",
                                  "ds_config": "zero0", "log_every": 1},
                           eval={"sets": {}}, checkpoint={"every_steps": 100, "keep_last": 10})
+    train_one_thread(cfg, ["name=direct"])
+    return cfg, root / "runs" / "direct"
+
+
+def train_one_thread(cfg: Path, overrides: list[str], world_size: int = 1) -> None:
+    """ts.train with OMP_NUM_THREADS=1, as the jobs run (the thread count changes float sums)."""
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        ts.train(cfg, ["name=direct"])
+        ts.train(cfg, overrides, world_size)
     finally:
         os.environ.pop("OMP_NUM_THREADS") if previous is None else os.environ.update(OMP_NUM_THREADS=previous)
-    return cfg, root / "runs" / "direct"
 
 
 def assert_same_run(reference: Path, run_dir: Path, steps: int) -> None:
@@ -122,3 +125,106 @@ def test_training_job_runs_to_completion_like_a_direct_run(slurm, long_run, tmp_
     assert len(lines) == 1 and f"start on {slurm.node}, restart 0," in lines[0], log.read_text()
     assert "run finished" in log.read_text()
     assert_same_run(reference, Path(cfg.parent) / "runs" / "batch", STEPS)
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    from continual_pt.components import checkpoint
+
+    return [r.step for r in checkpoint.list_committed(run_dir / "checkpoints")]
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_itself_and_ends_bitwise_like_an_uninterrupted_run(slurm, long_run, tmp_path):
+    """Stopped twice mid-run: by the time-limit signal and by `scontrol requeue`.
+
+    The time-limit signal is sent as `scancel --signal=USR1 <job>`, exactly what slurmctld sends for
+    `--signal=USR1@T` (the step form: every rank of the running steps, not the batch shell). The real
+    `--time` + `--signal` is not used: --time is at least a minute, slurmctld sends the signal on its
+    periodic time-limit check (measured on 22.05: 4-11 s into a one-minute job with USR1@50, up to a
+    minute early), and a requeued job's clock restarts, so every start would be signalled again at a
+    moment no test controls.
+    """
+    cfg, reference = long_run
+    run_dir = cfg.parent / "runs" / "preempted"
+    job, log = submit_train(slurm, tmp_path, cfg, "preempted")
+    wait_until(slurm, job, log, "past step 20", running_past(run_dir, 20, restarts=0))
+    slurm.run("scancel", "--signal=USR1", job)
+    wait_until(slurm, job, log, "requeued", lambda r: r["Restarts"] == "1")
+    first_stop = committed_steps(run_dir)[-1]   # the next start saves nothing before it is past it
+    wait_until(slurm, job, log, "resumed", running_past(run_dir, first_stop + 20, restarts=1))
+    slurm.run("scontrol", "requeue", job)
+    slurm.wait(job, timeout=240, log=log)
+    text = log.read_text()
+    record = slurm.job(job)
+    assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("COMPLETED", "2", "0:0"), \
+        slurm.report(job, "not completed after two restarts", log)
+    lines = start_lines(log)
+    assert [line.split(", restart ")[1].split(",")[0] for line in lines] == ["0", "1", "2"], text
+    assert all(f"start on {slurm.node}," in line for line in lines), text
+    assert "received SIGUSR1" in text and "received SIGTERM" in text, text
+    assert "requeueing to resume (restart 1)" in text, text
+    assert "stopped by SIGTERM with a committed checkpoint: not requeued from here" in text, text
+    stops = [s for s in committed_steps(run_dir) if s % 100]
+    assert len(stops) == 2 and 20 < stops[0] == first_stop < stops[1] < STEPS, (stops, text)
+    times = [r["time"] for r in ts.train_records(run_dir)]
+    gaps = [i + 1 for i in range(len(times) - 1) if times[i + 1] - times[i] > 5]
+    assert gaps == stops, (gaps, stops)   # steps after each stop come from a new start, seconds later
+    assert_same_run(reference, run_dir, STEPS)
+
+
+@pytest.mark.slow
+def test_a_config_error_fails_the_job_without_requeue(slurm, long_run, tmp_path):
+    cfg, _ = long_run
+    job, log = submit_train(slurm, tmp_path, cfg, "bad", ["train.no_such_key=1"])
+    slurm.wait(job, timeout=120, log=log)
+    record = slurm.job(job)
+    assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("FAILED", "0", "2:0"), \
+        slurm.report(job, "not a plain failure", log)
+    text = log.read_text()
+    assert "error: invalid configuration" in text and "train.no_such_key: unknown key" in text, text
+    assert "run failed (status 2): not requeued" in text, text
+    assert len(start_lines(log)) == 1, text
+
+
+@pytest.mark.slow
+def test_eval_array_scores_each_committed_checkpoint_once(slurm, long_run, world, tmp_path):
+    """One array task per checkpoint of `cpt eval --list`, all into one store; a second array
+    (a task already done and one past the end of the list) adds nothing."""
+    _, reference = long_run
+    store = tmp_path / "scores.jsonl"
+    args = [str(reference), "--set", f"code={world['code']}", "--set", f"prose={world['prose']}",
+            "--tokens", "256", "--store", str(store)]
+    env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    options = ["--output=" + str(tmp_path / "eval-%A_%a.log"), "--gpus-per-task=0", "--cpus-per-task=1"]
+    job = slurm.submit(EVAL, [*options, "--array=0-2"], args, env=env, cwd=tmp_path)
+    records = slurm.wait(job, timeout=240)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("eval-*.log")))
+    assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in records) == \
+        [(str(i), "COMPLETED", "0:0") for i in range(3)], logs
+    checkpoints = [str(reference / "checkpoints" / f"global_step{s}") for s in (100, 200, 300)]
+    for i, path in enumerate(checkpoints):
+        assert f"_{i}: scoring {path}" in logs, logs
+    lines = store.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert sorted((r["checkpoint"], r["set"]) for r in rows) == \
+        sorted((c, s) for c in checkpoints for s in ("code", "prose")), logs
+    again = slurm.submit(EVAL, [*options, "--array=1,3"], args, env=env, cwd=tmp_path)
+    records = slurm.wait(again, timeout=240)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob(f"eval-{again}_*.log")))
+    assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in records) == \
+        [("1", "COMPLETED", "0:0"), ("3", "COMPLETED", "0:0")], logs
+    assert "nothing to score: task 3, the run has 3 committed checkpoint(s)" in logs, logs
+    assert store.read_text().splitlines() == lines
+
+
+@pytest.mark.slow
+def test_two_srun_ranks_train_like_the_deepspeed_launcher(slurm, world, tmp_path):
+    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", eval={"sets": {}})
+    train_one_thread(cfg, ["name=deepspeed"], world_size=2)
+    job, log = submit_train(slurm, tmp_path, cfg, "srun", tasks=2)
+    slurm.wait(job, timeout=240, log=log)
+    record = slurm.job(job)
+    assert (record["JobState"], record["ExitCode"], record["NumTasks"]) == ("COMPLETED", "0:0", "2"), \
+        slurm.report(job, "the 2-task job did not complete", log)
+    assert "world size 2 (srun)" in log.read_text(), log.read_text()
+    assert_same_run(tmp_path / "runs" / "deepspeed", tmp_path / "runs" / "srun", 12)
