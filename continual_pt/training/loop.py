@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 
@@ -63,6 +62,8 @@ class Trainer:
     def train(self) -> int:
         """Train to max_steps; returns the process exit status."""
         owned = self.stop.install()
+        if self.env.is_main:
+            self.stop.watch(self.cfg.run_dir / stops.STOP_FILE)
         try:
             return self._run()
         finally:
@@ -160,7 +161,7 @@ class Trainer:
     def agree_on_stop(self) -> str | None:
         """Signal or time limit on any rank (or stop_after_steps) stops every rank after this step."""
         out_of_time = self.deadline.step_ended(time.monotonic())
-        signum, out_of_time = agree_on_stop(self.stop.signum, out_of_time, self.device)
+        signum, out_of_time = agree_on_stop(self.stop.current(), out_of_time, self.device)
         return self.cadence.stop_reason(self.state.step, self.start_step, signum, out_of_time)
 
     def log_step(self, loss: torch.Tensor) -> None:
@@ -205,11 +206,11 @@ class Trainer:
 
     def stop_agreed(self) -> bool:
         """Whether a stop signal reached any rank (a collective: every rank asks at the same point)."""
-        self._agreed_signum = int(distributed.all_reduce_max([float(self.stop.signum)], self.device)[0])
+        self._agreed_signum = int(distributed.all_reduce_max([float(self.stop.current())], self.device)[0])
         return self._agreed_signum > 0
 
     def signal_name(self) -> str:
-        return signal.Signals(self._agreed_signum or self.stop.signum).name
+        return stops.describe(self._agreed_signum or self.stop.signum)
 
     def signal_reason(self) -> str:
         return f"received {self.signal_name()}"
@@ -271,9 +272,14 @@ def run(cfg: RunConfig) -> int:
         except RunFinished as done:
             if env.is_main:
                 print(f"{cfg.name}: {done}", file=sys.stderr)
+                stops.answer(cfg.run_dir, None, EXIT_OK)
             return EXIT_OK
         try:
-            return Trainer(cfg, session, stop).train()
+            trainer = Trainer(cfg, session, stop)
+            status = trainer.train()
+            if env.is_main:   # a clean exit answers a pending STOP request (cpt launch waits for it)
+                stops.answer(cfg.run_dir, trainer.state.step, status)
+            return status
         except NonFiniteLoss as exc:
             session.parts.logger.message(f"error: {exc}")
             return EXIT_FAILED
@@ -281,6 +287,7 @@ def run(cfg: RunConfig) -> int:
             session.release()
     finally:
         stop.uninstall()
+
 
 def gradient_norm(module: torch.nn.Module) -> float:
     """The 2-norm over all gradients of `module` (before clipping), in float64."""

@@ -7,13 +7,13 @@ asks these questions at each step boundary and does what they answer.
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass
 
 import torch
 
 from continual_pt.components import distributed
 from continual_pt.config import RunConfig, TrainConfig, parse_duration
+from continual_pt.training.stop import describe
 
 
 def due(step: int, every: int) -> bool:
@@ -66,7 +66,7 @@ class Cadence:
     def stop_reason(self, step: int, start_step: int, signum: int, out_of_time: bool) -> str | None:
         """Why to save and exit resumably after `step`, given the flags every rank agreed on."""
         if signum:
-            return f"received {signal.Signals(signum).name}"
+            return f"received {describe(signum)}"
         if out_of_time:
             return "time limit reached"
         limit = self.stop_after_steps

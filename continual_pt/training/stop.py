@@ -1,18 +1,38 @@
 """Stop requests: SIGTERM, SIGUSR1 and a first Ctrl-C ask the run to save and exit resumably.
 
+A request can also come as a file, `<run dir>/STOP`, which rank 0 watches: a launcher's signal
+cannot always reach every rank (the `deepspeed` and `torchrun` launchers drop or mishandle
+SIGUSR1, and ranks on other nodes are out of reach), but every rank shares the run directory.
+`cpt launch` and `cpt stop` write it; rank 0 answers with `<run dir>/STOP.done` once the run has
+exited cleanly (the step it committed and its exit status) and removes the request.
+
 No torch here: `cpt train` installs the process's request before its heavy imports, so a
 signal during imports, DeepSpeed set-up or checkpoint loading is remembered, not fatal.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from continual_pt.files import atomic_write_text
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_FILE = "STOP"
+DONE_FILE = "STOP.done"
+FILE_REQUEST = 256   # stands where a signal number would for a request made by the STOP file
+POLL_SECONDS = 1.0   # how often rank 0 looks for the STOP file (a stat, at a step boundary)
+
+
+def describe(code: int) -> str:
+    """The name of a stop request's cause: a signal's name, or the STOP file."""
+    return f"a stop request ({STOP_FILE} in the run dir)" if code == FILE_REQUEST else signal.Signals(code).name
 
 
 class StopRequest:
@@ -25,6 +45,23 @@ class StopRequest:
         self.signum = 0
         self.received_at: float | None = None
         self._previous: dict[int, Any] = {}
+        self._watched: Path | None = None
+        self._next_poll = 0.0
+
+    def watch(self, path: Path) -> None:
+        """Treat the appearance of the file `path` as a stop request (rank 0 watches the run's STOP file)."""
+        self._watched = Path(path)
+        self._next_poll = 0.0
+
+    def current(self) -> int:
+        """The request's cause so far: a signal number, FILE_REQUEST, or 0 (looks at the file once a second)."""
+        if not self.signum and self._watched is not None:
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._next_poll = now + POLL_SECONDS
+                if self._watched.exists():
+                    self.signum, self.received_at = FILE_REQUEST, now
+        return self.signum
 
     @property
     def installed(self) -> bool:
@@ -59,6 +96,7 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
         self.signum, self.received_at = 0, None
+        self._watched = None
 
 
 _PROCESS_REQUEST = StopRequest()
@@ -68,6 +106,36 @@ def process_request() -> StopRequest:
     """The stop request of this process, installed on first use (cli does so before heavy imports)."""
     _PROCESS_REQUEST.install()
     return _PROCESS_REQUEST
+
+
+def request_stop(run_dir: Path, token: str, why: str) -> Path:
+    """Ask the run in `run_dir` to save and exit resumably; `token` names this request in its answer."""
+    path = Path(run_dir) / STOP_FILE
+    record = {"token": token, "why": why, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    atomic_write_text(path, json.dumps(record) + "\n")
+    return path
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A STOP or STOP.done file's record; None if there is none, {} if it is not one we wrote."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def answer(run_dir: Path, step: int | None, status: int) -> dict[str, Any] | None:
+    """Rank 0, exiting cleanly: turn a pending STOP request into STOP.done (step, exit status) and drop it."""
+    request = read_record(Path(run_dir) / STOP_FILE)
+    if request is None:
+        return None
+    done = {"request": request, "step": step, "exit": status, "time": time.time()}
+    atomic_write_text(Path(run_dir) / DONE_FILE, json.dumps(done) + "\n")
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+    return done
 
 
 def _say(text: str) -> None:
