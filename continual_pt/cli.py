@@ -113,6 +113,35 @@ def _add_train(sub) -> None:
     _target(p, "continual_pt.training.loop:run_phase")
 
 
+def _add_launch(sub) -> None:
+    p = sub.add_parser(
+        "launch", help="run a launcher command (deepspeed, torchrun, mpirun) so that a stop signal saves and exits 75",
+        description="Run COMMAND (a launcher starting continual_pt.train) in a session of its own. SIGTERM, "
+                    "SIGUSR1, SIGHUP or a first Ctrl-C sent to cpt launch becomes a stop request in the run "
+                    "directory (<run dir>/STOP) that every rank acts on at the same step boundary, on every node; "
+                    "cpt launch then waits for every rank to exit and exits 75 once the run has committed its "
+                    "checkpoint (run the same command again to resume). Otherwise it exits with the launcher's "
+                    "status. A second Ctrl-C kills the launcher's processes at once.",
+        epilog="example: cpt launch -- deepspeed --hostfile launch/hostfile -m continual_pt.train --config run.yaml")
+    p.add_argument("--run-dir", default=None,
+                   help="the run directory (default: from the --config and overrides inside COMMAND)")
+    p.add_argument("--grace", type=float, default=600.0,
+                   help="seconds to wait, once the launcher exits, for processes it left behind (default 600)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the launcher command")
+    _target(p, "continual_pt.training.supervise:launch")
+
+
+def _add_stop(sub) -> None:
+    p = sub.add_parser(
+        "stop", help="ask a running run, on any node, to save a committed checkpoint and exit 75",
+        description="Write <run dir>/STOP: rank 0 of the run sees it within a second, every rank saves at the "
+                    "same step boundary and the run exits 75 (resume by running it again). The run answers in "
+                    "<run dir>/STOP.done.")
+    p.add_argument("run_dir", help="the run directory (out_dir/name)")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the run's answer (default: do not wait)")
+    _target(p, "continual_pt.training.supervise:request")
+
+
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved run config (defaults < file < overrides), validated",
                        description="Resolve and validate a run config and print it as YAML; exits 2 "
@@ -240,7 +269,7 @@ def _add_report(sub) -> None:
     _target(p, "continual_pt.results.report:run_report")
 
 
-COMMANDS = (_add_train, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
+COMMANDS = (_add_train, _add_launch, _add_stop, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
             _add_plot, _add_report)
 
 
