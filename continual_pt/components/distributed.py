@@ -50,6 +50,25 @@ def _int_env(*names: str) -> int | None:
     return None
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, read without scontrol: "gpu[007-010,12],cpu1" -> "gpu007"."""
+    host, depth, chosen = [], 0, False
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        if ch == "[":
+            depth, chosen = depth + 1, False
+        elif ch == "]":
+            depth -= 1
+        elif depth == 0:
+            host.append(ch)
+        elif not chosen and ch not in ",-":
+            host.append(ch)          # the digits of the first range's start (zero padding kept)
+        elif not chosen:
+            chosen = True            # the range or list goes on past its first value
+    return "".join(host)
+
+
 def _slurm_master() -> str:
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
@@ -57,16 +76,24 @@ def _slurm_master() -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30).stdout.split()
-        return out[0] if out else "127.0.0.1"
+        return out[0] if out else first_host(nodelist)
     except (OSError, subprocess.SubprocessError):
-        # No scontrol on this node: a plain host name is its own first entry.
-        return nodelist.split(",")[0].split("[")[0]
+        return first_host(nodelist)   # no scontrol on this node
 
 
-def _slurm_port() -> int:
-    # All tasks of a step must agree on a port without talking: derive it from the job id.
-    job = int(os.environ.get("SLURM_JOB_ID", "0"))
-    return 20000 + job % 20000
+def slurm_port(env: dict[str, str] | None = None) -> int:
+    """A rendezvous port every task of one job step agrees on without talking.
+
+    The step's reserved ports when SLURM hands them out (MpiParams=ports=...), otherwise one derived
+    from the job and step ids, so two steps of one job running at once do not collide.
+    """
+    env = os.environ if env is None else env
+    reserved = env.get("SLURM_STEP_RESV_PORTS", "")
+    if reserved:
+        return int(reserved.split(",")[0].split("-")[0])
+    job = int(env.get("SLURM_JOB_ID") or 0)
+    step = int(env.get("SLURM_STEP_ID") or 0) % 1000
+    return 20000 + (job * 1000 + step) % 40000
 
 
 def _mpi_env() -> DistEnv:
@@ -93,13 +120,18 @@ def detect() -> DistEnv:
         launcher = "deepspeed" if "CROSS_RANK" in env or "DS_ACCELERATOR" in env else "torchrun"
         return DistEnv(int(env["RANK"]), _int_env("LOCAL_RANK") or 0, int(env["WORLD_SIZE"]),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), launcher)
-    if _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE") is not None:
+    if _int_env("OMPI_COMM_WORLD_SIZE") is not None:
         return _mpi_env()
     ntasks = _int_env("SLURM_NTASKS")
-    if ntasks is not None and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+    pmi_size = _int_env("PMI_SIZE", "PMIX_SIZE")
+    # srun --mpi=pmi2|pmix sets PMI sizes too: one task per rank is still srun's (no mpi4py needed);
+    # another count means an MPI launcher started inside the allocation.
+    if ntasks is not None and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and pmi_size in (None, ntasks):
         return DistEnv(int(env["SLURM_PROCID"]), _int_env("SLURM_LOCALID") or 0, ntasks,
                        env.get("MASTER_ADDR") or _slurm_master(),
-                       int(env.get("MASTER_PORT") or _slurm_port()), "srun")
+                       int(env.get("MASTER_PORT") or slurm_port()), "srun")
+    if pmi_size is not None:
+        return _mpi_env()
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "none")
 
 
