@@ -1,15 +1,19 @@
 """A one-node SLURM cluster on this machine for the batch-script tests.
 
-`slurm` (the session fixture `slurm_fixture`; import it into a test module) starts munged, slurmctld and slurmd with every file in one folder
-(`$TMPDIR/cpt-slurm-<uid>`): slurm.conf, state, spool, logs, pid files and munge's key and socket.
-Daemons left by an earlier session that was killed are stopped through that folder's pid files
-first; two sessions at once are serialised by a lock on the folder. No `slurmctld` on PATH: the
-tests skip, or fail when CPT_REQUIRE_SLURM=1 (CI sets it).
+`slurm` (the session fixture `slurm_fixture`; import that into a test module) starts munged,
+slurmctld and slurmd with every file in one folder (`$TMPDIR/cpt-slurm-<uid>`): slurm.conf,
+state, spool, logs, pid files and munge's key and socket. Processes left by an earlier session
+that was killed (daemons, job steps, ranks) are found by that folder in their command line or
+SLURM_CONF in their environment and stopped first; two sessions at once are serialised by a lock
+on the folder. No `slurmctld` on PATH: the tests skip, or fail when CPT_REQUIRE_SLURM=1 (CI).
 
-Timing measured on SLURM 22.05 (2 cores): a requeued job waits `AuthInfo=cred_expire` seconds
-(120 by default) before it may start again; with cred_expire=5 and sched_interval=1 a requeued
-job starts again within a few seconds. Job records stay visible to `scontrol show job` for
-MinJobAge seconds after they end; with no accounting that is the only record, so it is large.
+Timing measured on SLURM 22.05 (2 cores): a requeued job becomes eligible `AuthInfo=cred_expire`
+seconds after the requeue (120 by default, 5 at the least: slurmctld refuses smaller values as
+invalid), and is then started by the next pass of the main scheduler (every 60 s by
+default; no event triggers one). With the defaults a requeued job started again 57-60 s after
+its requeue; with cred_expire=5 and SchedulerParameters=sched_interval=1 it starts 6 s after.
+A new job starts at once. Job records stay visible to `scontrol show job` for MinJobAge seconds
+after they end; with no accounting that is the only record, so it is large.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
+MailProg=/bin/true
 InactiveLimit=0
 KillWait=30
 MessageTimeout=10
@@ -111,7 +116,7 @@ def _cluster_processes(root: Path) -> list[int]:
     return pids
 
 
-def stop_processes(root: Path, timeout: float = 15.0) -> None:
+def stop_processes(root: Path, timeout: float = 5.0) -> None:
     """Stop every process of the cluster in `root` (SIGTERM, then SIGKILL after `timeout`), also those
     an earlier session left running when it was killed."""
     pids = _cluster_processes(root)
@@ -191,7 +196,7 @@ class Cluster:
         status, _, sig = self.job(job_id)["ExitCode"].partition(":")
         return int(status), int(sig or 0)
 
-    def wait(self, job_id: str, timeout: float, log: Path | None = None,
+    def wait(self, job_id: str, timeout: float, log: Path | list[Path] | None = None,
              states: set[str] = FINAL_STATES) -> list[dict[str, str]]:
         """Wait until every job of `job_id` is in one of `states`; their records. Fails with the logs."""
         deadline = time.time() + timeout
@@ -204,14 +209,14 @@ class Cluster:
                                                          f"{timeout:.0f} s", log))
             time.sleep(0.5)
 
-    def report(self, job_id: str, what: str, log: Path | None = None) -> str:
+    def report(self, job_id: str, what: str, log: Path | list[Path] | None = None) -> str:
         """A failure message: `what`, the job's records, its log's tail and the daemons' log tails."""
         records = "\n".join(" ".join(f"{k}={j.get(k)}" for k in ("JobId", "JobState", "Reason", "Restarts",
                                                                  "ExitCode", "RunTime"))
                             for j in self.jobs(job_id))
         text = f"{what}\n{records}"
-        if log is not None:
-            text += f"\n--- job log {log} (last 60 lines) ---\n{_tail(log, 60)}"
+        for path in [log] if isinstance(log, Path) else log or []:
+            text += f"\n--- job log {path} (last 60 lines) ---\n{_tail(path, 60)}"
         return text + self.daemon_logs()
 
 

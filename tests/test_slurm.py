@@ -45,12 +45,13 @@ def job_env(cfg: Path, name: str) -> dict[str, str]:
 
 
 def submit_train(slurm, tmp_path: Path, cfg: Path, name: str, overrides: list[str] = (),
-                 tasks: int = 1) -> tuple[str, Path]:
+                 tasks: int = 1, env: dict[str, str] | None = None) -> tuple[str, Path]:
     """train.sbatch as a user submits it, its header's GPU layout overridden for this CPU node."""
     log = tmp_path / f"{name}.log"
     options = [f"--output={log}", "--nodes=1", f"--ntasks-per-node={tasks}", "--gpus-per-node=0",
                "--cpus-per-task=1", "--time=30"]
-    return slurm.submit(TRAIN, options, list(overrides), env=job_env(cfg, name), cwd=tmp_path), log
+    return slurm.submit(TRAIN, options, list(overrides), env={**job_env(cfg, name), **(env or {})},
+                        cwd=tmp_path), log
 
 
 def last_step(run_dir: Path) -> int:
@@ -187,6 +188,22 @@ def test_a_config_error_fails_the_job_without_requeue(slurm, long_run, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_stop_past_the_requeue_cap_is_not_requeued(slurm, long_run, tmp_path):
+    cfg, _ = long_run
+    run_dir = cfg.parent / "runs" / "capped"
+    job, log = submit_train(slurm, tmp_path, cfg, "capped", env={"MAX_REQUEUES": "0"})
+    wait_until(slurm, job, log, "past step 20", running_past(run_dir, 20, restarts=0))
+    slurm.run("scancel", "--signal=USR1", job)
+    slurm.wait(job, timeout=120, log=log)
+    record = slurm.job(job)
+    assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("FAILED", "0", "75:0"), \
+        slurm.report(job, "not stopped for good", log)
+    text = log.read_text()
+    assert "after 0 restart(s), the most MAX_REQUEUES allows: not requeued; resubmit to resume" in text, text
+    assert len(start_lines(log)) == 1 and 20 < committed_steps(run_dir)[-1] < 100, text
+
+
+@pytest.mark.slow
 def test_eval_array_scores_each_committed_checkpoint_once(slurm, long_run, world, tmp_path):
     """One array task per checkpoint of `cpt eval --list`, all into one store; a second array
     (a task already done and one past the end of the list) adds nothing."""
@@ -197,7 +214,7 @@ def test_eval_array_scores_each_committed_checkpoint_once(slurm, long_run, world
     env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     options = ["--output=" + str(tmp_path / "eval-%A_%a.log"), "--gpus-per-task=0", "--cpus-per-task=1"]
     job = slurm.submit(EVAL, [*options, "--array=0-2"], args, env=env, cwd=tmp_path)
-    records = slurm.wait(job, timeout=240)
+    records = slurm.wait(job, timeout=240, log=[tmp_path / f"eval-{job}_{i}.log" for i in range(3)])
     logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("eval-*.log")))
     assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in records) == \
         [(str(i), "COMPLETED", "0:0") for i in range(3)], logs
@@ -209,7 +226,7 @@ def test_eval_array_scores_each_committed_checkpoint_once(slurm, long_run, world
     assert sorted((r["checkpoint"], r["set"]) for r in rows) == \
         sorted((c, s) for c in checkpoints for s in ("code", "prose")), logs
     again = slurm.submit(EVAL, [*options, "--array=1,3"], args, env=env, cwd=tmp_path)
-    records = slurm.wait(again, timeout=240)
+    records = slurm.wait(again, timeout=240, log=[tmp_path / f"eval-{again}_{i}.log" for i in (1, 3)])
     logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob(f"eval-{again}_*.log")))
     assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in records) == \
         [("1", "COMPLETED", "0:0"), ("3", "COMPLETED", "0:0")], logs
