@@ -118,3 +118,39 @@ def test_sigterm_then_sigusr1_to_the_job_commit_exit_75_and_resume_exactly(strai
     assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
     wa, wb = ts.final_weights(runs / "straight"), ts.final_weights(run_dir)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def processes_running(needle: str) -> list[int]:
+    """Pids whose command line holds `needle`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("launcher, sig", [("deepspeed", signal.SIGTERM), ("torchrun", signal.SIGUSR1)])
+def test_ranks_whose_bare_launcher_dies_save_and_exit_instead_of_training_on(straight, launcher, sig):
+    """Without cpt launch: the deepspeed runner dies on SIGTERM, torchrun on SIGUSR1, at once. Their
+    ranks notice within a second, commit the step they reached and exit (no orphans train on)."""
+    cfg, runs = straight
+    name = f"bare-{launcher}"
+    run_dir = runs / name
+    command = job_command(launcher, cfg, name)[5:]          # without `cpt launch --`
+    proc = subprocess.Popen(command, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode == -sig                           # the launcher itself just dies
+    deadline = time.time() + 120
+    while processes_running(f"name={name}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_running(f"name={name}"), "ranks still running after their launcher died"
+    ref = checkpoint.newest_committed(run_dir / "checkpoints")
+    assert ref is not None and ref.step == ts.train_records(run_dir)[-1]["step"] < MAX_STEPS
+    err = proc.stderr.read()                                 # the ranks wrote to the launcher's stderr
+    assert "received the launcher's exit" in err and "saved a committed checkpoint" in err, err[-3000:]

@@ -27,6 +27,9 @@ from continual_pt.training.stop import StopRequest
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_RESUMABLE = 75  # stopped early (signal or time limit) with a committed checkpoint: run again to resume
+# How many generations up a rank's launcher sits: torchrun starts ranks itself; the deepspeed
+# runner starts one `deepspeed.launcher.launch` per node, which starts the ranks.
+LAUNCHER_DEPTH = {"torchrun": 1, "deepspeed": 2}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,6 +67,8 @@ class Trainer:
         owned = self.stop.install()
         if self.env.is_main:
             self.stop.watch(self.cfg.run_dir / stops.STOP_FILE)
+        if self.env.launcher in LAUNCHER_DEPTH:
+            self.stop.watch_launcher(LAUNCHER_DEPTH[self.env.launcher])
         try:
             return self._run()
         finally:

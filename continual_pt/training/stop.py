@@ -27,12 +27,31 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_FILE = "STOP"
 DONE_FILE = "STOP.done"
 FILE_REQUEST = 256   # stands where a signal number would for a request made by the STOP file
+LAUNCHER_GONE = 257  # ... and for the death of the launcher process that started this rank
 POLL_SECONDS = 1.0   # how often rank 0 looks for the STOP file (a stat, at a step boundary)
 
 
 def describe(code: int) -> str:
     """The name of a stop request's cause: a signal's name, or the STOP file."""
-    return f"a stop request ({STOP_FILE} in the run dir)" if code == FILE_REQUEST else signal.Signals(code).name
+    if code == FILE_REQUEST:
+        return f"a stop request ({STOP_FILE} in the run dir)"
+    if code == LAUNCHER_GONE:
+        return "the launcher's exit (this rank's launcher process died)"
+    return signal.Signals(code).name
+
+
+def ancestors(depth: int, pid: int | None = None) -> list[int]:
+    """The parent, grandparent, ... of `pid` (default: this process), `depth` of them, from /proc."""
+    chain, pid = [], os.getpid() if pid is None else pid
+    for _ in range(depth):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            break
+        pid = int(stat[stat.rindex(b")") + 2:].split()[1])   # the field after the state: ppid
+        chain.append(pid)
+    return chain
 
 
 class StopRequest:
@@ -46,21 +65,30 @@ class StopRequest:
         self.received_at: float | None = None
         self._previous: dict[int, Any] = {}
         self._watched: Path | None = None
+        self._launchers: list[int] = []
         self._next_poll = 0.0
+
+    def watch_launcher(self, depth: int) -> None:
+        """Stop if the launcher `depth` generations up dies (its ranks would otherwise train on as orphans)."""
+        self._launchers = ancestors(depth)
 
     def watch(self, path: Path) -> None:
         """Treat the appearance of the file `path` as a stop request (rank 0 watches the run's STOP file)."""
         self._watched = Path(path)
-        self._next_poll = 0.0
 
     def current(self) -> int:
-        """The request's cause so far: a signal number, FILE_REQUEST, or 0 (looks at the file once a second)."""
-        if not self.signum and self._watched is not None:
-            now = time.monotonic()
-            if now >= self._next_poll:
-                self._next_poll = now + POLL_SECONDS
-                if self._watched.exists():
-                    self.signum, self.received_at = FILE_REQUEST, now
+        """The request's cause so far: a signal number, FILE_REQUEST, LAUNCHER_GONE or 0.
+
+        The STOP file and the launcher are looked at once a second at most.
+        """
+        now = time.monotonic()
+        if self.signum or now < self._next_poll or not (self._watched or self._launchers):
+            return self.signum
+        self._next_poll = now + POLL_SECONDS
+        if self._watched is not None and self._watched.exists():
+            self.signum, self.received_at = FILE_REQUEST, now
+        elif self._launchers and ancestors(len(self._launchers)) != self._launchers:
+            self.signum, self.received_at = LAUNCHER_GONE, now
         return self.signum
 
     @property
@@ -96,7 +124,7 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
         self.signum, self.received_at = 0, None
-        self._watched = None
+        self._watched, self._launchers = None, []
 
 
 _PROCESS_REQUEST = StopRequest()
