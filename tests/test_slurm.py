@@ -25,9 +25,10 @@ STEPS = 300   # long enough (about 10 ms a step) for signals to land mid-run, we
 
 
 def test_launch_scripts_lint():
-    """Every launch script parses (bash -n) and passes shellcheck."""
-    scripts = sorted(REPO.glob("launch/**/*.sh")) + sorted(REPO.glob("launch/**/*.sbatch"))
-    assert TRAIN in scripts and EVAL in scripts
+    """Every shell script of the repository (launch/, configs/, CI) parses (bash -n) and passes shellcheck."""
+    scripts = sorted(p for folder in ("launch", "configs", "benchmarks", "tests", ".ci") for p in
+                     (REPO / folder).rglob("*") if p.suffix in (".sh", ".sbatch") or p == REPO / ".ci" / "run")
+    assert TRAIN in scripts and EVAL in scripts and REPO / "configs" / "quickstart" / "run.sh" in scripts
     for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
