@@ -142,6 +142,28 @@ def _add_stop(sub) -> None:
     _target(p, "continual_pt.training.supervise:request")
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="expand a grid of runs (axes over any config key, baselines) into configs; run or submit them",
+        description="Expand GRID into one resolved, validated run config per run, with stable names, under the "
+                    "sweep directory (configs/<run>.yaml, sweep.json, runs/<run>/). Every problem of the grid is "
+                    "reported at once before anything is written. Without a mode, prints the plan and writes it.",
+        epilog="example: cpt sweep --grid configs/sweeps/small.yaml --dry-run")
+    p.add_argument("--grid", "-g", required=True, help="the grid file (see configs/paper/ and configs/sweeps/)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for one of the grid's vars (repeatable; default: the environment, then the grid)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    mode.add_argument("--local", action="store_true",
+                      help="run the runs one after another here (finished ones are skipped, stopped ones resume)")
+    mode.add_argument("--submit", action="store_true",
+                      help="submit each run through launch/slurm/train.sbatch with its eval array chained")
+    mode.add_argument("--status", action="store_true", help="show each run's state")
+    p.add_argument("--tokens-per-s", type=float, default=None,
+                   help="tokens/s per GPU: the plan then shows the sweep's GPU-hours")
+    _target(p, "continual_pt.sweep.plan:run_sweep")
+
+
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved run config (defaults < file < overrides), validated",
                        description="Resolve and validate a run config and print it as YAML; exits 2 "
@@ -269,7 +291,7 @@ def _add_report(sub) -> None:
     _target(p, "continual_pt.results.report:run_report")
 
 
-COMMANDS = (_add_train, _add_launch, _add_stop, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
+COMMANDS = (_add_train, _add_launch, _add_stop, _add_sweep, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
             _add_plot, _add_report)
 
 

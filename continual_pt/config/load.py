@@ -67,10 +67,12 @@ def _parsed(texts: Iterable[str], origin: str, p: Problems) -> Iterator[tuple[st
             p.items.append(f"{origin}: {exc}")
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         origin: str = "command line") -> RunConfig:
     """Resolve defaults < YAML file < overrides into a validated `RunConfig`.
 
-    Raises `ConfigError` listing every problem, each with its file (or "command line") and key.
+    Raises `ConfigError` listing every problem, each with its file (or `origin`, where the
+    overrides came from) and key.
     """
     origins: dict[str, str] = {}
     raw: dict[str, Any] = {}
@@ -90,13 +92,13 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         raw = loaded
         for key in walk_keys(raw):
             origins[key] = str(path)
-    for key, value in _parsed(overrides, "command line", early):
-        origins[key] = "command line"
+    for key, value in _parsed(overrides, origin, early):
+        origins[key] = origin
         for sub in walk_keys(value, key):
-            origins[sub] = "command line"
+            origins[sub] = origin
         error = set_dotted(raw, key, value)
         if error:
-            early.items.append(f"command line: {error}")
+            early.items.append(f"{origin}: {error}")
     p = Problems(origins)
     p.items.extend(early.items)
     return _validated(raw, p)

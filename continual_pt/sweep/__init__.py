@@ -1,0 +1,1 @@
+"""Sweeps: a grid file expanded into one resolved, validated run config per run (`cpt sweep`)."""
