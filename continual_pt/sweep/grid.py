@@ -100,7 +100,8 @@ def load_sweep(grid_path: str | Path, variables: dict[str, str] | None = None) -
     directory = Path(raw["out"]) if raw.get("out") else Path("sweeps") / name
     blocks = _blocks(raw, p)
     extra = _mapping(raw.get("runs"), "runs", p)
-    p.raise_if_any()
+    if base is not None and not base.is_file():
+        p.raise_if_any()   # every run would fail on the missing base: say it once
     axis_keys = list(dict.fromkeys(a.key for b in blocks for g in b.groups for a in g))
     # A run's name spells each axis once: of axes that move together, the first stands for the group.
     named = [k for k in axis_keys if not any(a.key == k for b in blocks for g in b.groups for a in g[1:])]
@@ -247,10 +248,12 @@ def _points(blocks: list[Block], common: dict[str, Any], extra: dict[str, Any], 
     for b, block in enumerate(blocks):
         for combo in itertools.product(*(range(len(g[0].values)) for g in block.groups)):
             settings = {**common, **block.fixed}
+            point = []
             for group, index in zip(block.groups, combo):
                 for axis in group:
                     settings[axis.key] = axis.values[index][1]
-            yield f"grids[{b}] {combo}" if len(blocks) > 1 else f"grid {combo}", settings, None
+                    point.append(f"{axis.key}={axis.values[index][0]}")
+            yield f"{f'grids[{b}]' if len(blocks) > 1 else 'grid'} ({', '.join(point)})", settings, None
     for name, own in extra.items():
         own = _mapping(own, f"runs.{name}", p)
         yield f"runs.{name}", {**common, **own}, name
