@@ -25,7 +25,7 @@ EXIT_FILE = "sweep-exit.json"
 MARKER = "COMMITTED.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 STOPPED_STATUS = 75
-MEANINGS = {1: "non-finite loss", 2: "bad input", STOPPED_STATUS: "stopped"}
+MEANINGS = {1: "non-finite loss", 2: "bad input"}
 
 
 @dataclass(frozen=True)
