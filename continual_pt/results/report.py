@@ -3,6 +3,11 @@ the LR schedule as trained, and `cpt report`'s comparison table.
 
     cpt report runs/const runs/rewarm-3e-4 runs/rewarm-6e-4 --upstream pile --downstream slimpajama \\
         --baseline runs/const --out report.md
+    cpt report sweeps/rewarm --upstream pile --downstream slimpajama --baseline constant
+
+A sweep directory (with `sweep.json`, from `cpt sweep`) stands for its runs, sorted by their axis
+values, and the table gains a column per axis key (see results/sweep_dirs.py); `--baseline` may
+then name a run of it.
 
 Curves come from a run's metrics.jsonl (kind "eval" records, logged by training) or from the
 scores.jsonl that `cpt eval` writes into the run directory. With source "auto", a set uses
@@ -29,6 +34,7 @@ from continual_pt.errors import UserError
 from continual_pt.evaluation.store import FILE, read_scores
 from continual_pt.files import atomic_write_text
 from continual_pt.results.records import read_metrics
+from continual_pt.results.sweep_dirs import expand
 from continual_pt.schedules import build, check_config, curve
 
 SOURCES = ("auto", "metrics", "scores")
@@ -60,6 +66,8 @@ class RunCurves:
     """(tokens seen, learning rate): the schedule from step 0, else each logged training step."""
     init: str | None = None
     """The checkpoint (or pretrained model) the run started from: checkpoint.init of its config."""
+    varying: dict[str, Any] = field(default_factory=dict)
+    """A sweep's run: axis key -> this run's value (empty for a run dir given on its own)."""
 
 
 def _finite(value: Any) -> bool:
@@ -175,8 +183,13 @@ def load_run(path: str | Path, source: str = "auto") -> RunCurves:
 
 
 def load_runs(paths: list[str], source: str = "auto") -> list[RunCurves]:
-    """Several runs; their display names are made unique with the folder name when they clash."""
-    runs = [load_run(p, source) for p in paths]
+    """Several runs (a sweep directory standing for its runs); their display names are made unique
+    with the folder name when they clash."""
+    runs = []
+    for member in expand(paths):
+        run = load_run(member.path, source)
+        run.varying = dict(member.varying)
+        runs.append(run)
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
@@ -219,6 +232,14 @@ def _fmt(value: float | None, digits: int, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _axis_cell(run: RunCurves, key: str) -> str:
+    """A run's value of an axis key as table text ("" when the run is not of a sweep with that axis)."""
+    if key not in run.varying:
+        return ""
+    value = run.varying[key]
+    return ("-" if value is None else str(value)).replace("|", "\\|")
+
+
 def report_rows(runs: list[RunCurves], upstream: str, downstream: str,
                 baseline: RunCurves | None) -> list[dict[str, Any]]:
     """Per run: final/best loss and ppl of both sets, forgetting and gain (None where unknown).
@@ -226,12 +247,14 @@ def report_rows(runs: list[RunCurves], upstream: str, downstream: str,
     step 0 of a run from scratch is a random model, nothing there to forget."""
     base_final = summarize(baseline.evals.get(downstream, [])).final if baseline else None
     rows = []
+    axes = list(dict.fromkeys(key for run in runs for key in run.varying))
     for run in runs:
         up, down = summarize(run.evals.get(upstream, [])), summarize(run.evals.get(downstream, []))
         start = start_loss(run, upstream) if run.init else None
         last = up.final or down.final
         rows.append({
-            "run": run.name, "tokens": last.tokens if last else None, "up": up, "down": down,
+            "run": run.name, "axes": [_axis_cell(run, key) for key in axes],
+            "tokens": last.tokens if last else None, "up": up, "down": down,
             "forgetting": up.final.loss - start if up.final and start is not None else None,
             "gain": base_final.loss - down.final.loss if base_final and down.final else None,
         })
@@ -240,8 +263,10 @@ def report_rows(runs: list[RunCurves], upstream: str, downstream: str,
 
 def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
                    baseline: RunCurves | None = None) -> str:
-    """The comparison table as GitHub markdown, one row per run in the given order."""
-    head = ["run", "tokens"]
+    """The comparison table as GitHub markdown, one row per run in the given order, with a column
+    per axis key of the sweeps among them."""
+    axes = list(dict.fromkeys(key for run in runs for key in run.varying))
+    head = ["run", *axes, "tokens"]
     for name in (upstream, downstream):
         head += [f"{name} final loss", f"{name} final ppl", f"{name} best loss", f"{name} best ppl"]
     head.append(f"forgetting (Δ {upstream} loss from step 0)")
@@ -249,7 +274,7 @@ def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
         head.append(f"gain vs {baseline.name} (Δ final {downstream} loss)")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in report_rows(runs, upstream, downstream, baseline):
-        cells = [row["run"], "n/a" if row["tokens"] is None else f"{row['tokens']:,}"]
+        cells = [row["run"], *row["axes"], "n/a" if row["tokens"] is None else f"{row['tokens']:,}"]
         for s in (row["up"], row["down"]):
             cells += [_fmt(s.final and s.final.loss, 4), _fmt(s.final and s.final.ppl, 2),
                       _fmt(s.best and s.best.loss, 4), _fmt(s.best and s.best.ppl, 2)]
@@ -295,6 +320,8 @@ def run_report(options: ReportOptions) -> int:
     baseline = None
     if options.baseline:
         match = [r for r in runs if r.path.resolve() == Path(options.baseline).resolve()]
+        if not match and not Path(options.baseline).exists():   # a run of a sweep, by its name
+            match = [r for r in runs if r.path.name == options.baseline or r.name == options.baseline][:1]
         baseline = match[0] if match else load_run(options.baseline, options.source)
         if not baseline.evals.get(downstream):
             raise UserError(f"--baseline {options.baseline}: no evaluation of {downstream!r} to compare with")
