@@ -25,7 +25,7 @@ from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 40
+MAX_STEPS = 100   # room for a stop's latency (a fraction of a second) at ~30 ms a step
 
 
 def launcher_env() -> dict[str, str]:

@@ -28,7 +28,7 @@ STOP_FILE = "STOP"
 DONE_FILE = "STOP.done"
 FILE_REQUEST = 256   # stands where a signal number would for a request made by the STOP file
 LAUNCHER_GONE = 257  # ... and for the death of the launcher process that started this rank
-POLL_SECONDS = 1.0   # how often rank 0 looks for the STOP file (a stat, at a step boundary)
+POLL_SECONDS = 0.25  # how often rank 0 looks for the STOP file (one stat, at a step boundary)
 
 
 def describe(code: int) -> str:
@@ -79,7 +79,7 @@ class StopRequest:
     def current(self) -> int:
         """The request's cause so far: a signal number, FILE_REQUEST, LAUNCHER_GONE or 0.
 
-        The STOP file and the launcher are looked at once a second at most.
+        The STOP file and the launcher are looked at every POLL_SECONDS at most.
         """
         now = time.monotonic()
         if self.signum or now < self._next_poll or not (self._watched or self._launchers):

@@ -164,6 +164,8 @@ class Supervisor:
                  "checkpoint is intact)")
             _kill_group(self.child.pid, signal.SIGKILL)
         self.received.append(signum)
+        if self.child is not None and not self.requested:
+            self._request()   # a Python handler runs in the main thread between bytecodes: file I/O is safe
 
     def _wait_for_launcher(self) -> int:
         assert self.child is not None
