@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,36 +123,46 @@ def test_loopback_ssh_reaches_each_host_by_its_key_only_and_leaves_home_alone(ss
     assert home_ssh_state() == before
 
 
-def supervisor() -> dict[str, str]:
-    """CPT_LAUNCH for the script: its default `cpt launch --` once that command exists, else none."""
-    cpt = Path(sys.executable).parent / "cpt"
-    has = subprocess.run([str(cpt), "launch", "--help"], capture_output=True, timeout=60).returncode == 0
-    return {} if has else {"CPT_LAUNCH": ""}
+STEPS = 60
 
 
 def assert_same_run(a: Path, b: Path) -> None:
     ra, rb = ts.train_records(a), ts.train_records(b)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 9))
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
     for key in ("loss", "lr", "tokens"):
         assert [r[key] for r in ra] == [r[key] for r in rb], key
     ea, eb = ([(r["step"], r["set"], r["loss"]) for r in ts.train_records(d, "eval")] for d in (a, b))
-    assert len(ea) == 6 and ea == eb   # steps 0, 4 and 8, two sets each
+    assert len(ea) == 4 and ea == eb   # steps 0 and 60, two sets each
     wa, wb = ts.final_weights(a), ts.final_weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
 
 
+def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and ts.train_records(run_dir) and \
+                ts.train_records(run_dir)[-1]["step"] >= step:
+            return
+        if job.poll() is not None:
+            raise AssertionError(f"job ended early: {job.returncode}\n{job.stderr.read()[-6000:]}")
+        time.sleep(0.05)
+    job.kill()
+    raise AssertionError(f"job did not reach step {step} in time")
+
+
 @pytest.mark.slow
 def test_two_hosts_over_ssh_stop_resume_and_train_what_two_ranks_on_one_node_train(world, tmp_path, monkeypatch,
                                                                                     ssh_loopback):  # noqa: F811
-    """Through launch/deepspeed.sh: pdsh over ssh, one rank per host; a stop at step 4 exits 75 through
-    pdsh and the launcher, and the same command resumes on both hosts to the one-node run's numbers."""
+    """Through launch/deepspeed.sh: pdsh over ssh, one rank per host. A SIGTERM to the script (cpt launch)
+    mid-run reaches the rank on the other host too: both save at the same step, the job exits 75, and the
+    same command resumes on both hosts to the one-node run's numbers."""
     require(shutil.which("pdsh") is not None, "pdsh is not installed (Debian: pdsh)")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", eval={
-        "sets": {"code": str(world["code"]), "prose": str(world["prose"])}, "tokens": 256, "every_steps": 4},
-        train={"max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "precision": "fp32",
+        "sets": {"code": str(world["code"]), "prose": str(world["prose"])}, "tokens": 256, "every_steps": 0},
+        train={"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "precision": "fp32",
                "ds_config": "zero2", "log_every": 1})
     ts.train(cfg, ["name=one-node"], world_size=2)
 
@@ -159,19 +171,27 @@ def test_two_hosts_over_ssh_stop_resume_and_train_what_two_ranks_on_one_node_tra
     (tmp_path / "ds_env").write_text("OMP_NUM_THREADS=1\n")   # the remote shells get only what is exported
     env = ts.env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
-    env = {**ssh_loopback.env(env), "DS_ENV_FILE": str(tmp_path / "ds_env"), **supervisor()}
+    env = {**ssh_loopback.env(env), "DS_ENV_FILE": str(tmp_path / "ds_env")}
     env.pop("MASTER_ADDR", None)   # the script's default: the hostfile's first host
-    proc = run_script([str(hostfile), str(cfg), "name=two-nodes", "train.stop_after_steps=4"], env, tmp_path,
-                      timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 75, out[-8000:]
+    env.pop("CPT_LAUNCH", None)    # the script's default: under `cpt launch --`
+    run = tmp_path / "runs" / "two-nodes"
+    job = subprocess.Popen(["bash", str(SCRIPT), str(hostfile), str(cfg), "name=two-nodes"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 2, job)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=300)
+    out = stdout + stderr
+    assert job.returncode == 75, out[-8000:]
+    assert "cpt launch: SIGTERM: asked every rank to save" in out
+    stopped_at = ts.train_records(run)[-1]["step"]
+    assert 2 <= stopped_at < STEPS
     assert f"cmd = pdsh -S -f 1024 -w {','.join(HOSTS)} " in out
     assert "--master_addr=127.0.0.1 --master_port=" + env["MASTER_PORT"] in out
     for rank, host in enumerate(HOSTS):   # pdsh labels each line with the host that printed it
         assert f"{host}: " in out and f"nnodes=2, num_local_procs=1, node_rank={rank}" in out
     assert "world size 2 (deepspeed)" in out
-    run = tmp_path / "runs" / "two-nodes"
-    assert [r.step for r in checkpoint.list_committed(run / "checkpoints")] == [4]
+    assert [r.step for r in checkpoint.list_committed(run / "checkpoints")] == [stopped_at]
+    assert "received a stop request" in out
     proc = run_script([str(hostfile), str(cfg), "name=two-nodes"], env, tmp_path, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
     assert_same_run(tmp_path / "runs" / "one-node", run)
