@@ -161,6 +161,17 @@ def _add_sweep(sub) -> None:
     mode.add_argument("--status", action="store_true", help="show each run's state")
     p.add_argument("--tokens-per-s", type=float, default=None,
                    help="tokens/s per GPU: the plan then shows the sweep's GPU-hours")
+    q = p.add_argument_group("--submit", "where the batch scripts are and sbatch options for your cluster "
+                             "(each value split like a shell line; write --sbatch-args='--partition=gpu')")
+    q.add_argument("--scripts", default=None, metavar="DIR",
+                   help="folder with train.sbatch and eval.sbatch (default: launch/slurm/ of the clone cpt runs "
+                        "from, else ./launch/slurm/)")
+    q.add_argument("--sbatch-args", action="append", default=[], metavar="OPTIONS",
+                   help="sbatch options for every job, e.g. '--partition=gpu --account=proj' (repeatable)")
+    q.add_argument("--train-sbatch-args", action="append", default=[], metavar="OPTIONS",
+                   help="sbatch options for the training jobs only, e.g. '--nodes=4 --time=2-00:00:00'")
+    q.add_argument("--eval-sbatch-args", action="append", default=[], metavar="OPTIONS",
+                   help="sbatch options for the eval arrays only, e.g. '--time=04:00:00'")
     _target(p, "continual_pt.sweep.plan:run_sweep")
 
 

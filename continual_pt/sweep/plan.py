@@ -35,6 +35,14 @@ class SweepOptions:
     status: bool = False
     tokens_per_s: float | None = None
     """Tokens per second per GPU, to estimate GPU-hours in the plan."""
+    scripts: str | None = None
+    """--submit: the folder holding train.sbatch and eval.sbatch (default: launch/slurm/ of the clone)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """--submit: sbatch options for every job (e.g. "--partition=gpu --account=proj")."""
+    train_sbatch_args: list[str] = field(default_factory=list)
+    """--submit: sbatch options for the training jobs only."""
+    eval_sbatch_args: list[str] = field(default_factory=list)
+    """--submit: sbatch options for the eval arrays only."""
 
 
 def run_sweep(opts: SweepOptions) -> int:
