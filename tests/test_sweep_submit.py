@@ -113,6 +113,8 @@ import json, os, sys
 from pathlib import Path
 root = Path(os.environ["FAKE_SLURM"])
 calls = root / "calls.jsonl"
+if os.environ.get("FAKE_SBATCH_FAIL") in sys.argv:
+    sys.exit("sbatch: error: Batch job submission failed: Invalid partition name specified")
 job = str(100 + (len(calls.read_text().splitlines()) if calls.exists() else 0))
 env = {k: os.environ.get(k) for k in ("CONFIG", "OUT_DIR", "NAME", "PYTHON")}
 with open(calls, "a") as f:
@@ -224,6 +226,20 @@ def test_a_rerun_submits_only_runs_without_a_live_job_that_are_not_finished(fake
     assert submit(grid, capsys)[:2] == ["max_lr0.001: submitted train job 106, eval array 107 (2 task(s), after 106)",
                                         "max_lr0.003: not submitted: finished at step 12"]
     assert len(calls(fake_slurm)) == 8
+
+
+def test_a_failed_eval_submission_keeps_the_training_jobs_id(fake_slurm, tmp_path, capsys, monkeypatch):
+    grid = write_sweep(tmp_path, paths_world(tmp_path))
+    monkeypatch.setenv("FAKE_SBATCH_FAIL", str(REPO / "launch" / "slurm" / "eval.sbatch"))
+    assert main(submit_args(grid)) == 2
+    err = capsys.readouterr().err
+    assert ("max_lr0.001: training job 100 is submitted (and recorded) but its eval array is not: sbatch "
+            in err and "Invalid partition name specified" in err), err
+    assert [(e["train"], e["eval"]) for e in jobs_json(tmp_path)[RUNS[0]]] == [("100", None)]
+    assert sorted(jobs_json(tmp_path)) == [RUNS[0]]
+    monkeypatch.delenv("FAKE_SBATCH_FAIL")
+    assert submit(grid, capsys)[:2] == ["max_lr0.001: not submitted: train job 100 PENDING (None)",
+                                        "max_lr0.003: submitted train job 101, eval array 102 (2 task(s), after 101)"]
 
 
 def test_status_reads_the_queue_and_the_run_dirs(fake_slurm, tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,8 +226,9 @@ class Submitter:
     train_options: list[str]
     eval_options: list[str]
 
-    def submit(self, run: PlannedRun) -> dict[str, Any]:
-        """Submit the run's training job and its eval array; their record for jobs.json."""
+    def submit(self, run: PlannedRun, entries: list[dict[str, Any]], save: Callable[[], None]) -> dict[str, Any]:
+        """Submit the run's training job, add its entry to `entries` and `save` them (so a failed eval
+        submission cannot lose the training job's id), then its eval array; the entry."""
         directory = self.sweep.directory.resolve()
         logs = directory / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -239,13 +240,20 @@ class Submitter:
                         str(self.train_script)], env)
         entry: dict[str, Any] = {"train": train, "eval": None, "eval_tasks": 0,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        entries.append(entry)
+        save()
         if cfg.eval.sets:
             tasks = checkpoint_count(cfg)
-            entry["eval"] = sbatch([f"--job-name=cpt-eval-{run.name}", f"--output={logs}/%x-%A_%a.log",
-                                    f"--array=0-{tasks - 1}", f"--dependency=afterok:{train}",
-                                    "--kill-on-invalid-dep=yes", *self.eval_options, str(self.eval_script),
-                                    *eval_arguments(cfg)], env)
+            try:
+                entry["eval"] = sbatch([f"--job-name=cpt-eval-{run.name}", f"--output={logs}/%x-%A_%a.log",
+                                        f"--array=0-{tasks - 1}", f"--dependency=afterok:{train}",
+                                        "--kill-on-invalid-dep=yes", *self.eval_options, str(self.eval_script),
+                                        *eval_arguments(cfg)], env)
+            except UserError as exc:
+                raise UserError(f"{run.name}: training job {train} is submitted (and recorded) but its eval "
+                                f"array is not: {exc}") from None
             entry["eval_tasks"] = tasks
+            save()
         return entry
 
 
@@ -291,9 +299,7 @@ def submit_sweep(sweep: Sweep, opts: Any) -> int:
             stale = stale_arrays(entries, queue)
             if stale:
                 subprocess.run(["scancel", *stale], capture_output=True, timeout=120)
-            entry = submitter.submit(run)
-            entries.append(entry)
-            write_jobs(sweep, {k: v for k, v in runs.items() if v})
+            entry = submitter.submit(run, entries, lambda: write_jobs(sweep, {k: v for k, v in runs.items() if v}))
             submitted += 1
             chained = (f", eval array {entry['eval']} ({entry['eval_tasks']} task(s), after {entry['train']})"
                        if entry["eval"] else ", no eval array (the run has no eval.sets)")
