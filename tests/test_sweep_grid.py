@@ -89,8 +89,9 @@ def test_variables_come_from_var_then_the_environment_then_the_default(tmp_path,
     grid = write_grid(tmp_path, {"vars": {"DATA": "data", "OLD": None},
                                  "set": {"data.train.new.path": "${DATA}/new", "data.train.old.path": "${OLD}"},
                                  "grid": {"axes": {"schedule.max_lr": [3.0e-4]}}})
-    with pytest.raises(UserError, match=r"vars.OLD: not set: export OLD=\.\.\. or pass --var OLD=\.\.\."):
+    with pytest.raises(UserError, match=r"vars.OLD: not set: export OLD=\.\.\. or pass --var OLD=\.\.\.") as info:
         load_sweep(grid)
+    assert "(1 problem(s))" in str(info.value)          # once, not again where ${OLD} is used
     monkeypatch.setenv("OLD", "/env/old")
     run = load_sweep(grid).runs[0]
     assert (run.config.data.train["new"].path, run.config.data.train["old"].path) == ("data/new", "/env/old")
@@ -98,6 +99,10 @@ def test_variables_come_from_var_then_the_environment_then_the_default(tmp_path,
     assert (run.config.data.train["new"].path, run.config.data.train["old"].path) == ("/d/new", "/cli/old")
     with pytest.raises(UserError, match="--var NOPE: not a variable of this grid"):
         load_sweep(grid, {"NOPE": "x"})
+    undeclared = write_grid(tmp_path, {"set": {"data.train.old.path": "${NOWHERE}"},
+                                       "grid": {"axes": {"schedule.max_lr": [3.0e-4]}}})
+    with pytest.raises(UserError, match=r"\$\{NOWHERE\}: an undeclared variable"):
+        load_sweep(undeclared)
 
 
 def test_every_problem_of_a_bad_grid_is_named_at_once_and_nothing_is_written(tmp_path, capsys):

@@ -94,7 +94,8 @@ def load_sweep(grid_path: str | Path, variables: dict[str, str] | None = None) -
     path = Path(grid_path)
     p = GridProblems(path)
     raw = _read(path, p)
-    raw = _substitute(raw, _variables(raw.get("vars"), variables or {}, p), p)
+    declared = raw.get("vars") if isinstance(raw.get("vars"), dict) else {}
+    raw = _substitute(raw, _variables(raw.get("vars"), variables or {}, p), set(declared), p)
     base = _base_path(raw.get("base"), path, p)
     name = str(raw.get("sweep") or path.stem)
     directory = Path(raw["out"]) if raw.get("out") else Path("sweeps") / name
@@ -158,15 +159,16 @@ def _variables(declared: Any, given: dict[str, str], p: GridProblems) -> dict[st
     return values
 
 
-def _substitute(node: Any, values: dict[str, str], p: GridProblems) -> Any:
+def _substitute(node: Any, values: dict[str, str], declared: set[str], p: GridProblems) -> Any:
     if isinstance(node, dict):
-        return {k: _substitute(v, values, p) if k != "vars" else v for k, v in node.items()}
+        return {k: _substitute(v, values, declared, p) if k != "vars" else v for k, v in node.items()}
     if isinstance(node, list):
-        return [_substitute(v, values, p) for v in node]
+        return [_substitute(v, values, declared, p) for v in node]
     if isinstance(node, str):
         def value_of(match: re.Match) -> str:
             if match.group(1) not in values:
-                p.add(f"${{{match.group(1)}}}", "an undeclared variable (declare it under `vars`)")
+                if match.group(1) not in declared:   # a declared one left unset is reported once, above
+                    p.add(f"${{{match.group(1)}}}", "an undeclared variable (declare it under `vars`)")
                 return match.group(0)
             return values[match.group(1)]
         return _VAR.sub(value_of, node)
