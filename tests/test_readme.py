@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from continual_pt import config
 from tests.helpers import REPO
@@ -29,10 +30,26 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_command():
     assert install_and_test in ci.splitlines()
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def is_grid(path: Path) -> bool:
+    return "sweep" in (yaml.safe_load(path.read_text()) or {})
+
+
+SHIPPED = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [str(p) for p in SHIPPED if not is_grid(REPO / p)])
 def test_every_shipped_config_loads(path):
     cfg = config.load(REPO / path)
     assert cfg.train.max_steps > 0
+
+
+@pytest.mark.parametrize("path", [str(p) for p in SHIPPED if is_grid(REPO / p)])
+def test_every_shipped_grid_expands_with_its_variables_set(path):
+    from continual_pt.sweep.grid import load_sweep
+
+    declared = yaml.safe_load((REPO / path).read_text()).get("vars") or {}
+    sweep = load_sweep(REPO / path, {name: f"/data/{name.lower()}" for name in declared})
+    assert sweep.runs and all(run.config.train.max_steps > 0 for run in sweep.runs)
 
 
 def test_quickstart_script_uses_the_shipped_configs():
