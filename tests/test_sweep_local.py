@@ -243,6 +243,6 @@ def test_small_grid_expands_over_prepared_data(tmp_path, world, capfd):
         assert {k: v.path for k, v in cfg.eval.sets.items()} == {"code": str(data / "code"),
                                                                   "bible": str(data / "bible")}
         assert cfg.checkpoint.init == str(tmp_path / "pretrained")
-        assert cfg.train.max_steps == 100
+        assert (cfg.train.max_steps, cfg.train.micro_batch_size) == (60, 8)
     constant = sweep.runs[-1].config.schedule
     assert (constant.name, constant.max_lr, constant.warmup) == ("constant", 3.0e-4, 0)
