@@ -275,7 +275,8 @@ def _add_plot(sub) -> None:
         description="The paper's figures: one panel of validation loss vs tokens per held-out set (in-loop "
                     "evaluations from metrics.jsonl, or cpt eval scores from scores.jsonl), one line per run, "
                     "and a panel of the learning rate vs tokens. Writes OUT.png and OUT.svg.")
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+",
+                   help="run directories, or sweep directories (with sweep.json) standing for all their runs")
     p.add_argument("--out", "-o", required=True, help="output path without suffix (writes OUT.png and OUT.svg)")
     p.add_argument("--sets", default=None, help="comma-separated set names, one panel each (default: all)")
     p.add_argument("--source", choices=("auto", "metrics", "scores"), default="auto",
@@ -292,10 +293,13 @@ def _add_report(sub) -> None:
         description="Per run: final and best loss and perplexity on the upstream and downstream sets, the "
                     "forgetting (final upstream loss minus the step-0 upstream loss) and the gain over a "
                     "baseline run (its final downstream loss minus the run's; positive is better).")
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+",
+                   help="run directories, or sweep directories (with sweep.json) standing for all their runs")
     p.add_argument("--upstream", default=None, help="name of the upstream (old data) set, e.g. pile")
     p.add_argument("--downstream", default=None, help="name of the downstream (new data) set, e.g. slimpajama")
-    p.add_argument("--baseline", default=None, help="run directory to compare with (e.g. the constant-LR run)")
+    p.add_argument("--baseline", default=None,
+                   help="run directory to compare with (e.g. the constant-LR run), or the name of a run of a "
+                        "sweep directory given")
     p.add_argument("--source", choices=("auto", "metrics", "scores"), default="auto",
                    help="as for cpt plot (default auto)")
     p.add_argument("--out", "-o", default=None, help="markdown file to write (default: print)")
@@ -352,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"cpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Work in progress was left as each command promises (atomic outputs, committed checkpoints).
+        print(f"cpt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

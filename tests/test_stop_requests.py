@@ -145,3 +145,15 @@ def test_cpt_stop_wait_reports_the_answer(tmp_path, capsys, status, monkeypatch)
     finally:
         lock.release()
     assert f"the run exited with status {status} at step 12" in capsys.readouterr().out
+
+
+def test_a_ctrl_c_outside_training_ends_a_command_with_130_and_one_line(monkeypatch, capsys):
+    from continual_pt import cli
+    from continual_pt.sweep.plan import SweepOptions
+
+    def interrupted(opts: SweepOptions) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "target_function", lambda target: interrupted)
+    assert main(["sweep", "--grid", "g.yaml", "--local"]) == 130
+    assert capsys.readouterr().err == "cpt sweep: interrupted\n"
