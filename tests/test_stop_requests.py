@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+from continual_pt import cli
 from continual_pt.cli import main
+from continual_pt.sweep.plan import SweepOptions
 from continual_pt.training import stop as stops
 from continual_pt.training.lock import RunLock
 from continual_pt.training.supervise import config_source
@@ -148,9 +150,6 @@ def test_cpt_stop_wait_reports_the_answer(tmp_path, capsys, status, monkeypatch)
 
 
 def test_a_ctrl_c_outside_training_ends_a_command_with_130_and_one_line(monkeypatch, capsys):
-    from continual_pt import cli
-    from continual_pt.sweep.plan import SweepOptions
-
     def interrupted(opts: SweepOptions) -> int:
         raise KeyboardInterrupt
 
