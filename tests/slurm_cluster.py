@@ -256,6 +256,8 @@ def start(root: Path) -> Cluster:
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         env.pop(key)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(key, None)   # set in this process by in-process training tests; jobs rendezvous on their own
     cluster = Cluster(root, node, env)
     _start_munge(root)
     subprocess.run(["slurmctld", "-c", "-i", "-f", str(conf)], env=env, check=True, capture_output=True,

@@ -82,8 +82,17 @@ def test_cpt_launch_refuses_a_command_without_training_or_without_a_command(capf
 
 
 def test_cpt_launch_clears_a_stale_request_and_exits_with_the_commands_status(tmp_path, capfd):
+    """In this process, beside a child of its own that outlives the command: only the launcher's processes
+    are waited for."""
     stops.request_stop(tmp_path, "old", "cpt stop")
-    assert main(["launch", "--run-dir", str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    other = subprocess.Popen(["sleep", "60"])
+    started = time.monotonic()
+    try:
+        assert main(["launch", "--run-dir", str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    finally:
+        other.kill()
+        other.wait()
+    assert time.monotonic() - started < 20
     assert "removed a stop request left by an earlier start (cpt stop" in capfd.readouterr().err
     assert not (tmp_path / stops.STOP_FILE).exists()
 

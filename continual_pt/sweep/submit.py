@@ -41,6 +41,8 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
 NEVER = "DependencyNeverSatisfied"
 
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -233,7 +235,10 @@ class Submitter:
         logs = directory / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         cfg = run.config
-        env = {**os.environ, "CONFIG": str(directory / "configs" / f"{run.name}.yaml"),
+        # sbatch exports this environment to the job: a launcher's variables left in it (a rendezvous port
+        # in use here) must not reach the job's ranks, which take theirs from the allocation.
+        inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        env = {**inherited, "CONFIG": str(directory / "configs" / f"{run.name}.yaml"),
                "OUT_DIR": str(Path(cfg.out_dir).resolve()), "NAME": run.name,
                "PYTHON": os.environ.get("PYTHON", sys.executable)}
         train = sbatch([f"--job-name=cpt-train-{run.name}", f"--output={logs}/%x-%j.log", *self.train_options,

@@ -40,16 +40,23 @@ def describe(code: int) -> str:
     return signal.Signals(code).name
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process `pid` from /proc (None if it is gone or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[1])   # the field after the state: ppid
+
+
 def ancestors(depth: int, pid: int | None = None) -> list[int]:
     """The parent, grandparent, ... of `pid` (default: this process), `depth` of them, from /proc."""
     chain, pid = [], os.getpid() if pid is None else pid
     for _ in range(depth):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        pid = parent_of(pid)
+        if pid is None:
             break
-        pid = int(stat[stat.rindex(b")") + 2:].split()[1])   # the field after the state: ppid
         chain.append(pid)
     return chain
 

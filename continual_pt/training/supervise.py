@@ -127,12 +127,14 @@ class Supervisor:
         self.received: list[int] = []
         self.requested = False
         self.child: subprocess.Popen | None = None
+        self.before: set[int] = set()   # our children before the launch: not the launcher's to wait for
 
     def run(self) -> int:
         self._check_free()
         previous = {sig: signal.signal(sig, self._handle) for sig in FORWARDED}
         try:
             _become_subreaper()
+            self.before = _children()
             self.child = subprocess.Popen(self.command, start_new_session=True)
             status = self._wait_for_launcher()
             if not self._wait_for_leftovers():
@@ -194,12 +196,14 @@ class Supervisor:
         deadline = time.monotonic() + self.grace
         told = False
         while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            left = _children() - self.before
+            for pid in left:
+                try:
+                    os.waitpid(pid, os.WNOHANG)   # reaps it once it has exited
+                except ChildProcessError:
+                    pass
+            if not _children() - self.before:
                 return True
-            if pid:
-                continue
             if not told:
                 _say("the launcher exited; waiting for the processes it left behind")
                 told = True
@@ -229,6 +233,14 @@ class Supervisor:
 def _exit_status(returncode: int) -> int:
     """A Popen return code as a shell would report it (128 + N for a death by signal N)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _children() -> set[int]:
+    """This process's children, from /proc (orphans of the launcher come to us as a subreaper)."""
+    if not os.path.isdir("/proc"):
+        return set()
+    me = os.getpid()
+    return {int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and stops.parent_of(int(e.name)) == me}
 
 
 def _kill_group(pgid: int, sig: int) -> None:
