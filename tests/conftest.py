@@ -9,6 +9,10 @@ import pytest
 
 from tests import train_support as ts
 
+# One SLURM cluster per session: a fixture imported into two modules would be two session fixtures,
+# the second waiting on the first's lock.
+from tests.slurm_cluster import slurm_fixture  # noqa: F401  (the fixture `slurm`)
+
 _WORDS = ("the", "model", "forgets", "re-warming", "learning", "rate", "λόγος", "naïve", "数据", "🙂",
           "<|endoftext|>", "    ", "\n", "\n\n", "\t", "x = f(1);", "Ünïcödé", "tokens", "of", "a", "corpus")
 

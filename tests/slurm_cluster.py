@@ -1,6 +1,6 @@
 """A one-node SLURM cluster on this machine for the batch-script tests.
 
-`slurm` (the session fixture `slurm_fixture`; import that into a test module) starts munged,
+`slurm` (the session fixture `slurm_fixture`, registered once in tests/conftest.py) starts munged,
 slurmctld and slurmd with every file in one folder (`$TMPDIR/cpt-slurm-<uid>`): slurm.conf,
 state, spool, logs, pid files and munge's key and socket. Processes left by an earlier session
 that was killed (daemons, job steps, ranks) are found by that folder in their command line or

@@ -17,7 +17,7 @@ import torch
 
 from tests import train_support as ts
 from tests.helpers import REPO
-from tests.slurm_cluster import FINAL_STATES, slurm_fixture  # noqa: F401  (the fixture `slurm`)
+from tests.slurm_cluster import FINAL_STATES
 
 TRAIN = REPO / "launch" / "slurm" / "train.sbatch"
 EVAL = REPO / "launch" / "slurm" / "eval.sbatch"

@@ -19,7 +19,6 @@ from continual_pt.config import load
 from continual_pt.sweep.submit import checkpoint_count
 from tests import train_support as ts
 from tests.helpers import REPO
-from tests.slurm_cluster import slurm_fixture  # noqa: F401  (the fixture `slurm`)
 
 TRAIN_ARGS = "--ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --time=30"
 EVAL_ARGS = "--gpus-per-task=0 --cpus-per-task=1"
