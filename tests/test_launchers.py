@@ -57,25 +57,12 @@ def mpi_env(cfg: Path) -> dict[str, str]:
     return e
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        records = ts.train_records(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-        if records and records[-1]["step"] >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"job ended early: {proc.returncode}\n{proc.stderr.read()[-4000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"job did not reach step {step} in time")
-
-
 def stop_job(launcher: str, cfg: Path, run_dir: Path, sig: signal.Signals, after_step: int) -> int:
     """Start the job, signal it past `after_step`, expect 75 and a checkpoint at the last step trained."""
     e = mpi_env(cfg) if launcher == "mpirun" else launcher_env()
     proc = subprocess.Popen(job_command(launcher, cfg, run_dir.name), env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for_step(run_dir, after_step, proc)
+    ts.wait_for_step(run_dir, after_step, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
@@ -142,7 +129,7 @@ def test_ranks_whose_bare_launcher_dies_save_and_exit_instead_of_training_on(str
     command = job_command(launcher, cfg, name)[5:]          # without `cpt launch --`
     proc = subprocess.Popen(command, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    wait_for_step(run_dir, 3, proc)
+    ts.wait_for_step(run_dir, 3, proc)
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert proc.returncode == -sig                           # the launcher itself just dies

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -139,19 +138,6 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
-def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and ts.train_records(run_dir) and \
-                ts.train_records(run_dir)[-1]["step"] >= step:
-            return
-        if job.poll() is not None:
-            raise AssertionError(f"job ended early: {job.returncode}\n{job.stderr.read()[-6000:]}")
-        time.sleep(0.05)
-    job.kill()
-    raise AssertionError(f"job did not reach step {step} in time")
-
-
 @pytest.mark.slow
 def test_two_hosts_over_ssh_stop_resume_and_train_what_two_ranks_on_one_node_train(world, tmp_path, monkeypatch,
                                                                                     ssh_loopback):  # noqa: F811
@@ -177,7 +163,7 @@ def test_two_hosts_over_ssh_stop_resume_and_train_what_two_ranks_on_one_node_tra
     run = tmp_path / "runs" / "two-nodes"
     job = subprocess.Popen(["bash", str(SCRIPT), str(hostfile), str(cfg), "name=two-nodes"], env=env, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(run, 2, job)
+    ts.wait_for_step(run, 2, job)
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=300)
     out = stdout + stderr

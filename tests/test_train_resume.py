@@ -65,18 +65,6 @@ def test_resume_with_another_micro_batch_continues_the_data_stream(world, tmp_pa
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
 
 
-def _wait_for_step(run_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        records = ts.train_records(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-        if records and records[-1]["step"] >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.returncode}\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError("run did not reach the step in time")
-
-
 def _wait_for_new_lines(path, lines_before, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -98,7 +86,7 @@ def test_signal_saves_commits_and_resumes_to_the_same_numbers(world, tmp_path, s
     run_dir = tmp_path / "runs" / "signalled"
     proc = subprocess.Popen(ts.train_command(cfg, ["name=signalled"]), env=ts.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for_step(run_dir, 3, proc)
+    ts.wait_for_step(run_dir, 3, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]

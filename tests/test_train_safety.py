@@ -31,17 +31,6 @@ def start(cfg_path: Path, overrides: list[str], name: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        records = ts.train_records(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-        if records and records[-1]["step"] >= step:
-            return
-        assert proc.poll() is None, f"run ended early: {proc.returncode}\n{proc.stderr.read()[-3000:]}"
-        time.sleep(0.02)
-    raise AssertionError(f"{run_dir} did not reach step {step} in time")
-
-
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
@@ -128,7 +117,7 @@ def test_a_second_start_on_a_running_run_dir_is_refused_naming_the_holder(world,
     run_dir = tmp_path / "runs" / "locked"
     first = start(cfg, [], "locked")
     try:
-        wait_for_step(run_dir, 1, first)
+        ts.wait_for_step(run_dir, 1, first, timeout=600)
         second = ts.train(cfg, ["name=locked"], expect=2)
         assert "Traceback" not in second.stderr, second.stderr[-3000:]
         assert f"cpt train: error: run dir {run_dir} is in use: pid {first.pid} on host " in second.stderr
@@ -155,7 +144,7 @@ def test_a_first_sigint_saves_and_exits_75_without_a_traceback(world, tmp_path):
     run_dir = tmp_path / "runs" / "ctrl-c"
     proc = start(cfg, [], "ctrl-c")
     try:
-        wait_for_step(run_dir, 2, proc)
+        ts.wait_for_step(run_dir, 2, proc, timeout=600)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -207,7 +196,7 @@ def test_a_sigterm_during_a_long_eval_commits_within_seconds_and_resumes_to_the_
     run_dir = tmp_path / "runs" / "cut"
     proc = start(cfg, [], "cut")
     try:
-        wait_for_step(run_dir, 4, proc)   # the step-4 record comes just before its eval starts
+        ts.wait_for_step(run_dir, 4, proc, timeout=600)   # the step-4 record comes just before its eval starts
         time.sleep(0.5)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -110,6 +111,20 @@ def train(config: Path, overrides: list[str] = (), world_size: int = 1, launcher
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `proc` (stderr piped) has logged training step `step` in run_dir; fail if it ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        records = train_records(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        if records and records[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.returncode}\n{proc.stderr.read()[-4000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"{run_dir} did not reach step {step} in {timeout} s")
 
 
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
