@@ -82,7 +82,7 @@ def request(opts: StopOptions) -> int:
     else:
         lock.release()
         raise UserError(f"no run is running in {run_dir} (nothing holds its run.lock): nothing to stop")
-    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    token = _new_token()
     path = stops.request_stop(run_dir, token, "cpt stop")
     print(f"asked the run in {run_dir} to save a committed checkpoint and exit ({path})")
     deadline = time.monotonic() + opts.wait
@@ -123,7 +123,7 @@ class Supervisor:
         self.command = command
         self.run_dir = run_dir
         self.grace = grace
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self.token = _new_token()
         self.received: list[int] = []
         self.requested = False
         self.child: subprocess.Popen | None = None
@@ -228,6 +228,11 @@ class Supervisor:
             _say(f"the launcher exited with status {status} before the run answered the stop request: no new "
                  "checkpoint was committed for it")
         return status
+
+
+def _new_token() -> str:
+    """A name for one stop request, unique across hosts and processes (its answer carries it back)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 
 
 def _exit_status(returncode: int) -> int:
