@@ -228,8 +228,13 @@ class CheckpointConfig:
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none), e.g. 1000 as Pythia
     does, for evaluations and later runs from earlier checkpoints; a multiple of every_steps."""
+    elastic: str = "auto"
+    """Resuming on another number of ranks or another ZeRO stage: auto (convert the checkpoint once
+    to DeepSpeed's universal format, kept beside it, and load that) or never (refuse)."""
 
     def check(self, p: Problems) -> None:
+        if self.elastic not in ("auto", "never"):
+            p.add("checkpoint.elastic", f"must be auto or never, got {self.elastic!r}")
         if self.resume not in ("auto", "never") and self.init:
             p.add("checkpoint.init", f"given together with checkpoint.resume={self.resume!r}: a run "
                   "either resumes (everything) or starts a new phase from weights (init), never both")
