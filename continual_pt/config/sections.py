@@ -34,6 +34,9 @@ class ModelConfig:
     """Attention kernel: sdpa, eager (or another that transformers accepts)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    fused_loss: str = "auto"
+    """Output layer + cross-entropy in chunks, never holding the full fp32 logits: auto (where the
+    model allows it), on (refuse a model that does not), off (full logits, as plain transformers)."""
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False,
                                     metadata={"internal": True})
     """Where each key of `config` came from (a file or "command line"), for messages; never dumped."""
@@ -47,6 +50,8 @@ class ModelConfig:
             p.add("model.attn_implementation",
                   f"unknown value {self.attn_implementation!r}; accepted: sdpa, eager, "
                   "flash_attention_2, flex_attention")
+        if self.fused_loss not in ("auto", "on", "off"):
+            p.add("model.fused_loss", f"unknown value {self.fused_loss!r}; accepted: auto, on, off")
         if self.revision and not self.name_or_path:
             p.add("model.revision", "set without model.name_or_path")
 
