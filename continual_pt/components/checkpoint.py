@@ -30,7 +30,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from continual_pt.components import distributed, integrity
+from continual_pt.components import distributed, elastic, integrity
 from continual_pt.components.model import DTYPES
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_output, atomic_write_text, fsync_dir, fsync_tree
@@ -280,22 +280,25 @@ class Checkpointer:
         for ref in committed:
             if ref.step not in keep:
                 shutil.rmtree(ref.path, ignore_errors=True)
+        elastic.prune(self.root, {tag_for(step) for step in keep})
         if committed:
             newest = committed[-1].step
             for p in list_tags(self.root):
                 if step_of(p.name) < newest and not is_committed(p):
                     shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, ref: CheckpointRef, *, load_optimizer: bool = True,
-             load_schedule: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Restore the engine from a committed checkpoint; returns (client state, this rank's state)."""
+    def load(self, engine, ref: CheckpointRef, *, load_optimizer: bool = True, load_schedule: bool = True,
+             universal: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore the engine from a committed checkpoint, or from its `universal` conversion (an engine
+        configured to load universal checkpoints); returns (client state, this rank's state)."""
         meta = ref.meta()
         saved_world = meta.get("world_size", self.world_size)
-        if load_optimizer and saved_world != self.world_size and meta.get("zero_stage", 0) > 0:
+        if load_optimizer and saved_world != self.world_size and meta.get("zero_stage", 0) > 0 and not universal:
             raise UserError(f"checkpoint {ref.path} was written by {saved_world} ranks with ZeRO stage "
                             f"{meta['zero_stage']}; this run has {self.world_size} ranks. Resume with "
                             f"{saved_world} ranks, or start a new phase from its weights (checkpoint.init)")
-        _, client_state = engine.load_checkpoint(str(ref.root), tag=ref.tag,
+        source = Path(universal).parent if universal else ref.root
+        _, client_state = engine.load_checkpoint(str(source), tag=ref.tag,
                                                  load_optimizer_states=load_optimizer,
                                                  load_lr_scheduler_states=load_schedule)
         if client_state is None:

@@ -22,7 +22,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import branches, checkpoint, distributed, ops
+from continual_pt.components import branches, checkpoint, distributed, elastic, ops
 from continual_pt.components import model as models
 from continual_pt.components.checkpoint import set_rng_state
 from continual_pt.components.distributed import DistEnv
@@ -36,16 +36,8 @@ from continual_pt.errors import UserError
 from continual_pt.results.metrics import MetricsLogger
 from continual_pt.schedules.scheduler import ScheduleLR
 from continual_pt.training.lock import RunLock
+from continual_pt.training.resume import RunFinished, Start, check_resume  # noqa: F401  (RunFinished: re-exported)
 from continual_pt.training.state import TrainState
-
-
-@dataclass(frozen=True)
-class Start:
-    """How this phase starts: resume (everything), init (weights only) or scratch."""
-
-    kind: str  # "resume", "init_checkpoint", "init_hf", "scratch"
-    ref: checkpoint.CheckpointRef | None = None
-    reference: str | None = None
 
 
 def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
@@ -241,11 +233,11 @@ def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
 
 
 def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: MixtureSampler,
-            checkpointer: checkpoint.Checkpointer, rank: int) -> TrainState:
+            checkpointer: checkpoint.Checkpointer, rank: int, universal: Path | None = None) -> TrainState:
     """Load what the start mode asks for; on resume, the loop's state, data position and RNG too."""
     state = TrainState()
     if start.kind == "resume":
-        client, rank_state = checkpointer.load(engine, start.ref)
+        client, rank_state = checkpointer.load(engine, start.ref, universal=universal)
         state.load_state_dict(client)
         sampler.load_state_dict(rank_state["sampler"])
         if rank_state.get("rank") == rank:
@@ -276,10 +268,6 @@ def start_line(cfg: RunConfig, env: DistEnv, start: Start, step: int, n_params: 
             f"ZeRO {zero_stage}, {cfg.train.precision}, device {device}")
 
 
-class RunFinished(Exception):
-    """The run's checkpoint is already at train.max_steps: nothing to train, nothing to write."""
-
-
 def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> RunLock | None:
     """Rank 0 locks the run dir; every rank learns whether it could (so none waits on the others)."""
     lock = RunLock(run_dir) if env.is_main else None
@@ -295,39 +283,6 @@ def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> RunLock |
     if failed:
         raise UserError(f"run dir {run_dir} is in use by another run (rank 0 could not lock it)")
     return lock
-
-
-def saved_run_config(ref: checkpoint.CheckpointRef) -> dict[str, Any] | None:
-    """The resolved config a checkpoint was written under (its run/config.yaml), if it has one."""
-    path = ref.path / "run" / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
-
-
-def check_resume(cfg: RunConfig, start: Start, zero_stage: int) -> None:
-    """Refuse a resume that cannot continue the run as saved; RunFinished when nothing is left to do."""
-    if start.kind != "resume":
-        return
-    ref, max_steps = start.ref, cfg.train.max_steps
-    if ref.step > max_steps:
-        raise UserError(f"checkpoint {ref.path} is at step {ref.step}, beyond train.max_steps={max_steps}; "
-                        "raise train.max_steps or resume from an earlier checkpoint (checkpoint.resume=...)")
-    meta = ref.meta()
-    for field, saved, now in (("ZeRO stage (train.ds_config)", meta.get("zero_stage"), zero_stage),
-                              ("train.precision", meta.get("precision"), cfg.train.precision)):
-        if saved is not None and saved != now:
-            raise UserError(f"checkpoint {ref.path} was saved with {field} {saved}, this run asks for {now}; "
-                            f"resume with {saved}, or start a new phase from its weights (checkpoint.init)")
-    saved_model = ((saved_run_config(ref) or {}).get("model") or {}).get("config")
-    if saved_model is not None and saved_model != cfg.model.config:
-        changed = ", ".join(f"{k}: {saved_model.get(k)!r} saved, {cfg.model.config.get(k)!r} now"
-                            for k in sorted(set(saved_model) | set(cfg.model.config))
-                            if saved_model.get(k) != cfg.model.config.get(k))
-        raise UserError(f"model.config differs from the one checkpoint {ref.path} was trained with ({changed}); "
-                        "a resume continues the saved architecture: restore model.config, or start a new phase "
-                        "from its weights (checkpoint.init)")
-    if ref.step == max_steps:
-        raise RunFinished(f"finished: checkpoint {ref.path} is at train.max_steps={max_steps}, nothing to do "
-                          "(raise train.max_steps to train further)")
 
 
 def open_session(cfg: RunConfig, env: DistEnv) -> Session:
@@ -354,10 +309,15 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     start = plan_start(cfg.checkpoint, cfg.run_dir)
     ds_cfg = deepspeed_config(cfg, env)
     zero_stage = ds_config.zero_stage(ds_cfg)
-    check_resume(cfg, start, zero_stage)
+    check_resume(cfg, start, zero_stage, env.world_size)
     net = build_model(cfg, start, vocab)
     models.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
     settle_start(cfg.checkpoint, cfg.run_dir, start)   # nothing is moved before every check passed
+    universal, converted = None, False
+    if start.kind == "resume" and elastic.needs_universal(start.ref.meta(), env.world_size, zero_stage,
+                                                          cfg.checkpoint.elastic):
+        universal, converted = elastic.prepare(start.ref.path, device, env.is_main)
+        ds_cfg = elastic.with_universal_loading(ds_cfg)
     hf_config = net.config
     n_params = models.num_params(net)  # before DeepSpeed, which may partition the parameters away
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
@@ -367,7 +327,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
                              cfg.train.micro_batch_size, env.rank, env.world_size)
     checkpointer = checkpoint.Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                            env.world_size, keep_every=cfg.checkpoint.keep_every)
-    state = restore(cfg, start, engine, sampler, checkpointer, env.rank)
+    state = restore(cfg, start, engine, sampler, checkpointer, env.rank, universal)
     distributed.barrier()
     if env.is_main:
         _write_run_dir(cfg, cfg.run_dir)
@@ -375,6 +335,9 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     logger = MetricsLogger(cfg.run_dir, cfg.log, env.is_main, cfg.name, cfg.train.max_steps, state.step,
                            config.to_dict(cfg))
     logger.message(start_line(cfg, env, start, state.step, n_params, zero_stage, device))
+    if universal is not None:
+        logger.message(elastic.note(start.ref.meta(), env.world_size, zero_stage, universal, converted,
+                                    figures.tokens_per_step))
     held_out = HeldOut(eval_sets, cfg.eval.tokens, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
     return Session(env=env, device=device, figures=figures, start=state, resumed=start.kind == "resume", lock=lock,
                    parts=Parts(engine, sampler, held_out, logger, checkpointer),

@@ -1,0 +1,183 @@
+"""Resuming a checkpoint on another number of ranks or another ZeRO stage (1, 2, 3).
+
+ZeRO partitions the optimizer state by rank, so a checkpoint loads as saved only on the world size
+and stage that wrote it. DeepSpeed's universal format stores every parameter's fp32 weights and Adam
+moments whole (`zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`), which any world size and stage can
+partition again. A committed checkpoint `checkpoints/global_step<N>` is converted once into
+`checkpoints/universal/global_step<N>` and reused by later resumes.
+
+The conversion is committed like a save: it is written into a hidden temporary folder, gets its own
+marker (every file with its size and checksum, and the checksum of the original's marker, so a
+re-saved original is never paired with an old conversion), and appears under its name by one rename.
+A kill mid-conversion leaves only a temporary that the next conversion removes. The original
+checkpoint is only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.checkpoint import ds_to_universal
+
+from continual_pt.components import distributed, integrity
+from continual_pt.errors import UserError
+from continual_pt.files import atomic_write_text, fsync_dir, fsync_tree
+
+UNIVERSAL = "universal"
+"""The folder beside the checkpoint tags that holds their universal conversions."""
+MARKER = "COMMITTED.json"
+TEMPORARY = ".converting-"
+FORMAT_VERSION = 1
+
+NOT_EXACT = ("the weights, Adam moments, schedule step, tokens seen and data position carry over exactly; "
+             "what does not: each rank's RNG stream (ranks that did not exist in the saved run start from "
+             "the seed) and the order of the gradient reduction across ranks, so the losses differ from an "
+             "uninterrupted run in the last digits")
+
+
+def needs_universal(meta: dict[str, Any], world_size: int, zero_stage: int, mode: str) -> bool:
+    """Whether a resume must go through the universal format: another ZeRO stage, or another world size
+    with ZeRO partitioning, both sides ZeRO 1-3, and `checkpoint.elastic: auto`. Anything else loads
+    as saved or meets the usual refusals."""
+    saved_world = meta.get("world_size", world_size)
+    saved_stage = meta.get("zero_stage", zero_stage)
+    if saved_stage == zero_stage and (saved_world == world_size or zero_stage == 0):
+        return False
+    return mode == "auto" and saved_stage > 0 and zero_stage > 0
+
+
+def universal_path(tag_dir: Path) -> Path:
+    """Where the universal conversion of a checkpoint folder lives (whether or not it exists)."""
+    tag_dir = Path(tag_dir)
+    return tag_dir.parent / UNIVERSAL / tag_dir.name
+
+
+def _source_digest(tag_dir: Path) -> str:
+    return integrity.checksum(Path(tag_dir) / MARKER)
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def usable(tag_dir: Path) -> Path | None:
+    """The committed conversion of this very checkpoint with every file intact, else None."""
+    out = universal_path(tag_dir)
+    meta = read_marker(out)
+    if not meta or meta.get("source", {}).get(integrity.CHECKSUM) != _source_digest(tag_dir):
+        return None
+    files = meta.get("files", {})
+    if any(integrity.problem(out, name, recorded) for name, recorded in files.items()):
+        return None
+    return out
+
+
+def clear_temporaries(base: Path) -> None:
+    """Remove what interrupted conversions left in `checkpoints/universal/`."""
+    if Path(base).is_dir():
+        for path in Path(base).glob(f"{TEMPORARY}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_converter(tag_dir: Path, target: Path) -> None:
+    args = SimpleNamespace(input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except (OSError, RuntimeError, ValueError, KeyError, AssertionError, FileNotFoundError,
+            NotImplementedError) as exc:
+        raise UserError(f"could not convert checkpoint {tag_dir} to DeepSpeed's universal format "
+                        f"({type(exc).__name__}: {exc}); resume with the world size and ZeRO stage it was "
+                        "saved with, or start a new phase from its weights (checkpoint.init)") from None
+
+
+def convert(tag_dir: Path) -> Path:
+    """Convert a committed checkpoint folder to `checkpoints/universal/<tag>` (replacing an older one)."""
+    tag_dir = Path(tag_dir)
+    out = universal_path(tag_dir)
+    base = out.parent
+    base.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(base)
+    work = base / f"{TEMPORARY}{tag_dir.name}-{secrets.token_hex(4)}"
+    target = work / tag_dir.name
+    digest = _source_digest(tag_dir)
+    _run_converter(tag_dir, target)
+    files = {name: integrity.entry(target / name) for name in integrity.listed_files(target)}
+    meta = {"format_version": FORMAT_VERSION, "time": time.time(), "deepspeed": deepspeed.__version__,
+            "source": {"tag": tag_dir.name, integrity.CHECKSUM: digest}, "files": files}
+    atomic_write_text(target / MARKER, json.dumps(meta, indent=1))
+    fsync_tree(target)
+    stale = None
+    if out.exists():
+        stale = base / f"{TEMPORARY}stale-{secrets.token_hex(4)}"
+        os.rename(out, stale)
+    os.rename(target, out)
+    fsync_dir(base)
+    shutil.rmtree(work, ignore_errors=True)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+    return out
+
+
+def prepare(tag_dir: Path, device: torch.device, is_main: bool) -> tuple[Path, bool]:
+    """On every rank: rank 0 finds this checkpoint's conversion or converts it, the others wait.
+    Returns (its path, whether it was converted now); a failure on rank 0 fails every rank."""
+    problem, converted = None, False
+    if is_main:
+        try:
+            if usable(tag_dir) is None:
+                convert(tag_dir)
+                converted = True
+        except UserError as exc:
+            problem = exc
+    failed = distributed.all_reduce_max([1.0 if problem else 0.0], device)[0]
+    if problem is not None:
+        raise problem
+    if failed:
+        raise UserError(f"rank 0 could not convert checkpoint {tag_dir} to the universal format (see its error)")
+    return universal_path(tag_dir), converted
+
+
+def with_universal_loading(ds_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config with `checkpoint.load_universal` on (it changes loading only)."""
+    return {**ds_cfg, "checkpoint": {**ds_cfg.get("checkpoint", {}), "load_universal": True}}
+
+
+def note(meta: dict[str, Any], world_size: int, zero_stage: int, out: Path, converted: bool,
+         tokens_per_step: int) -> str:
+    """The one log line of an elastic resume: from what to what, and what does not carry exactly."""
+    how = "converted now" if converted else "converted by an earlier resume"
+    line = (f"elastic resume: checkpoint {meta.get('step')} was saved by {meta.get('world_size')} ranks with ZeRO "
+            f"{meta.get('zero_stage')}, this run has {world_size} ranks with ZeRO {zero_stage}; loading its "
+            f"universal copy {out} ({how}); {NOT_EXACT}")
+    step, tokens = meta.get("step"), meta.get("tokens_seen")
+    if step and tokens and tokens // step != tokens_per_step:
+        line += (f". Note: the global batch changes from {tokens // step} to {tokens_per_step} tokens per step "
+                 "(set train.grad_accum or train.global_batch_size to keep it)")
+    return line
+
+
+def prune(root: Path, kept_tags: set[str]) -> None:
+    """Drop the conversions of checkpoints no longer kept."""
+    base = Path(root) / UNIVERSAL
+    if not base.is_dir():
+        return
+    for path in base.iterdir():
+        if path.is_dir() and not path.name.startswith(TEMPORARY) and path.name not in kept_tags:
+            shutil.rmtree(path, ignore_errors=True)
