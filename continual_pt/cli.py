@@ -236,6 +236,23 @@ def _add_export(sub) -> None:
     _target(p, "continual_pt.components.checkpoint:run_export")
 
 
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="inspect a checkpoint, or convert it for another world size or ZeRO stage")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="{info,convert}")
+    q = csub.add_parser("info", help="step, tokens, world size, ZeRO stage, precision, committed or not, files",
+                        description="What a checkpoint holds, checked against its commit marker: what to look "
+                                    "at before resuming it on another allocation.")
+    q.add_argument("path", help="a checkpoint folder (global_step<N>), or a run or checkpoints directory (all "
+                                "its checkpoints listed, the newest committed one in detail)")
+    _target(q, "continual_pt.components.checkpoint_tools:run_info")
+    q = csub.add_parser("convert", help="convert a committed checkpoint to DeepSpeed's universal format ahead of time",
+                        description="Write checkpoints/universal/global_step<N> beside the checkpoint (which is "
+                                    "only read), under the commit protocol. A resume with another world size or "
+                                    "ZeRO stage (checkpoint.elastic: auto) makes and reuses the same conversion.")
+    q.add_argument("path", help="a checkpoint folder, or a run directory (its newest committed checkpoint)")
+    _target(q, "continual_pt.components.checkpoint_tools:run_convert")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="score checkpoints on named held-out sets into an incremental results store",
@@ -306,7 +323,8 @@ def _add_report(sub) -> None:
     _target(p, "continual_pt.results.report:run_report")
 
 
-COMMANDS = (_add_train, _add_launch, _add_stop, _add_sweep, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export, _add_eval,
+COMMANDS = (_add_train, _add_launch, _add_stop, _add_sweep, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export,
+            _add_checkpoint, _add_eval,
             _add_plot, _add_report)
 
 
