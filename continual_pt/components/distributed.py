@@ -17,7 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from continual_pt.components import ops
+from continual_pt.components import ops, shm_buffers
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,7 @@ def init(env: DistEnv | None = None) -> DistEnv:
         ops.prepare()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        shm_buffers.release_after_start(env.rank, env.world_size)   # or /dev/shm fills up, run by run
     return env
 
 
