@@ -6,6 +6,10 @@ by name), which depends on counts alone: the sequence of (source, window) pairs 
 any micro-batch size and data-parallel size, and the state is just the per-source counts.
 Within a source, epoch e visits windows in the order of a keyed Feistel permutation of
 (seed, source, e): pseudo-random, O(1) memory at any dataset size.
+
+`next_slot()` states the rule one slot at a time; `next_batch()` computes the same slots for a
+whole global micro-batch at once in numpy (`draw_sources`, `FeistelPermutation.many`), and only
+this rank's rows are permuted and read.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _mix64_many(x: np.ndarray) -> np.ndarray:
+    """`_mix64` of every element of a uint64 array (numpy's uint64 products wrap modulo 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 class FeistelPermutation:
@@ -60,6 +71,101 @@ class FeistelPermutation:
             x = self._encrypt(x)
         return x
 
+    def _encrypt_many(self, x: np.ndarray) -> np.ndarray:
+        half, mask = np.uint64(self.half), np.uint64(self.mask)
+        left, right = x >> half, x & mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64_many(right ^ np.uint64(key)) & mask)
+        return (left << half) | right
+
+    def many(self, indices: np.ndarray) -> np.ndarray:
+        """`self(i)` for every i of a 1-d integer array, as int64."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size <= 16:    # numpy's per-call cost outweighs a few scalar rounds
+            return np.array([self(int(i)) for i in indices], dtype=np.int64)
+        if not (0 <= indices.min() and indices.max() < self.n):
+            raise IndexError(f"indices outside [0, {self.n})")
+        x = self._encrypt_many(indices.astype(np.uint64))
+        outside = np.flatnonzero(x >= np.uint64(self.n))
+        while outside.size:   # cycle walking, for the elements still out of range only
+            x[outside] = self._encrypt_many(x[outside])
+            outside = outside[x[outside] >= np.uint64(self.n)]
+        return x.astype(np.int64)
+
+
+def _quota_counts(weights: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Per source (rows) and slot k (columns) the counts that split k by largest remainders of
+    weights * k: a close guess of how many slots each source holds before slot k."""
+    quota = weights[:, None] * slots.astype(np.float64)[None, :]
+    counts = np.floor(quota).astype(np.int64)
+    short = slots - counts.sum(axis=0)
+    remainder = quota - counts
+    for n in range(len(weights)):   # a source's rank among the remainders: largest first, ties by name
+        rank = np.zeros(len(slots), dtype=np.int64)
+        for m in range(len(weights)):
+            if m != n:
+                rank += (remainder[m] >= remainder[n]) if m < n else (remainder[m] > remainder[n])
+        counts[n] += rank < short
+    return counts
+
+
+def _draw_one_by_one(weights: list[float], counts: np.ndarray, first_slot: int, n: int) -> np.ndarray:
+    """`next_slot`'s choice of source for n slots, one at a time (the fallback of `draw_sources`)."""
+    out = np.empty(n, dtype=np.int64)
+    held = [int(c) for c in counts]
+    order = range(len(held))
+    for i in range(n):
+        k1 = first_slot + i + 1
+        out[i] = chosen = max(order, key=lambda j: weights[j] * k1 - held[j])
+        held[chosen] += 1
+    return out
+
+
+def _largest_deficit(weights: np.ndarray, slots: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per slot (columns of `counts`), the source with the largest weight * (k + 1) - count, the
+    first of equals: `next_slot`'s rule with its float operations, for many slots at once."""
+    ahead = (slots + 1).astype(np.float64)
+    best = weights[0] * ahead - counts[0]
+    chosen = np.zeros(len(slots), dtype=np.int64)
+    for n in range(1, len(weights)):
+        deficit = weights[n] * ahead - counts[n]
+        better = deficit > best
+        chosen[better] = n
+        best = np.where(better, deficit, best)
+    return chosen
+
+
+def draw_sources(weights: np.ndarray, consumed: np.ndarray, first_slot: int, count: int) -> np.ndarray:
+    """The source (index) of each of `count` slots from `first_slot` on, given the sequences each
+    source has given so far: exactly `next_slot`'s rule (the largest deficit, ties by name).
+
+    The counts before every slot are guessed (`_quota_counts`) and the rule is applied to all slots
+    at once; every slot up to the first one whose guessed counts disagree with the choices before
+    it is exact, and the rest is guessed again from there. A guess that keeps failing falls back
+    to single slots for a while, so any weights and any state stay exact.
+    """
+    sources = np.arange(len(weights))[:, None]
+    picks = np.empty(count, dtype=np.int64)
+    counts = np.asarray(consumed, dtype=np.int64).copy()
+    done, window = 0, count
+    while done < count:
+        slots = np.arange(first_slot + done, first_slot + min(count, done + window), dtype=np.int64)
+        guess = _quota_counts(weights, slots)
+        guess += (counts - guess[:, 0])[:, None]
+        chosen = _largest_deficit(weights, slots, guess)
+        taken = chosen[None, :] == sources
+        wrong = np.flatnonzero((counts[:, None] + np.cumsum(taken, axis=1) - taken != guess).any(axis=0))
+        good = len(slots) if wrong.size == 0 else int(wrong[0])
+        if good < 16 < len(slots):   # a poor guess here: a few slots one by one, then guess again
+            good = min(64, count - done)
+            chosen = _draw_one_by_one(weights.tolist(), counts, first_slot + done, good)
+            taken = chosen[None, :] == sources
+        picks[done:done + good] = chosen[:good]
+        counts += taken[:, :good].sum(axis=1)
+        done += good
+        window = max(64, 2 * good)
+    return picks
+
 
 def make_batch(windows: list[np.ndarray]) -> dict[str, Any]:
     """input_ids and labels LongTensors [rows, seq_len] from windows of seq_len + 1 tokens."""
@@ -82,6 +188,7 @@ class MixtureSampler:
         self.names = sorted(sources)
         total = math.fsum(weights[n] for n in self.names)
         self.weights = {n: weights[n] / total for n in self.names}
+        self._weight_array = np.array([self.weights[n] for n in self.names], dtype=np.float64)
         self.seed = seed
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
@@ -118,19 +225,44 @@ class MixtureSampler:
         self._slots += 1
         return name, index
 
-    def next_batch(self) -> dict[str, Any]:
-        """Consume one global micro-batch; this rank's input_ids/labels [mbs, seq_len] plus, per row,
-        `source` (index into `names`) and `window` (window index in that source)."""
-        first = self.dp_rank * self.micro_batch_size
-        rows = []
-        for j in range(self.micro_batch_size * self.dp_size):
-            slot = self.next_slot()
-            if first <= j < first + self.micro_batch_size:
-                rows.append(slot)
-        batch = make_batch([self.sources[name][index] for name, index in rows])
-        batch["source"] = torch.tensor([self.names.index(name) for name, _ in rows], dtype=torch.long)
-        batch["window"] = torch.tensor([index for _, index in rows], dtype=torch.long)
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Consume one global micro-batch: (source index, window index) of each of this rank's rows,
+        the slots `next_slot` would draw, computed for the whole micro-batch at once."""
+        total = self.micro_batch_size * self.dp_size
+        consumed = np.array([self.consumed[n] for n in self.names], dtype=np.int64)
+        picks = draw_sources(self._weight_array, consumed, self._slots, total)
+        mine = slice(self.dp_rank * self.micro_batch_size, (self.dp_rank + 1) * self.micro_batch_size)
+        sources = picks[mine]
+        taken = picks[None, :] == np.arange(len(self.names))[:, None]
+        totals = taken.sum(axis=1)
+        # Each own row's position in its source: the source's count before this rank's slice, plus
+        # the rows of the same source before it within the slice.
+        before = consumed + taken[:, :mine.start].sum(axis=1)
+        within = np.cumsum(taken[:, mine], axis=1) - taken[:, mine]
+        counts = before[sources] + within[sources, np.arange(self.micro_batch_size)]
+        windows = np.empty(self.micro_batch_size, dtype=np.int64)
+        for s in np.unique(sources):
+            name, at = self.names[s], np.flatnonzero(sources == s)
+            epochs, positions = np.divmod(counts[at], len(self.sources[name]))
+            for epoch in np.unique(epochs):
+                here = at[epochs == epoch]
+                windows[here] = self._permutation(name, int(epoch)).many(positions[epochs == epoch])
+        for n, c in zip(self.names, totals):
+            self.consumed[n] += int(c)
+        self._slots += total
+        return sources, windows
+
+    def read(self, sources: np.ndarray, windows: np.ndarray) -> dict[str, Any]:
+        """The batch of the given rows: input_ids/labels [rows, seq_len] plus, per row, `source`
+        (index into `names`) and `window` (window index in that source)."""
+        batch = make_batch([self.sources[self.names[s]][int(w)] for s, w in zip(sources, windows)])
+        batch["source"] = torch.from_numpy(np.asarray(sources, dtype=np.int64))
+        batch["window"] = torch.from_numpy(np.asarray(windows, dtype=np.int64))
         return batch
+
+    def next_batch(self) -> dict[str, Any]:
+        """Consume one global micro-batch and read this rank's rows (see `read`)."""
+        return self.read(*self.next_rows())
 
     def state_dict(self) -> dict[str, Any]:
         """The data position: per-source counts and epochs, plus what must match to resume."""
