@@ -19,6 +19,8 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from continual_pt.components import fused_loss as fused
+from continual_pt.components.fused_loss import fused_head
 from continual_pt.config import ConfigError, ModelConfig
 from continual_pt.errors import UserError
 
@@ -230,14 +232,44 @@ class CausalLMLoss(nn.Module):
     """Wraps a causal LM so that forward(input_ids, labels) returns the mean next-token loss.
 
     Labels are already shifted (the data gives seq_len + 1 tokens per window), so the
-    model's own shifting loss is bypassed.
+    model's own shifting loss is bypassed. With `fused_loss` (model.fused_loss: auto, on, off)
+    the output layer and the loss run together in chunks (`fused_loss.py`) where the model
+    allows it, never holding the full fp32 logits.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused_loss: str = "auto"):
         super().__init__()
         self.model = model
+        self.fused_loss = fused_loss
+        # A tuple, so that the body and head are not registered twice as submodules.
+        self._fused = fused_head(model, fused_loss)
+
+    def _fused_parts(self) -> tuple[nn.Module, nn.Linear] | None:
+        if self._fused is None:
+            return None
+        if hasattr(self._fused[1].weight, "ds_id"):   # ZeRO-3 gathers weights only inside module calls
+            if self.fused_loss == "on":
+                raise UserError("model.fused_loss=on does not work with ZeRO stage 3 (partitioned output "
+                                "layer); use model.fused_loss=auto or off")
+            return None
+        return self._fused
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        parts = self._fused_parts()
+        if parts is None or (reduction == "per_sequence" and torch.is_grad_enabled()):
+            return self.plain(input_ids, labels, reduction)
+        body, head = parts
+        hidden = body(input_ids=input_ids, use_cache=False)[0]
+        hidden, flat = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+        if reduction == "per_sequence":
+            return fused.per_token_losses(hidden, head.weight, head.bias, flat).view(labels.shape).sum(dim=1)
+        if reduction == "mean" and fused.liger_available(hidden.device):
+            return fused.liger_mean(hidden, head, flat)
+        total = fused.loss_sum(hidden, head.weight, head.bias, flat)
+        return total if reduction == "sum" else total / (flat != fused.IGNORE_INDEX).sum()
+
+    def plain(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The loss from the model's full logits (model.fused_loss=off)."""
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                            reduction="none" if reduction == "per_sequence" else reduction)

@@ -225,7 +225,7 @@ def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
                  lr_at: Callable[[int], float]) -> DeepSpeedEngine:
     """The DeepSpeed engine over the model's loss, with AdamW and the phase's schedule."""
     optimizer = make_optimizer(net, cfg.optim, ds_config.offloads_optimizer(ds_cfg), lr_at(0))
-    engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net), optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net, cfg.model.fused_loss), optimizer=optimizer,
                                            lr_scheduler=ScheduleLR(optimizer, lr_at), config=ds_cfg)
     if cfg.train.compile:
         engine.compile()
