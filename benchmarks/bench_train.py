@@ -14,7 +14,8 @@ batch, accumulation and sequence length:
 * cpt: the real `Trainer.train()` on a session from `training.session.open_session` (DeepSpeed engine,
   our sampler, metrics.jsonl and TensorBoard every --log-every steps, no progress bar, no
   evaluation, one checkpoint at the end that is not timed).
-* plain: the shortest correct loop: batches already in memory, loss / accumulation, backward,
+* plain: the shortest correct loop: batches already in memory, the loss from the full fp32
+  logits (cpt's default model.fused_loss=auto chunks them), loss / accumulation, backward,
   clip, step. In bf16 it does what DeepSpeed does: bf16 weights and gradients, fp32 master
   weights and AdamW state (`plain`); `plain-amp` is torch.autocast over fp32 weights instead.
 * hf: `transformers.Trainer` as users set it up (autocast bf16 on the CPU, its default fused
@@ -226,7 +227,7 @@ def plain_loop(cfg, batches: list[dict], master_weights: bool) -> Callable:
     bf16 = cfg.train.precision == "bf16"
     master = build_model(cfg)
     net = copy.deepcopy(master).to(torch.bfloat16) if bf16 and master_weights else master
-    loss_fn = models.CausalLMLoss(net).train()
+    loss_fn = models.CausalLMLoss(net, fused_loss="off").train()   # full logits, as a plain loop has them
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
     optimizer = make_optimizer(master, cfg.optim, False, lr_at(0))
     scheduler = ScheduleLR(optimizer, lr_at)
