@@ -100,11 +100,75 @@ def _run_converter(tag_dir: Path, target: Path) -> None:
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal.main(args)
-    except (OSError, RuntimeError, ValueError, KeyError, AssertionError, FileNotFoundError,
-            NotImplementedError) as exc:
+    except Exception as exc:   # noqa: BLE001  (any failure of DeepSpeed's converter is reported alike)
         raise UserError(f"could not convert checkpoint {tag_dir} to DeepSpeed's universal format "
                         f"({type(exc).__name__}: {exc}); resume with the world size and ZeRO stage it was "
                         "saved with, or start a new phase from its weights (checkpoint.init)") from None
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _zero3_shapes(target: Path) -> dict[str, torch.Size]:
+    """Each parameter's shape, from a ZeRO 3 model states file (ZeRO 1/2 conversions store shaped tensors)."""
+    file = target / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    groups = _load(file).get("param_shapes") or [] if file.is_file() else []
+    return {name: shape for group in groups for name, shape in group.items()}
+
+
+def _common_layout(target: Path) -> None:
+    """One layout that ZeRO 1/2 and ZeRO 3 engines both load. The converter writes two: from ZeRO 1/2,
+    `{"param": tensor}` files with a `step.pt` per parameter and the optimizer's top-level state;
+    from ZeRO 3, flat tensors, the step inside `optimizer_state_dict`. Each gets what the other has."""
+    zero = target / "zero"
+    state = _load(zero / "optimizer_state.pt")
+    groups = state.get("param_groups") or state["optimizer_state_dict"]["param_groups"]
+    inner = state.get("optimizer_state_dict") or {}
+    folders = sorted(p for p in zero.iterdir() if p.is_dir())
+    step = next(iter(inner["state"].values())).get("step") if inner.get("state") else None
+    if step is None:
+        step = next((_load(f / "step.pt") for f in folders if (f / "step.pt").is_file()), None)
+    shapes = _zero3_shapes(target)
+    for folder in folders:
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            file = folder / f"{key}.pt"
+            value = _load(file) if file.is_file() else None
+            if torch.is_tensor(value):
+                torch.save({"param": value.view(shapes.get(folder.name, value.shape))}, file)
+        if step is not None and not (folder / "step.pt").is_file():
+            torch.save(step, folder / "step.pt")
+    state.setdefault("param_groups", groups)
+    state.setdefault("ds_version", deepspeed.__version__)
+    state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": groups})
+    torch.save(state, zero / "optimizer_state.pt")
+
+
+def _both_layouts(target: Path) -> None:
+    """ZeRO 1/2 engines read a universal folder's `mp_rank_00_model_states.pt`, ZeRO 3 engines its
+    `zero_pp_rank_0_mp_rank_00_model_states.pt`; the converter keeps only the source stage's name.
+    The other is added: a copy, or (from ZeRO 3, whose file holds empty partitions) the full weights."""
+    flat, zero3 = target / "mp_rank_00_model_states.pt", target / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if flat.is_file() and not zero3.is_file():
+        shutil.copy2(flat, zero3)
+    elif zero3.is_file() and not flat.is_file():
+        state = _load(zero3)
+        state["module"] = {name: _load(target / "zero" / name / "fp32.pt")["param"] for name in state["module"]}
+        torch.save(state, flat)
+
+
+def restore_param_groups(engine, out: Path) -> None:
+    """Each optimizer group's saved hyperparameters (weight decay, betas, eps), LR aside (the schedule
+    sets it): DeepSpeed's ZeRO 3 universal load gives every group the first group's values, which
+    would put weight decay on biases and norms."""
+    saved = _load(Path(out) / "zero" / "optimizer_state.pt")
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    groups = saved.get("param_groups") or []
+    if len(groups) != len(base.param_groups):
+        raise UserError(f"universal checkpoint {out} has {len(groups)} optimizer groups, this run "
+                        f"{len(base.param_groups)}; resume with the world size and ZeRO stage it was saved with")
+    for group, old in zip(base.param_groups, groups):
+        group.update({k: v for k, v in old.items() if k not in ("params", "lr", "initial_lr")})
 
 
 def convert(tag_dir: Path) -> Path:
@@ -117,7 +181,13 @@ def convert(tag_dir: Path) -> Path:
     work = base / f"{TEMPORARY}{tag_dir.name}-{secrets.token_hex(4)}"
     target = work / tag_dir.name
     digest = _source_digest(tag_dir)
-    _run_converter(tag_dir, target)
+    try:
+        _run_converter(tag_dir, target)
+        _common_layout(target)
+        _both_layouts(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     files = {name: integrity.entry(target / name) for name in integrity.listed_files(target)}
     meta = {"format_version": FORMAT_VERSION, "time": time.time(), "deepspeed": deepspeed.__version__,
             "source": {"tag": tag_dir.name, integrity.CHECKSUM: digest}, "files": files}

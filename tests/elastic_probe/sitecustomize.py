@@ -1,0 +1,76 @@
+"""Test-only probe, on PYTHONPATH of the elastic-resume and commit-protocol tests' training processes
+(never imported by the package): with CPT_PROBE_DIR set it records, per rank, the windows each
+micro-batch reads, and on rank 0 the full fp32 weights, Adam moments and LR right before a save and
+right after a resume loads; with CPT_PROBE_RANK1_CWD set, rank 1 starts in that directory."""
+
+import os
+
+if os.environ.get("CPT_PROBE_RANK1_CWD") and os.environ.get("RANK") == "1":
+    os.chdir(os.environ["CPT_PROBE_RANK1_CWD"])   # a relative out_dir resolves elsewhere, as on another node
+
+if os.environ.get("CPT_PROBE_DIR"):
+    import json
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from continual_pt.components import checkpoint
+    from continual_pt.data import sampler
+    from continual_pt.training import session
+
+    _dir = Path(os.environ["CPT_PROBE_DIR"])
+    _tag = os.environ.get("CPT_PROBE_TAG", "run")
+
+    def _rank() -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def _dump(engine, name: str) -> None:
+        state = {"lr": engine.get_lr()[0]}
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        state["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):   # ZeRO 1/2: link the moments anew
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        for key, p in engine.module.named_parameters():
+            state[key] = (safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                          safe_get_full_optimizer_state(p, "exp_avg_sq").clone())
+        if _rank() == 0:
+            torch.save(state, _dir / name)
+
+    def _logged(next_batch):
+        def logged(self):
+            batch = next_batch(self)
+            rows = [[int(s), int(w)] for s, w in zip(batch["source"], batch["window"])]
+            with open(_dir / f"windows-{_tag}-rank{_rank()}.jsonl", "a") as f:
+                f.write(json.dumps(rows) + "\n")
+            return batch
+        return logged
+
+    # The windows the step consumes: where batches are read ahead, those handed to the step.
+    try:
+        from continual_pt.training import prefetch
+        readers = [getattr(prefetch, name) for name in ("Prefetcher", "Synchronous")]
+    except ImportError:
+        readers = [sampler.MixtureSampler]
+    for reader in readers:
+        reader.next_batch = _logged(reader.next_batch)
+
+    _save = checkpoint.Checkpointer.save
+
+    def save(self, engine, step, *args, **kwargs):
+        _dump(engine, f"saved-{_tag}-step{step}.pt")
+        return _save(self, engine, step, *args, **kwargs)
+
+    checkpoint.Checkpointer.save = save
+
+    _restore = session.restore
+
+    def restore(cfg, start, engine, *args, **kwargs):
+        state = _restore(cfg, start, engine, *args, **kwargs)
+        if start.kind == "resume":
+            _dump(engine, f"loaded-{_tag}-step{state.step}.pt")
+        return state
+
+    session.restore = restore
