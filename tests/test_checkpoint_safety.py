@@ -181,30 +181,6 @@ def test_a_byte_flipped_in_place_is_refused_naming_the_file_and_the_newest_intac
     assert not (tmp_path / "hf").exists()
 
 
-class RankOneEngine(FakeEngine):
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
-        path = Path(save_dir) / tag
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(self.weights)
-
-
-def test_each_rank_hashes_the_files_it_wrote_and_rank_0_merges_them(tmp_path):
-    root = tmp_path / "checkpoints"
-    path = root / "global_step2"
-    checkpoint.Checkpointer(root, keep_last=2, rank=1, world_size=2).save(RankOneEngine(b"shard-1"), 2, {}, {}, {})
-    table = json.loads((path / ".checksums-rank1.json").read_text())
-    assert sorted(table) == ["rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    table["zero_pp_rank_1_mp_rank_00_optim_states.pt"]["xxh3_64"] = "0" * 16   # marks the table as the source
-    (path / ".checksums-rank1.json").write_text(json.dumps(table))
-    rank0 = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=2)
-    rank0._write(FakeEngine(b"weights"), path, {}, {}, {})
-    rank0._commit(path, 2, {}, None)
-    files = json.loads((path / checkpoint.MARKER).read_text())["files"]
-    assert sorted(files) == [MODEL, "rank0.pt", "rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert files["zero_pp_rank_1_mp_rank_00_optim_states.pt"]["xxh3_64"] == "0" * 16
-    assert not (path / ".checksums-rank1.json").exists()
-
-
 def test_a_marker_without_checksums_is_still_checked_by_size(tmp_path):
     path = tmp_path / "checkpoints" / "global_step3"
     path.mkdir(parents=True)

@@ -30,15 +30,15 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from continual_pt.components import distributed, elastic, integrity
+from continual_pt.components import commit, distributed, elastic, integrity
 from continual_pt.components.model import DTYPES
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_output, atomic_write_text, fsync_dir, fsync_tree
 
 MARKER = "COMMITTED.json"
 LATEST = "latest"
-RANK_FILE = "rank{rank}.pt"
-FORMAT_VERSION = 2  # 2: each file recorded as {"size", "xxh3_64"}, 1: its size alone
+RANK_FILE = commit.RANK_FILE
+FORMAT_VERSION = 3  # 3: every rank's files checked present, 2: each file as {"size", "xxh3_64"}, 1: its size
 RETIRED = ".retired-"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 """The name of a checkpoint folder; group 1 is its optimizer step."""
@@ -98,6 +98,11 @@ def verify(tag_dir: Path, *, hint: bool = True, checksums: bool = True) -> Check
     except (json.JSONDecodeError, KeyError) as exc:
         raise UserError(f"{tag_dir / MARKER}: unreadable commit marker ({exc})"
                         + (_intact_hint(tag_dir) if hint else "")) from None
+    missing = commit.expected_missing(files, meta.get("world_size", 1), meta.get("zero_stage")) \
+        if meta.get("format_version", 0) >= 3 else []
+    if missing:
+        raise UserError(f"checkpoint {tag_dir} is partial: its commit marker lists no {', '.join(missing)} for a "
+                        f"save by {meta.get('world_size')} ranks" + (_intact_hint(tag_dir) if hint else ""))
     for name, recorded in files.items():
         wrong = integrity.problem(tag_dir, name, recorded, checksums)
         if wrong:
@@ -158,12 +163,6 @@ def is_ours(path: str | Path) -> bool:
                               or step_of(path.name) is not None or (path / LATEST).is_file())
 
 
-def _owned_by(name: str, rank: int) -> bool:
-    """Whether rank `rank` wrote a checkpoint file (DeepSpeed's per-rank ZeRO files, our rank file)."""
-    return (name.startswith((f"zero_pp_rank_{rank}_", f"bf16_zero_pp_rank_{rank}_"))
-            or name == RANK_FILE.format(rank=rank))
-
-
 class Checkpointer:
     """Saves and loads DeepSpeed checkpoints of one run under the commit protocol."""
 
@@ -185,16 +184,23 @@ class Checkpointer:
         self._check_space(engine, path)
         retired = self._retire(path) if self.rank == 0 else None
         distributed.barrier()
+        problem = None
         try:
             self._write(engine, path, client_state, rank_state, extras)
-            distributed.barrier()
+            reports = commit.gather_reports(commit.report(path, self.rank))   # every rank's files, durable
             if self.rank == 0:
-                self._commit(path, step, client_state, retired)
+                try:
+                    self._commit(path, step, client_state, retired, reports)
+                except UserError as exc:
+                    problem = exc
+                    self._undo(path, retired)
         except (OSError, RuntimeError) as exc:
             if not integrity.is_disk_full(exc, self.root):
                 raise
             raise UserError(self._abandon(path, retired)) from None
-        distributed.barrier()
+        device = getattr(engine, "device", torch.device("cpu"))
+        if distributed.all_reduce_max([float(problem is not None)], device)[0]:   # every rank learns the outcome
+            raise problem or UserError(f"checkpoint {path} was not committed: rank 0 refused it (see its error)")
         return CheckpointRef(path)
 
     def _write(self, engine, path: Path, client_state: dict[str, Any], rank_state: dict[str, Any],
@@ -206,10 +212,6 @@ class Checkpointer:
         if self.rank == 0:
             for name, write in extras.items():
                 write(path / name)
-        elif self.world_size > 1:
-            own = {p.name: integrity.entry(p) for p in sorted(path.iterdir())
-                   if p.is_file() and _owned_by(p.name, self.rank)}
-            atomic_write_text(path / f".checksums-rank{self.rank}.json", json.dumps(own))
 
     def _check_space(self, engine, path: Path) -> None:
         """Refuse, on every rank alike, a save that would not fit: a full disk mid-save costs the save."""
@@ -239,31 +241,29 @@ class Checkpointer:
         fsync_dir(self.root)
         return retired
 
+    def _undo(self, path: Path, retired: Path | None) -> None:
+        """Rank 0, after a save that cannot commit: remove it, put back the committed tag it replaced."""
+        shutil.rmtree(path, ignore_errors=True)
+        if retired is not None:
+            os.rename(retired, path)
+
     def _abandon(self, path: Path, retired: Path | None) -> str:
         """After a full disk: remove the partial save, put back what it replaced; the message to show."""
         if self.rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
-            if retired is not None:
-                os.rename(retired, path)
+            self._undo(path, retired)
         previous = newest_committed(self.root)
         kept = f"the committed {previous.path} is intact" if previous else "there is no earlier committed checkpoint"
         free = integrity.megabytes(integrity.free_bytes(self.root))
         return (f"no space left on device while saving checkpoint {path}: {free} free on {self.root}; the "
                 f"partial save was removed and {kept}; free some space (or move out_dir) and run again")
 
-    def _commit(self, path: Path, step: int, client_state: dict[str, Any], retired: Path | None) -> None:
+    def _commit(self, path: Path, step: int, client_state: dict[str, Any], retired: Path | None,
+                reports: list[dict[str, Any]]) -> None:
+        """Rank 0: the marker (every rank's reported files, checked here, and rank 0's), then `latest`."""
         fsync_tree(path)
-        files = {}
-        for rank in range(1, self.world_size):
-            table = path / f".checksums-rank{rank}.json"
-            if table.is_file():
-                files.update(json.loads(table.read_text()))
-                table.unlink()
-        for name in integrity.listed_files(path):
-            if name not in files:
-                files[name] = integrity.entry(path / name)
+        files = commit.assemble(path, reports, client_state.get("zero_stage"))
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-                "time": time.time(), "files": dict(sorted(files.items())),
+                "time": time.time(), "files": files,
                 **{k: client_state[k] for k in ("tokens_seen", "zero_stage", "precision") if k in client_state}}
         atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
         atomic_write_text(self.root / LATEST, path.name)

@@ -22,7 +22,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import branches, checkpoint, distributed, elastic, ops
+from continual_pt.components import branches, checkpoint, commit, distributed, elastic, ops
 from continual_pt.components import model as models
 from continual_pt.components.checkpoint import set_rng_state
 from continual_pt.components.distributed import DistEnv
@@ -54,6 +54,12 @@ def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
             return Start("init_checkpoint", checkpoint.resolve(cfg.init, what="checkpoint.init"))
         return Start("init_hf", reference=cfg.init)
     return Start("scratch")
+
+
+def decide_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
+    """`plan_start` on rank 0 alone, its decision (or its error) broadcast: ranks that read the markers
+    each on their own could start differently."""
+    return commit.decided_on_rank0(lambda: plan_start(cfg, run_dir))
 
 
 def settle_start(cfg: config.CheckpointConfig, run_dir: Path, start: Start) -> None:
@@ -238,6 +244,8 @@ def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: Mixt
     state = TrainState()
     if start.kind == "resume":
         client, rank_state = checkpointer.load(engine, start.ref, universal=universal)
+        if universal is not None:
+            elastic.restore_param_groups(engine, universal)
         state.load_state_dict(client)
         sampler.load_state_dict(rank_state["sampler"])
         if rank_state.get("rank") == rank:
@@ -293,6 +301,7 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     datasets = open_datasets(cfg)
     lock = lock_run_dir(cfg.run_dir, env, device)
     try:
+        commit.check_shared_dir(cfg.run_dir)
         return _open_locked(cfg, env, device, datasets, lock)
     except BaseException:
         if lock is not None:
@@ -306,7 +315,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     """Check everything, build the engine, restore state, then (rank 0) write the run dir."""
     train_sets, eval_sets, tokenizer_dir = datasets
     vocab = next(iter(train_sets.values())).dataset.vocab_size
-    start = plan_start(cfg.checkpoint, cfg.run_dir)
+    start = decide_start(cfg.checkpoint, cfg.run_dir)
     ds_cfg = deepspeed_config(cfg, env)
     zero_stage = ds_config.zero_stage(ds_cfg)
     check_resume(cfg, start, zero_stage, env.world_size)
