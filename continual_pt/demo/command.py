@@ -1,0 +1,136 @@
+"""`cpt demo`: corpora → upstream model → the grid (`cpt sweep --local`) → `cpt eval` → figures → REPORT.md.
+
+Everything lands in one folder (default `demo/`):
+
+    demo.json              the demo's settings; a rerun with other settings is refused
+    data/                  upstream.jsonl, downstream.jsonl and their prepared datasets
+    pretrain/, upstream/   with --pretrain: the upstream run and its exported checkpoints
+    demo-base.yaml, demo-grid.yaml, sweep/   the grid and its runs (sweep/runs/<run>/)
+    figures/               the paper's figures (PNG + SVG), one per finding group
+    findings.json, REPORT.md
+
+Every step is skipped when its output is already there, so a stopped demo (Ctrl-C) continues
+where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from continual_pt.data.prepare import PrepareOptions, prepare
+from continual_pt.demo import report
+from continual_pt.demo.corpora import SHIFTS, write_corpora
+from continual_pt.demo.findings import START_SCORES, decide
+from continual_pt.demo.grid import SWEEP, write_grid
+from continual_pt.demo.recipe import SCALE, SCALES, Scale
+from continual_pt.demo.upstream import FINAL, fit_tokenizer, pretrain, shipped, verify
+from continual_pt.errors import UserError
+from continual_pt.evaluation.job import EvalOptions, run_eval
+from continual_pt.files import atomic_write_text
+from continual_pt.sweep.plan import SweepOptions, run_sweep
+
+SETTINGS = "demo.json"
+VAL_FRACTION = 0.05
+
+
+@dataclass
+class DemoOptions:
+    out: str = "demo"
+    shift: str = "weak"
+    full: bool = False
+    pretrain: bool = False
+    scale: str = "demo"
+
+
+def _claim(out: Path, options: DemoOptions) -> None:
+    """Record the settings in a new folder; refuse a folder of another demo or of something else."""
+    if options.shift not in SHIFTS:
+        raise UserError(f"--shift must be one of {', '.join(SHIFTS)}, got {options.shift!r}")
+    if options.scale not in SCALES:
+        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {options.scale!r}")
+    settings = {k: v for k, v in asdict(options).items() if k != "out"}
+    path = out / SETTINGS
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in settings} != settings:
+            raise UserError(f"{out} holds a demo run with other settings ({path}: {old}); give another --out")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not a demo folder (no {SETTINGS}); give another --out")
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _datasets(out: Path, tokenizer: Path) -> dict[str, Path]:
+    data = {}
+    for corpus in ("upstream", "downstream"):
+        data[corpus] = out / "data" / corpus
+        if not (data[corpus] / "manifest.json").is_file():
+            print(f"preparing the {corpus} corpus", flush=True)
+            prepare(PrepareOptions(sources=[str(out / "data" / f"{corpus}.jsonl")], tokenizer=str(tokenizer),
+                                   out=str(data[corpus]), val_fraction=VAL_FRACTION, quiet=True, overwrite=True))
+    return data
+
+
+def _upstream_model(out: Path, options: DemoOptions, scale: Scale) -> Path:
+    """The shipped model (checked against its recorded hashes), or with --pretrain a new one."""
+    if options.pretrain:
+        return out / "upstream"
+    model = shipped(options.shift, scale)
+    if model is None:
+        raise UserError(f"no upstream model ships for --shift {options.shift} at --scale {scale.name}; build one "
+                        f"with `cpt demo --pretrain --shift {options.shift}" +
+                        ("" if scale.name == "demo" else f" --scale {scale.name}") + "`")
+    verify(model)
+    return model
+
+
+def _score(out: Path, model: Path, data: dict[str, Path], scale: Scale) -> None:
+    """`cpt eval` of the start model and of every run's final checkpoint on both held-out sets
+    (rows already there are kept, so a rerun scores nothing twice)."""
+    runs_dir = out / SWEEP / "runs"
+    sets = [f"{name}={path}" for name, path in data.items()]
+    jobs = [([str(model / FINAL)], str(out / START_SCORES)),
+            (sorted(str(p) for p in runs_dir.iterdir() if (p / "checkpoints").is_dir()), None)]
+    for targets, store in jobs:
+        status = run_eval(EvalOptions(targets=targets, sets=sets, tokens=scale.score_tokens, store=store,
+                                      task_index="all"))
+        if status != 0:
+            raise UserError(f"cpt eval of {', '.join(targets)} failed with exit {status}")
+
+
+def run_demo(options: DemoOptions) -> int:
+    out = Path(options.out).resolve()
+    scale = SCALE[options.scale] if options.scale in SCALE else None
+    _claim(out, options)
+    started = time.monotonic()
+    sizes = write_corpora(options.shift, out / "data") if not (out / "data" / "downstream.jsonl").is_file() \
+        else json.loads((out / SETTINGS).read_text()).get("sizes", {})
+    _remember(out, "sizes", sizes)
+    model = _upstream_model(out, options, scale)
+    tokenizer = fit_tokenizer(out / "data" / "upstream.jsonl", scale, out / "data" / "tokenizer") \
+        if options.pretrain else model / FINAL
+    data = _datasets(out, tokenizer)
+    if options.pretrain and not (model / "provenance.json").is_file():
+        pretrain(scale, options.shift, out / "pretrain", data, model)
+    grid = write_grid(out, scale, model, data, options.full)
+    status = run_sweep(SweepOptions(grid=str(grid), local=True))
+    if status != 0:
+        return status
+    runs_dir = out / SWEEP / "runs"
+    _score(out, model, data, scale)
+    findings = decide(runs_dir, scale.steps)
+    figures = report.figures(runs_dir, out / "figures")
+    path = report.write(out, options, scale, model, sizes, findings, figures, time.monotonic() - started)
+    holding = sum(f.holds is True for f in findings)
+    print(f"{holding} of {len(findings)} findings hold at this scale; report: {path}", flush=True)
+    return 0
+
+
+def _remember(out: Path, key: str, value) -> None:
+    path = out / SETTINGS
+    settings = json.loads(path.read_text())
+    settings[key] = value
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")

@@ -1,0 +1,153 @@
+"""`cpt demo`: the corpora, the shipped upstream model, and a reduced demo end to end from a wheel
+install, with every number of REPORT.md checked against the runs' own files and every verdict
+recomputed from those numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from continual_pt.demo import corpora, findings
+from continual_pt.demo.recipe import SCALE
+from continual_pt.demo.upstream import PROVENANCE, SHIPPED, shipped, verify
+from continual_pt.errors import UserError
+from tests.helpers import free_port
+from tests.test_wheel import build_wheel, fresh_venv, run
+
+
+def test_a_document_lands_in_one_corpus_only_and_the_cut_is_stable():
+    assert [corpora.bucket(n) for n in ("Genesis 1", "json/decoder.py")] == \
+        [corpora.bucket("Genesis 1"), corpora.bucket("json/decoder.py")]
+    for shift in corpora.SHIFTS:
+        parts = [p for corpus in corpora.CORPORA[shift].values() for p in corpus]
+        for a in parts:
+            for b in parts:
+                if a is not b and a.source == b.source:
+                    assert a.high <= b.low or b.high <= a.low, (shift, a, b)   # no document in two parts
+    docs = {"code": [("a.py", "x = 1"), ("b.py", "y = 2")], "scripture": [("Genesis 1", "In the beginning")]}
+    weak_up = corpora.corpus_texts("weak", "upstream", docs)
+    weak_down = corpora.corpus_texts("weak", "downstream", docs)
+    assert not set(weak_up) & set(weak_down)
+    assert corpora.corpus_texts("strong", "downstream", docs) == \
+        [t for n, t in docs["scripture"] if 250 <= corpora.bucket(n) < 1000]
+
+
+def test_the_shipped_upstream_model_is_intact_and_says_how_it_was_made():
+    folder = shipped("weak", SCALE["demo"])
+    assert folder is not None, f"no upstream model ships under {SHIPPED}"
+    provenance = verify(folder)
+    assert provenance["command"] == "cpt demo --pretrain --shift weak"
+    assert set(provenance["checkpoints"]) == {"step70", "step190", "final"}
+    assert provenance["tokens_per_param"] == round(provenance["tokens"] / provenance["params"], 1)
+    for name in provenance["checkpoints"]:
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (folder / name).iterdir()}
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 8_000_000
+
+
+def test_a_changed_shipped_file_is_refused(tmp_path):
+    folder = shipped("weak", SCALE["demo"])
+    copy = tmp_path / "weak"
+    shutil.copytree(folder, copy)
+    weights = copy / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(UserError, match="missing or changed"):
+        verify(copy)
+    (copy / PROVENANCE).unlink()
+    with pytest.raises(UserError, match="cannot read"):
+        verify(copy)
+
+
+# ------------------------------------------------------------------ the reduced demo, end to end
+
+
+def _source_value(out: Path, number: dict) -> float:
+    """The loss a finding's number claims, read again from the file it names."""
+    runs = out / "sweep" / "runs"
+    if number["run"] == "start model":
+        rows = [json.loads(line) for line in (out / findings.START_SCORES).read_text().splitlines()]
+        (row,) = [r for r in rows if r["set"] == number["set"]]
+        return row["loss"]
+    if number["kind"] == "eval":
+        rows = [json.loads(line) for line in (runs / number["run"] / "metrics.jsonl").read_text().splitlines()]
+        (row,) = [r for r in rows if r.get("kind") == "eval" and r["set"] == number["set"]
+                  and r["step"] == number["step"]]
+        return row["loss"]
+    rows = [json.loads(line) for line in (runs / number["run"] / "scores.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["set"] == number["set"] and r["step"] == number["step"]]
+    return row["loss"]
+
+
+def _verdict(f: dict) -> bool:
+    """Each finding's rule, written again over the numbers it lists (in their listed order)."""
+    v = [n["value"] for n in f["numbers"]]
+    key = f["key"]
+    if key in ("1",):
+        return v[1] - v[0] > findings.RISE and v[3] - v[2] > findings.RISE
+    if key == "6":
+        return v[1] - v[0] > findings.RISE
+    if key == "2":
+        finals = v[: len(v) // 2]
+        return max(finals) - min(finals) <= findings.SAME
+    if key == "3":
+        return v[0] > v[1] > v[2] and v[3] < v[4] < v[5]
+    if key == "4":
+        return v[0] < v[1] and v[3] < v[2]
+    if key == "5":
+        return v[1] < v[0] and v[3] < v[2]
+    if key == "7":
+        return all(v[0] < o for o in v[1:])
+    assert key == "replay"
+    gain, cost = v[1] - v[0], v[2] - v[3]
+    return gain > 0 and cost < gain
+
+
+@pytest.mark.slow
+def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_path):
+    python = fresh_venv(tmp_path / "venv")
+    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q",
+         build_wheel(tmp_path)])
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PATH=f"{python.parent}{os.pathsep}{env['PATH']}")
+    cpt = python.parent / "cpt"
+    proc = run([cpt, "demo", "--scale", "tiny", "--pretrain", "--out", "demo"], cwd=where, env=env)
+    out = where / "demo"
+    assert "findings hold at this scale" in proc.stdout
+    report = (out / "REPORT.md").read_text()
+    decided = json.loads((out / "findings.json").read_text())
+    assert [f["key"] for f in decided] == ["1", "2", "3", "4", "5", "6", "7", "replay"]
+    for f in decided:
+        assert f["verdict"] in ("holds", "does not hold"), f   # the default grid runs every finding
+        assert f["holds"] == _verdict(f), f
+        row = next(line for line in report.splitlines() if line.startswith(f"| {f['key']}"))
+        assert f"**{f['verdict']}**" in row
+        for n in f["numbers"]:
+            assert n["value"] == _source_value(out, n), n
+            assert f"{n['value']:.4f}" in row, (n, row)
+    holding = sum(f["holds"] for f in decided[:7])
+    assert f"**{holding} of the paper's 7 findings hold at this scale**" in report
+    for png in re.findall(r"\]\((figures/[^)]+\.png)\)", report):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(re.findall(r"\.png\)", report)) == 5
+    provenance = json.loads((out / "upstream" / PROVENANCE).read_text())
+    assert f"{provenance['tokens_per_param']} tokens per parameter" in report
+
+    # Run again: everything is there, nothing is trained or scored twice.
+    metrics = {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
+    again = run([cpt, "demo", "--scale", "tiny", "--pretrain", "--out", "demo"], cwd=where, env=env)
+    assert again.stdout.count("skipped") == 9
+    assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
+
+    # Another demo's settings on the same folder: refused before anything is written.
+    other = subprocess.run([cpt, "demo", "--scale", "tiny", "--shift", "strong", "--out", "demo"], cwd=where,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "holds a demo run with other settings" in other.stderr
+    assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
