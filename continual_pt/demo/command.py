@@ -123,7 +123,10 @@ def run_demo(options: DemoOptions) -> int:
     _score(out, model, data, scale)
     findings = decide(runs_dir, scale.steps)
     figures = report.figures(runs_dir, out / "figures")
-    path = report.write(out, options, scale, model, sizes, findings, figures, time.monotonic() - started)
+    settings = json.loads((out / SETTINGS).read_text())
+    spent = [*settings.get("seconds", []), round(time.monotonic() - started, 1)]
+    _remember(out, "seconds", spent)
+    path = report.write(out, options, scale, model, sizes, findings, figures, spent)
     holding = sum(f.holds is True for f in findings)
     print(f"{holding} of {len(findings)} findings hold at this scale; report: {path}", flush=True)
     return 0

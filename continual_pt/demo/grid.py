@@ -56,12 +56,12 @@ def runs(scale: Scale, upstream_model: Path, data: dict[str, Path], full: bool) 
     upstream = {"path": str(data["upstream"])}
     grid = {
         "rewarm": {},
-        "warmup0": {"schedule.warmup": 0.0},
-        "warmup0.5": {"schedule.warmup": 0.005},
-        "warmup2": {"schedule.warmup": 0.02},
         "maxlr0.5x": {"schedule.max_lr": lr / 2},
         "maxlr2x": {"schedule.max_lr": lr * 2},
         "constant": {"schedule": {"name": "constant", "max_lr": lr * 0.1, "warmup": 0.0}},
+        "warmup0": {"schedule.warmup": 0.0},
+        "warmup0.5": {"schedule.warmup": 0.005},
+        "warmup2": {"schedule.warmup": 0.02},
         "scratch": {"checkpoint.init": None, "model.name_or_path": str(upstream_model / FINAL)},
         "same-data": {"data.train": {"upstream": upstream}},
         "from19pct": {"checkpoint.init": str(upstream_model / mid)},

@@ -7,6 +7,7 @@ scores.jsonl) or the upstream model's provenance; findings.json lists each with 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def _runs_table(runs_dir: Path, names: list[str], start: dict[str, float]) -> li
 
 
 def _setup(options, scale: Scale, provenance: dict[str, Any], sizes: dict[str, dict[str, int]],
-           seconds: float) -> list[str]:
+           seconds: list[float]) -> list[str]:
     mb = {c: ", ".join(f"{src} {n / 1e6:.1f} MB" for src, n in parts.items()) for c, parts in sizes.items()}
     steps_tokens = scale.steps * scale.micro_batch * scale.seq_len
     return [
@@ -86,13 +87,15 @@ def _setup(options, scale: Scale, provenance: dict[str, Any], sizes: dict[str, d
         f"{steps_tokens:,} tokens on the DeepSpeed engine (`cpt sweep --local`), in-loop evaluation every "
         f"{scale.eval_every} steps on {scale.eval_tokens:,} tokens per set; final losses by `cpt eval` of the "
         f"final checkpoint on {scale.score_tokens:,} tokens per held-out set.",
-        f"- Wall time of this command: {seconds / 60:.1f} min on {platform.machine()} "
-        f"({'--full' if options.full else 'default grid'}, scale {scale.name}).",
+        f"- Wall time of `cpt demo`: {seconds[0] / 60:.1f} min on {platform.machine()} with "
+        f"{os.cpu_count()} CPUs ({'--full' if options.full else 'default grid'}, scale {scale.name})"
+        + (f"; {len(seconds) - 1} later run(s) of the command added {sum(seconds[1:]) / 60:.1f} min" if
+           len(seconds) > 1 else "") + ".",
     ]
 
 
 def write(out: Path, options, scale: Scale, model: Path, sizes: dict[str, dict[str, int]],
-          findings: list[Finding], figs: dict[str, Path], seconds: float) -> Path:
+          findings: list[Finding], figs: dict[str, Path], seconds: list[float]) -> Path:
     """Write findings.json and REPORT.md; returns the report's path."""
     provenance = read_provenance(model)
     start = {name: n.value for name, n in start_scores(out).items()}
