@@ -158,9 +158,9 @@ def _both_layouts(target: Path) -> None:
 
 
 def restore_param_groups(engine, out: Path) -> None:
-    """Each optimizer group's saved hyperparameters (weight decay, betas, eps), LR aside (the schedule
-    sets it): DeepSpeed's ZeRO 3 universal load gives every group the first group's values, which
-    would put weight decay on biases and norms."""
+    """After a universal load: each optimizer group's saved hyperparameters (weight decay, betas, eps),
+    LR aside (the schedule sets it), since DeepSpeed's ZeRO 3 path gives every group the first group's
+    values (weight decay on biases and norms); and one Adam step counter per parameter state."""
     saved = _load(Path(out) / "zero" / "optimizer_state.pt")
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     groups = saved.get("param_groups") or []
@@ -169,6 +169,11 @@ def restore_param_groups(engine, out: Path) -> None:
                         f"{len(base.param_groups)}; resume with the world size and ZeRO stage it was saved with")
     for group, old in zip(base.param_groups, groups):
         group.update({k: v for k, v in old.items() if k not in ("params", "lr", "initial_lr")})
+    # The ZeRO 3 path also hands every group one shared step tensor, which an in-place optimizer
+    # (fused AdamW) would then advance once per group and step: each gets its own.
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def convert(tag_dir: Path) -> Path:
