@@ -70,11 +70,23 @@ class _NoSignals:
 
     signum = 0
 
-    def install(self) -> None:
-        pass
+    def install(self) -> bool:
+        return False
 
     def uninstall(self) -> None:
         pass
+
+    def watch(self, path) -> None:
+        pass
+
+    def watch_launcher(self, depth: int) -> None:
+        pass
+
+    def current(self) -> int:
+        return 0
+
+    def seconds_since(self) -> None:
+        return None
 
 
 class SteppedLoop(threading.Thread):

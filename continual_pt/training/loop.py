@@ -20,6 +20,7 @@ from continual_pt.config import RunConfig
 from continual_pt.config.load import ConfigSource
 from continual_pt.training import stop as stops
 from continual_pt.training.policy import Cadence, Deadline, agree_on_stop
+from continual_pt.training.prefetch import batches_for
 from continual_pt.training.session import RunFinished, Session, open_session
 from continual_pt.training.state import TrainState
 from continual_pt.training.stop import StopRequest
@@ -51,6 +52,9 @@ class Trainer:
         self.start_step = session.start.step
         self.cadence = Cadence.of(cfg)
         self.stop = stop or StopRequest()
+        # The training batches, read ahead of the step where the sampler allows; the data position
+        # a checkpoint records is the one the step consumed.
+        self.batches = batches_for(session.parts.sampler, self.device)
         self.started = time.monotonic()
         self.deadline = Deadline(cfg.train, self.started)
         self.last_saved_step = self.state.step if session.resumed else -1
@@ -70,8 +74,10 @@ class Trainer:
         if self.env.launcher in LAUNCHER_DEPTH:
             self.stop.watch_launcher(LAUNCHER_DEPTH[self.env.launcher])
         try:
+            self.batches.start()
             return self._run()
         finally:
+            self.batches.close()
             if owned:
                 self.stop.uninstall()
             self.parts.logger.close()
@@ -129,8 +135,8 @@ class Trainer:
         return loss_sum / self.cfg.train.grad_accum
 
     def forward(self) -> torch.Tensor:
-        batch = self.parts.sampler.next_batch()
-        return self.parts.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
+        batch = self.batches.next_batch()
+        return self.parts.engine(batch["input_ids"], batch["labels"])
 
     def stop_if_nonfinite(self, loss_sum: torch.Tensor) -> None:
         """One check per optimizer step, before the update: a non-finite loss on any rank stops the run."""
@@ -181,6 +187,8 @@ class Trainer:
         record = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens_seen,
                   "lr": self.figures.lr_at(self.state.step - 1), "loss": mean_loss, "grad_norm": self._grad_norm,
                   "tokens_per_s": tokens_per_s, "time": time.time()}
+        if self.device.type == "cuda":   # the allocator's own counter: no device sync
+            record["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.figures.peak_flops:
             record["mfu"] = tokens_per_s * self.figures.flops_per_token / (self.figures.peak_flops
                                                                            * self.env.world_size)
@@ -248,7 +256,7 @@ class Trainer:
         started = time.monotonic()
         client = {**self.state.state_dict(), "zero_stage": self.figures.zero_stage,
                   "precision": self.cfg.train.precision}
-        rank_state = {"sampler": self.parts.sampler.state_dict(), "rng": rng_state(),
+        rank_state = {"sampler": self.batches.state_dict(), "rng": rng_state(),
                       "rank": self.env.rank, "world_size": self.env.world_size}
         ref = self.parts.checkpointer.save(self.parts.engine, self.state.step, client, rank_state,
                                            self.files.writers())
