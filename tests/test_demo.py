@@ -98,7 +98,9 @@ def _verdict(f: dict) -> bool:
     if key == "3":
         return v[0] > v[1] > v[2] and v[3] < v[4] < v[5]
     if key == "4":
-        return v[0] < v[1] and v[3] < v[2]
+        early = (len(v) - 2) // 2
+        constant, rewarm = v[:early], v[early:2 * early]
+        return sum(constant) / early < sum(rewarm) / early and v[-1] < v[-2]
     if key == "5":
         return v[1] < v[0] and v[3] < v[2]
     if key == "7":

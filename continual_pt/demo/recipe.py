@@ -55,7 +55,7 @@ class Scale:
 SCALE = {
     "demo": Scale("demo", vocab_size=1024, hidden=48, layers=2, heads=3, seq_len=128,
                   pretrain_steps=1000, pretrain_micro_batch=64, pretrain_max_lr=4e-3, pretrain_eval_every=100,
-                  steps=80, micro_batch=32, eval_every=4, eval_tokens=8192, score_tokens=32768),
+                  steps=60, micro_batch=32, eval_every=4, eval_tokens=4096, score_tokens=32768),
     "tiny": Scale("tiny", vocab_size=300, hidden=16, layers=1, heads=2, seq_len=32,
                   pretrain_steps=100, pretrain_micro_batch=8, pretrain_max_lr=1e-2, pretrain_eval_every=50,
                   steps=8, micro_batch=4, eval_every=2, eval_tokens=512, score_tokens=1024),
