@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
 from continual_pt.components import ops, shm_buffers
+from continual_pt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,25 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over ranks, in float64 (token-weighted losses)."""
     return _all_reduce(values, device, "SUM")
+
+
+T = TypeVar("T")
+
+
+def on_main_rank(is_main: bool, action: Callable[[], T], device: torch.device, elsewhere: str) -> T | None:
+    """Run `action` on rank 0 only; every rank learns whether it failed, so none waits on the others.
+    Rank 0 raises its own UserError, the other ranks one saying `elsewhere`; `action`'s result on rank
+    0, None on the others."""
+    problem, result = None, None
+    if is_main:
+        try:
+            result = action()
+        except UserError as exc:
+            problem = exc
+    failed = all_reduce_max([1.0 if problem else 0.0], device)[0]
+    if problem is not None:
+        raise problem
+    if failed:
+        raise UserError(elsewhere)
+    return result
+

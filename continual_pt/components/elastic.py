@@ -213,19 +213,14 @@ def convert(tag_dir: Path) -> Path:
 def prepare(tag_dir: Path, device: torch.device, is_main: bool) -> tuple[Path, bool]:
     """On every rank: rank 0 finds this checkpoint's conversion or converts it, the others wait.
     Returns (its path, whether it was converted now); a failure on rank 0 fails every rank."""
-    problem, converted = None, False
-    if is_main:
-        try:
-            if usable(tag_dir) is None:
-                convert(tag_dir)
-                converted = True
-        except UserError as exc:
-            problem = exc
-    failed = distributed.all_reduce_max([1.0 if problem else 0.0], device)[0]
-    if problem is not None:
-        raise problem
-    if failed:
-        raise UserError(f"rank 0 could not convert checkpoint {tag_dir} to the universal format (see its error)")
+    def convert_if_needed() -> bool:
+        if usable(tag_dir) is not None:
+            return False
+        convert(tag_dir)
+        return True
+
+    converted = bool(distributed.on_main_rank(is_main, convert_if_needed, device, f"rank 0 could not convert "
+                                              f"checkpoint {tag_dir} to the universal format (see its error)"))
     return universal_path(tag_dir), converted
 
 

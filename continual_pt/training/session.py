@@ -279,17 +279,8 @@ def start_line(cfg: RunConfig, env: DistEnv, start: Start, step: int, n_params: 
 def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> RunLock | None:
     """Rank 0 locks the run dir; every rank learns whether it could (so none waits on the others)."""
     lock = RunLock(run_dir) if env.is_main else None
-    problem = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except UserError as exc:
-            problem = exc
-    failed = distributed.all_reduce_max([1.0 if problem else 0.0], device)[0]
-    if problem is not None:
-        raise problem
-    if failed:
-        raise UserError(f"run dir {run_dir} is in use by another run (rank 0 could not lock it)")
+    distributed.on_main_rank(env.is_main, lambda: lock.acquire(), device,
+                             f"run dir {run_dir} is in use by another run (rank 0 could not lock it)")
     return lock
 
 
