@@ -22,6 +22,13 @@ from tests.helpers import free_port
 from tests.test_wheel import build_wheel, fresh_venv, run
 
 
+def demo(cpt: Path, *args: str, where: Path, env: dict[str, str], expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(cpt), "demo", "--scale", "tiny", "--out", "demo", *args], cwd=where, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
 def test_a_document_lands_in_one_corpus_only_and_the_cut_is_stable():
     assert [corpora.bucket(n) for n in ("Genesis 1", "json/decoder.py")] == \
         [corpora.bucket("Genesis 1"), corpora.bucket("json/decoder.py")]
@@ -120,7 +127,7 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PATH=f"{python.parent}{os.pathsep}{env['PATH']}")
     cpt = python.parent / "cpt"
-    proc = run([cpt, "demo", "--scale", "tiny", "--pretrain", "--out", "demo"], cwd=where, env=env)
+    proc = demo(cpt, "--pretrain", where=where, env=env)
     out = where / "demo"
     assert "findings hold at this scale" in proc.stdout
     report = (out / "REPORT.md").read_text()
@@ -144,12 +151,11 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
 
     # Run again: everything is there, nothing is trained or scored twice.
     metrics = {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
-    again = run([cpt, "demo", "--scale", "tiny", "--pretrain", "--out", "demo"], cwd=where, env=env)
+    again = demo(cpt, "--pretrain", where=where, env=env)
     assert again.stdout.count("skipped") == 9
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
 
     # Another demo's settings on the same folder: refused before anything is written.
-    other = subprocess.run([cpt, "demo", "--scale", "tiny", "--shift", "strong", "--out", "demo"], cwd=where,
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert other.returncode == 2 and "holds a demo run with other settings" in other.stderr
+    other = demo(cpt, "--shift", "strong", where=where, env=env, expect=2)
+    assert "holds a demo run with other settings" in other.stderr
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}

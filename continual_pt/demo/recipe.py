@@ -33,18 +33,13 @@ class Scale:
     eval_tokens: int        # per set, in-loop
     score_tokens: int       # per set, `cpt eval` of each run's final checkpoint
     seed: int = 1234
-
-    @property
-    def checkpoint_every(self) -> int:
-        """The largest save interval that lands on both early checkpoints."""
-        a, b = (round(f * self.pretrain_steps) for f in EARLY_FRACTIONS)
-        while b:
-            a, b = b, a % b
-        return a
+    checkpoint_every: int = 10   # pre-training save interval; the early checkpoints are the saves nearest 7%, 19%
 
     @property
     def early_steps(self) -> tuple[int, int]:
-        return tuple(round(f * self.pretrain_steps) for f in EARLY_FRACTIONS)   # type: ignore[return-value]
+        every = self.checkpoint_every
+        return tuple(max(every, round(f * self.pretrain_steps / every) * every)   # type: ignore[return-value]
+                     for f in EARLY_FRACTIONS)
 
     def model_config(self) -> dict[str, Any]:
         return {"model_type": "gpt_neox", "hidden_size": self.hidden, "num_hidden_layers": self.layers,
@@ -58,7 +53,7 @@ SCALE = {
                   steps=60, micro_batch=32, eval_every=4, eval_tokens=4096, score_tokens=32768),
     "tiny": Scale("tiny", vocab_size=300, hidden=16, layers=1, heads=2, seq_len=32,
                   pretrain_steps=100, pretrain_micro_batch=8, pretrain_max_lr=1e-2, pretrain_eval_every=50,
-                  steps=8, micro_batch=4, eval_every=2, eval_tokens=512, score_tokens=1024),
+                  steps=8, micro_batch=4, eval_every=2, eval_tokens=512, score_tokens=1024, checkpoint_every=5),
 }
 
 
