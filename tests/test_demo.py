@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,10 @@ def _verdict(f: dict) -> bool:
 @pytest.mark.slow
 def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_path):
     python = fresh_venv(tmp_path / "venv")
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q",
-         build_wheel(tmp_path)])
+    wheel = build_wheel(tmp_path)
+    shipped_files = {f"continual_pt/demo/upstream/weak/{rel}" for rel in verify(SHIPPED / "weak")["sha256"]}
+    assert shipped_files | {f"continual_pt/demo/upstream/weak/{PROVENANCE}"} <= set(zipfile.ZipFile(wheel).namelist())
+    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel])
     where = tmp_path / "elsewhere"
     where.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
