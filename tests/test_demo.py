@@ -162,3 +162,11 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
     other = demo(cpt, "--shift", "strong", where=where, env=env, expect=2)
     assert "holds a demo run with other settings" in other.stderr
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
+
+
+def test_a_shift_without_a_shipped_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    from continual_pt.cli import main
+    out = tmp_path / "demo"
+    assert main(["demo", "--shift", "strong", "--out", str(out)]) == 2
+    assert "no upstream model ships for --shift strong" in capsys.readouterr().err
+    assert not out.exists()

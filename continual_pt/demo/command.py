@@ -45,12 +45,16 @@ class DemoOptions:
     scale: str = "demo"
 
 
-def _claim(out: Path, options: DemoOptions) -> None:
-    """Record the settings in a new folder; refuse a folder of another demo or of something else."""
+def _scale(options: DemoOptions) -> Scale:
     if options.shift not in SHIFTS:
         raise UserError(f"--shift must be one of {', '.join(SHIFTS)}, got {options.shift!r}")
     if options.scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {options.scale!r}")
+    return SCALE[options.scale]
+
+
+def _claim(out: Path, options: DemoOptions) -> None:
+    """Record the settings in a new folder; refuse a folder of another demo or of something else."""
     settings = {k: v for k, v in asdict(options).items() if k != "out"}
     path = out / SETTINGS
     if path.is_file():
@@ -103,13 +107,13 @@ def _score(out: Path, model: Path, data: dict[str, Path], scale: Scale) -> None:
 
 def run_demo(options: DemoOptions) -> int:
     out = Path(options.out).resolve()
-    scale = SCALE[options.scale] if options.scale in SCALE else None
-    _claim(out, options)
+    scale = _scale(options)
     started = time.monotonic()
+    model = _upstream_model(out, options, scale)   # a missing or changed model is refused before any write
+    _claim(out, options)
     sizes = write_corpora(options.shift, out / "data") if not (out / "data" / "downstream.jsonl").is_file() \
         else json.loads((out / SETTINGS).read_text()).get("sizes", {})
     _remember(out, "sizes", sizes)
-    model = _upstream_model(out, options, scale)
     tokenizer = fit_tokenizer(out / "data" / "upstream.jsonl", scale, out / "data" / "tokenizer") \
         if options.pretrain else model / FINAL
     data = _datasets(out, tokenizer)
