@@ -159,7 +159,7 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
 
     # Another demo's settings on the same folder: refused before anything is written.
-    other = demo(cpt, "--shift", "strong", where=where, env=env, expect=2)
+    other = demo(cpt, "--shift", "strong", "--pretrain", where=where, env=env, expect=2)
     assert "holds a demo run with other settings" in other.stderr
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
 
