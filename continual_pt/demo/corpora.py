@@ -76,26 +76,26 @@ def documents(source: str) -> list[tuple[str, str]]:
     raise ValueError(f"unknown demo source {source!r}")
 
 
+def _picked(part: Part, docs: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    return [(name, text) for name, text in docs[part.source] if part.low <= bucket(name) < part.high]
+
+
 def corpus_texts(shift: str, corpus: str, docs: dict[str, list[tuple[str, str]]]) -> list[str]:
     """The texts of one corpus of a shift, interleaved by name hash so no source comes in one block."""
-    chosen = []
-    for part in CORPORA[shift][corpus]:
-        chosen += [(hashlib.sha256(name.encode()).hexdigest(), text) for name, text in docs[part.source]
-                   if part.low <= bucket(name) < part.high]
+    chosen = [(hashlib.sha256(name.encode()).hexdigest(), text)
+              for part in CORPORA[shift][corpus] for name, text in _picked(part, docs)]
     return [text for _, text in sorted(chosen)]
 
 
 def write_corpora(shift: str, out: Path) -> dict[str, dict[str, int]]:
-    """Write <out>/upstream.jsonl and <out>/downstream.jsonl; returns documents and bytes per source."""
+    """Write <out>/upstream.jsonl and <out>/downstream.jsonl; returns the bytes of each source per corpus."""
     if shift not in SHIFTS:
         raise UserError(f"--shift must be one of {', '.join(SHIFTS)}, got {shift!r}")
     docs = {source: documents(source) for source in ("code", "scripture")}
     sizes: dict[str, dict[str, int]] = {}
     for corpus in ("upstream", "downstream"):
-        sizes[corpus] = {}
-        for part in CORPORA[shift][corpus]:
-            picked = [text for name, text in docs[part.source] if part.low <= bucket(name) < part.high]
-            sizes[corpus][part.source] = sum(len(t.encode()) for t in picked)
+        sizes[corpus] = {part.source: sum(len(text.encode()) for _, text in _picked(part, docs))
+                         for part in CORPORA[shift][corpus]}
         lines = (json.dumps({"text": text}) for text in corpus_texts(shift, corpus, docs))
         atomic_write_text(out / f"{corpus}.jsonl", "\n".join(lines) + "\n")
     return sizes
