@@ -17,6 +17,7 @@ of tokens/s. `--hf none` leaves it out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.tokenizer:
         parser.error("--tokenizer is required")
+    if args.hf != "none" and importlib.util.find_spec("accelerate") is None:
+        print("accelerate is not installed (pip install accelerate): leaving out the HF Trainer", file=sys.stderr)
+        args.hf = "none"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
