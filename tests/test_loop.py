@@ -237,9 +237,9 @@ def peer_flags(monkeypatch, flags_by_step: dict[int, list[float]], trainer: Trai
     """Fake a second rank: at the given steps it reports [signum, out_of_time] to the stop vote."""
     real = distributed.all_reduce_max
 
-    def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    def all_reduce_max(values: list[float]) -> list[float]:
         if len(values) != 2:  # the non-finite-loss vote
-            return real(values, device)
+            return real(values)
         peer = flags_by_step.get(trainer.state.step, [0.0, 0.0])
         return [max(a, b) for a, b in zip(values, peer)]
 
@@ -366,17 +366,16 @@ def test_a_time_limit_already_spent_stops_after_the_first_step():
 
 
 def test_stop_votes_are_reduced_over_ranks(monkeypatch):
-    cpu = torch.device("cpu")
-    assert agree_on_stop(0, False, cpu) == (0, False)          # world size 1: this rank's own flags
-    assert agree_on_stop(int(signal.SIGUSR1), True, cpu) == (int(signal.SIGUSR1), True)
+    assert agree_on_stop(0, False) == (0, False)          # world size 1: this rank's own flags
+    assert agree_on_stop(int(signal.SIGUSR1), True) == (int(signal.SIGUSR1), True)
     seen = []
 
-    def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    def all_reduce_max(values: list[float]) -> list[float]:
         seen.append(values)
         return [float(signal.SIGTERM), 1.0]                    # what another rank contributed
 
     monkeypatch.setattr(distributed, "all_reduce_max", all_reduce_max)
-    assert agree_on_stop(0, False, cpu) == (int(signal.SIGTERM), True)
+    assert agree_on_stop(0, False) == (int(signal.SIGTERM), True)
     assert seen == [[0.0, 0.0]]
 
 

@@ -198,8 +198,7 @@ class Checkpointer:
             if not integrity.is_disk_full(exc, self.root):
                 raise
             raise UserError(self._abandon(path, retired)) from None
-        device = getattr(engine, "device", torch.device("cpu"))
-        if distributed.all_reduce_max([float(problem is not None)], device)[0]:   # every rank learns the outcome
+        if distributed.all_reduce_max([float(problem is not None)])[0]:   # every rank learns the outcome
             raise problem or UserError(f"checkpoint {path} was not committed: rank 0 refused it (see its error)")
         return CheckpointRef(path)
 
@@ -221,8 +220,7 @@ class Checkpointer:
         except (OSError, json.JSONDecodeError, KeyError):
             need = 0
         free = integrity.free_bytes(self.root)
-        device = getattr(engine, "device", torch.device("cpu"))
-        if distributed.all_reduce_max([float(need > free)], device)[0]:
+        if distributed.all_reduce_max([float(need > free)])[0]:
             raise UserError(f"no space left on device: checkpoint {path} needs about "
                             f"{integrity.megabytes(need)} (the size of {previous.tag}) and {self.root} has "
                             f"{integrity.megabytes(free)} free; free some space (or move out_dir) and run again "

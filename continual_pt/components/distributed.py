@@ -4,6 +4,10 @@ Each launcher announces ranks differently; `detect()` reads whichever is present
 `init()` turns it into the environment torch.distributed expects, then starts DeepSpeed's
 communication backend (nccl on GPUs, gloo on the CPU), building the ops it needs first under a
 lock that a killed start cannot leave behind (see `components.ops`).
+
+Ranks agree on host values (a stop flag, a non-finite loss, a failed save) over a gloo group of
+their own beside nccl: a flag then travels between CPUs and never queues behind the GPU's work, so
+agreeing on it is no device sync in the step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch.distributed as dist
 
 from continual_pt.components import ops, shm_buffers
 from continual_pt.errors import UserError
+
+_HOST_GROUP: dist.ProcessGroup | None = None   # gloo beside nccl; None: the default group (already gloo)
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,9 @@ def init(env: DistEnv | None = None) -> DistEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         shm_buffers.release_after_start(env.rank, env.world_size)   # or /dev/shm fills up, run by run
+        if backend != "gloo" and env.world_size > 1:
+            global _HOST_GROUP
+            _HOST_GROUP = dist.new_group(backend="gloo")   # every rank calls it, in the same order
     return env
 
 
@@ -165,28 +174,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _all_reduce(values: list[float], device: torch.device, op_name: str) -> list[float]:
+def _all_reduce(values: list[float], op_name: str) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op_name))
+    t = torch.tensor(values, dtype=torch.float64)   # host memory, host group: no wait for the device
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op_name), group=_HOST_GROUP)
     return t.tolist()
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks (e.g. agreeing on a stop request)."""
-    return _all_reduce(values, device, "MAX")
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise max over ranks of host values (e.g. agreeing on a stop request)."""
+    return _all_reduce(values, "MAX")
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks, in float64 (token-weighted losses)."""
-    return _all_reduce(values, device, "SUM")
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of host values, in float64 (token-weighted losses)."""
+    return _all_reduce(values, "SUM")
 
 
 T = TypeVar("T")
 
 
-def on_main_rank(is_main: bool, action: Callable[[], T], device: torch.device, elsewhere: str) -> T | None:
+def on_main_rank(is_main: bool, action: Callable[[], T], elsewhere: str) -> T | None:
     """Run `action` on rank 0 only; every rank learns whether it failed, so none waits on the others.
     Rank 0 raises its own UserError, the other ranks one saying `elsewhere`; `action`'s result on rank
     0, None on the others."""
@@ -196,7 +205,7 @@ def on_main_rank(is_main: bool, action: Callable[[], T], device: torch.device, e
             result = action()
         except UserError as exc:
             problem = exc
-    failed = all_reduce_max([1.0 if problem else 0.0], device)[0]
+    failed = all_reduce_max([1.0 if problem else 0.0])[0]
     if problem is not None:
         raise problem
     if failed:

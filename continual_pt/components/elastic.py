@@ -210,7 +210,7 @@ def convert(tag_dir: Path) -> Path:
     return out
 
 
-def prepare(tag_dir: Path, device: torch.device, is_main: bool) -> tuple[Path, bool]:
+def prepare(tag_dir: Path, is_main: bool) -> tuple[Path, bool]:
     """On every rank: rank 0 finds this checkpoint's conversion or converts it, the others wait.
     Returns (its path, whether it was converted now); a failure on rank 0 fails every rank."""
     def convert_if_needed() -> bool:
@@ -219,7 +219,7 @@ def prepare(tag_dir: Path, device: torch.device, is_main: bool) -> tuple[Path, b
         convert(tag_dir)
         return True
 
-    converted = bool(distributed.on_main_rank(is_main, convert_if_needed, device, f"rank 0 could not convert "
+    converted = bool(distributed.on_main_rank(is_main, convert_if_needed, f"rank 0 could not convert "
                                               f"checkpoint {tag_dir} to the universal format (see its error)"))
     return universal_path(tag_dir), converted
 

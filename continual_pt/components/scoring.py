@@ -48,7 +48,7 @@ def score_packed(forward, packed: PackedSequences, token_budget: int | None, mic
         per_seq = forward(rows[:, :-1].to(device), rows[:, 1:].to(device), reduction="per_sequence")
         loss_sum += per_seq[:real].double().sum()
         tokens += real * (rows.shape[1] - 1)
-    total_loss, total_tokens = distributed.all_reduce_sum([loss_sum.item(), float(tokens)], device)
+    total_loss, total_tokens = distributed.all_reduce_sum([loss_sum.item(), float(tokens)])
     if total_tokens == 0:
         return {"loss": math.nan, "ppl": math.nan, "tokens": 0}
     mean = total_loss / total_tokens

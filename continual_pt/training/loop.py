@@ -15,6 +15,7 @@ import torch
 
 from continual_pt.components import distributed
 from continual_pt.components.checkpoint import rng_state
+from continual_pt.components.host_copy import HostCopy
 from continual_pt.components.scoring import ScoringStopped
 from continual_pt.config import RunConfig
 from continual_pt.config.load import ConfigSource
@@ -60,6 +61,7 @@ class Trainer:
         self.last_saved_step = self.state.step if session.resumed else -1
         self._window_start = (self.started, self.state.tokens_seen)
         self._grad_norm: float | None = None
+        self._pending_norm: tuple[int, HostCopy | float | None] | None = None   # (step, its gradient norm)
         self._agreed_signum = 0
         # A plain fp32 engine (ZeRO 0) computes the norm only to clip and drops it: compute it here.
         self._engine_drops_norm = self.figures.zero_stage == 0 and cfg.train.precision == "fp32"
@@ -98,6 +100,7 @@ class Trainer:
                 return self.save_and_exit(stop_reason)
             if self.cadence.save_after(self.state.step):
                 self.save()
+        self.settle_grad_norm()
         if self.cadence.final_eval(self.state.step) and not self.evaluate():
             return self.save_and_exit(f"{self.signal_reason()} during the final eval (dropped: score the "
                                       "checkpoint with cpt eval)")
@@ -111,6 +114,10 @@ class Trainer:
         """Gradient accumulation over micro-batches, then the engine's optimizer + schedule step.
 
         Returns this rank's mean micro-batch loss (a float64 scalar tensor, still on the device).
+        The host reads two device values per step, neither of which drains the device's queue: the
+        loss's finiteness, posted before the last backward pass is queued and read after it (the
+        update waits for it), and the gradient norm, read one step later (or before any log, eval
+        or save, whichever comes first).
         """
         engine = self.parts.engine
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -118,29 +125,43 @@ class Trainer:
         own_norm = None
         for micro in range(self.cfg.train.grad_accum):
             loss = self.forward_finite() if skipping else self.forward()
-            engine.backward(loss)
-            last = micro == self.cfg.train.grad_accum - 1
-            if last and not skipping:
-                self.stop_if_nonfinite(loss_sum + loss.detach().double())
-            if last and self._engine_drops_norm:
-                own_norm = gradient_norm(engine.module)
-            engine.step()
             loss_sum += loss.detach().double()
+            last = micro == self.cfg.train.grad_accum - 1
+            finite = HostCopy(torch.isfinite(loss_sum)) if last and not skipping else None
+            engine.backward(loss)
+            if finite is not None:
+                self.stop_if_nonfinite(finite)
+            if last:
+                self.settle_grad_norm()   # the previous step's, done before this step's forward
+                if self._engine_drops_norm:
+                    own_norm = gradient_norm(engine.module)
+            engine.step()
         grad_norm = engine.get_global_grad_norm()
         grad_norm = own_norm if grad_norm is None else grad_norm
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteLoss(f"step {self.state.step}: gradient norm is {float(grad_norm)}; the weights are "
-                                "no longer usable, stopping without saving (resume from the last checkpoint)")
-        self._grad_norm = None if grad_norm is None else float(grad_norm)
+        if torch.is_tensor(grad_norm):
+            grad_norm = HostCopy(grad_norm)
+        self._pending_norm = (self.state.step + 1, grad_norm)
         return loss_sum / self.cfg.train.grad_accum
+
+    def settle_grad_norm(self) -> None:
+        """Check the last step's gradient norm: a non-finite one stops the run before it logs, evaluates or saves."""
+        if self._pending_norm is None:
+            return
+        step, norm = self._pending_norm
+        self._pending_norm = None
+        value = norm.value() if isinstance(norm, HostCopy) else norm
+        if value is not None and not math.isfinite(float(value)):
+            raise NonFiniteLoss(f"step {step}: gradient norm is {float(value)}; the weights are no longer "
+                                "usable, stopping without saving (resume from the last checkpoint)")
+        self._grad_norm = None if value is None else float(value)
 
     def forward(self) -> torch.Tensor:
         batch = self.batches.next_batch()
         return self.parts.engine(batch["input_ids"], batch["labels"])
 
-    def stop_if_nonfinite(self, loss_sum: torch.Tensor) -> None:
+    def stop_if_nonfinite(self, finite: HostCopy) -> None:
         """One check per optimizer step, before the update: a non-finite loss on any rank stops the run."""
-        bad = distributed.all_reduce_max([0.0 if torch.isfinite(loss_sum).item() else 1.0], self.device)[0]
+        bad = distributed.all_reduce_max([0.0 if finite.value() else 1.0])[0]
         if bad:
             raise NonFiniteLoss(f"non-finite loss at step {self.state.step + 1} (tokens seen "
                                 f"{self.state.tokens_seen}); stopping before the update, without saving: the "
@@ -156,7 +177,7 @@ class Trainer:
         allowed = self.cfg.train.max_nonfinite_skips
         while True:
             loss = self.forward()
-            bad = distributed.all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0], self.device)[0]
+            bad = distributed.all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0])[0]  # before backward
             if not bad:
                 return loss
             self.state.nonfinite_skips += 1
@@ -172,14 +193,15 @@ class Trainer:
     def agree_on_stop(self) -> str | None:
         """Signal or time limit on any rank (or stop_after_steps) stops every rank after this step."""
         out_of_time = self.deadline.step_ended(time.monotonic())
-        signum, out_of_time = agree_on_stop(self.stop.current(), out_of_time, self.device)
+        signum, out_of_time = agree_on_stop(self.stop.current(), out_of_time)
         return self.cadence.stop_reason(self.state.step, self.start_step, signum, out_of_time)
 
     def log_step(self, loss: torch.Tensor) -> None:
         """Every log_every steps: the mean loss over ranks, LR, gradient norm, throughput and MFU."""
         if not self.cadence.log_after(self.state.step):
             return
-        mean_loss = distributed.all_reduce_sum([loss.item()], self.device)[0] / self.env.world_size
+        self.settle_grad_norm()
+        mean_loss = distributed.all_reduce_sum([loss.item()])[0] / self.env.world_size
         now = time.monotonic()
         start_time, start_tokens = self._window_start
         tokens_per_s = (self.state.tokens_seen - start_tokens) / max(now - start_time, 1e-9)
@@ -201,6 +223,7 @@ class Trainer:
 
         An interrupted eval is dropped whole: no set of it is logged.
         """
+        self.settle_grad_norm()
         started = time.monotonic()
         try:
             results = self.parts.held_out.score(self.parts.engine, self.env, self.device, stop=self.stop_agreed)
@@ -219,7 +242,7 @@ class Trainer:
 
     def stop_agreed(self) -> bool:
         """Whether a stop signal reached any rank (a collective: every rank asks at the same point)."""
-        self._agreed_signum = int(distributed.all_reduce_max([float(self.stop.current())], self.device)[0])
+        self._agreed_signum = int(distributed.all_reduce_max([float(self.stop.current())])[0])
         return self._agreed_signum > 0
 
     def signal_name(self) -> str:
@@ -253,6 +276,7 @@ class Trainer:
 
     def save(self) -> None:
         """A committed checkpoint of this step: engine, loop state, and each rank's data position and RNG."""
+        self.settle_grad_norm()   # never a checkpoint of weights a non-finite gradient reached
         started = time.monotonic()
         client = {**self.state.state_dict(), "zero_stage": self.figures.zero_stage,
                   "precision": self.cfg.train.precision}
@@ -302,7 +326,7 @@ def run(cfg: RunConfig) -> int:
         stop.uninstall()
 
 
-def gradient_norm(module: torch.nn.Module) -> float:
-    """The 2-norm over all gradients of `module` (before clipping), in float64."""
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor | float:
+    """The 2-norm over all gradients of `module` (before clipping), in float64, on their device."""
     norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from continual_pt.components import distributed
 from continual_pt.config import RunConfig, TrainConfig, parse_duration
 from continual_pt.training.stop import describe
@@ -75,9 +73,9 @@ class Cadence:
         return None
 
 
-def agree_on_stop(signum: int, out_of_time: bool, device: torch.device) -> tuple[int, bool]:
+def agree_on_stop(signum: int, out_of_time: bool) -> tuple[int, bool]:
     """A stop signal or time limit seen on any rank, as every rank sees it (so all stop together)."""
-    flags = distributed.all_reduce_max([float(signum), float(out_of_time)], device)
+    flags = distributed.all_reduce_max([float(signum), float(out_of_time)])
     return int(flags[0]), bool(flags[1])
 
 

@@ -276,10 +276,10 @@ def start_line(cfg: RunConfig, env: DistEnv, start: Start, step: int, n_params: 
             f"ZeRO {zero_stage}, {cfg.train.precision}, device {device}")
 
 
-def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> RunLock | None:
+def lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
     """Rank 0 locks the run dir; every rank learns whether it could (so none waits on the others)."""
     lock = RunLock(run_dir) if env.is_main else None
-    distributed.on_main_rank(env.is_main, lambda: lock.acquire(), device,
+    distributed.on_main_rank(env.is_main, lambda: lock.acquire(),
                              f"run dir {run_dir} is in use by another run (rank 0 could not lock it)")
     return lock
 
@@ -290,7 +290,7 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     On any failure of set-up the lock goes, and so does the run dir if this start created it."""
     device = distributed.device_for(env.local_rank)
     datasets = open_datasets(cfg)
-    lock = lock_run_dir(cfg.run_dir, env, device)
+    lock = lock_run_dir(cfg.run_dir, env)
     try:
         commit.check_shared_dir(cfg.run_dir)
         return _open_locked(cfg, env, device, datasets, lock)
@@ -316,7 +316,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     universal, converted = None, False
     if start.kind == "resume" and elastic.needs_universal(start.ref.meta(), env.world_size, zero_stage,
                                                           cfg.checkpoint.elastic):
-        universal, converted = elastic.prepare(start.ref.path, device, env.is_main)
+        universal, converted = elastic.prepare(start.ref.path, env.is_main)
         ds_cfg = elastic.with_universal_loading(ds_cfg)
     hf_config = net.config
     n_params = models.num_params(net)  # before DeepSpeed, which may partition the parameters away
