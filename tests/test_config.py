@@ -107,6 +107,24 @@ def test_single_bad_value_names_its_key(override, key):
     assert info.value.problems[0].startswith("command line: ")
 
 
+def test_fused_loss_on_under_zero3_is_refused_by_the_config():
+    """Refused with the config's other problems, before a run dir exists, not at the first forward."""
+    with pytest.raises(ConfigError) as info:
+        config.load(None, MINIMAL + ["model.fused_loss=on", "train.ds_config=zero3"])
+    assert [p.split(": ")[1] for p in info.value.problems] == ["model.fused_loss"]
+    assert "ZeRO stage 3 (train.ds_config=zero3" in info.value.problems[0]
+    for allowed in (["model.fused_loss=auto", "train.ds_config=zero3"], ["model.fused_loss=on", "train.ds_config=zero2"]):
+        config.load(None, MINIMAL + allowed)
+
+
+def test_fused_loss_reads_yamls_bare_on_and_off(tmp_path):
+    for spelled, meant in (("on", "on"), ("off", "off"), ("true", "on"), ("'auto'", "auto")):
+        path = write(tmp_path, f"model: {{config: {{hidden_size: 8}}, fused_loss: {spelled}}}\n"
+                               "data: {train: {corpus: {path: data/corpus}}}\ntrain: {max_steps: 10}\n")
+        assert config.load(path).model.fused_loss == meant
+        assert config.load(None, MINIMAL + [f"model.fused_loss={spelled}"]).model.fused_loss == meant
+
+
 def test_resume_path_and_init_together_is_an_error():
     with pytest.raises(ConfigError) as info:
         config.load(None, MINIMAL + ["checkpoint.resume=runs/a/checkpoints/global_step10",

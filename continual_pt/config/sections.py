@@ -34,9 +34,10 @@ class ModelConfig:
     """Attention kernel: sdpa, eager (or another that transformers accepts)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    fused_loss: str = "auto"
+    fused_loss: str | bool = "auto"
     """Output layer + cross-entropy in chunks, never holding the full fp32 logits: auto (where the
-    model allows it), on (refuse a model that does not), off (full logits, as plain transformers)."""
+    model allows it), on (refuse a model that does not), off (full logits, as plain transformers).
+    YAML reads a bare on/off as true/false: they mean on/off here."""
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False,
                                     metadata={"internal": True})
     """Where each key of `config` came from (a file or "command line"), for messages; never dumped."""
@@ -50,6 +51,8 @@ class ModelConfig:
             p.add("model.attn_implementation",
                   f"unknown value {self.attn_implementation!r}; accepted: sdpa, eager, "
                   "flash_attention_2, flex_attention")
+        if isinstance(self.fused_loss, bool):
+            self.fused_loss = "on" if self.fused_loss else "off"
         if self.fused_loss not in ("auto", "on", "off"):
             p.add("model.fused_loss", f"unknown value {self.fused_loss!r}; accepted: auto, on, off")
         if self.revision and not self.name_or_path:
@@ -293,6 +296,12 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    def _zero_stage(self) -> int | None:
+        """The ZeRO stage of train.ds_config; None while it is unreadable (reported on its own)."""
+        if deepspeed.problem(self.train.ds_config):
+            return None
+        return deepspeed.zero_stage(deepspeed.load(self.train.ds_config))
+
     def check(self, p: Problems) -> None:
         if not self.name or "/" in self.name:
             p.add("name", f"must be a non-empty name without '/', got {self.name!r}")
@@ -303,6 +312,9 @@ class RunConfig:
         check_config(self.schedule, p, max(self.train.max_steps, 1))
         self.eval.check(p)
         self.checkpoint.check(p)
+        if self.model.fused_loss == "on" and self._zero_stage() == 3:
+            p.add("model.fused_loss", f"on does not work with ZeRO stage 3 (train.ds_config={self.train.ds_config} "
+                  "partitions the output layer); use auto (the plain loss under ZeRO 3) or off")
         if not (self.model.name_or_path or self.model.config or self.checkpoint.init
                 or self.checkpoint.resume not in ("auto", "never")):
             p.add("model", "no architecture: set model.name_or_path, model.config, or checkpoint.init")

@@ -164,6 +164,11 @@ def _convert_union(value: Any, tp: Any, key: str, p: Problems) -> Any:
             return length
     elif len(inner) == 1:
         return _convert(value, inner[0], key, p)
+    elif all(a in _SCALARS for a in inner):   # e.g. str | bool: the first member the value fits
+        for a in inner:
+            converted = _SCALARS[a](value)
+            if converted is not None:
+                return converted
     return _mismatch(value, tp, key, p)
 
 
