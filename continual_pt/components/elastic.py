@@ -176,6 +176,20 @@ def restore_param_groups(engine, out: Path) -> None:
             state["step"] = state["step"].clone()
 
 
+def complete_param_groups(engine) -> list[str]:
+    """After loading optimizer state saved by another optimizer class (optimizer offload turned on or
+    off: torch's AdamW and DeepSpeed's CPU Adam keep different group keys), give each group the keys
+    this optimizer needs from its defaults; the hyperparameters they share (betas, eps, weight decay)
+    stay as saved. Returns the keys that were missing."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    defaults = getattr(base, "defaults", {})
+    missing = sorted({k for group in base.param_groups for k in defaults if k not in group})
+    for group in base.param_groups:
+        for key in missing:
+            group.setdefault(key, defaults[key])
+    return missing
+
+
 def convert(tag_dir: Path) -> Path:
     """Convert a committed checkpoint folder to `checkpoints/universal/<tag>` (replacing an older one)."""
     tag_dir = Path(tag_dir)

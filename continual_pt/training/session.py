@@ -246,12 +246,14 @@ def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: Mixt
         client, rank_state = checkpointer.load(engine, start.ref, universal=universal)
         if universal is not None:
             elastic.restore_param_groups(engine, universal)
+        elastic.complete_param_groups(engine)
         state.load_state_dict(client)
         sampler.load_state_dict(rank_state["sampler"])
         if rank_state.get("rank") == rank:
             set_rng_state(rank_state["rng"])
     elif start.kind == "init_checkpoint" and cfg.checkpoint.keep_optimizer:
         checkpointer.load(engine, start.ref, load_optimizer=True, load_schedule=False)
+        elastic.complete_param_groups(engine)
     return state
 
 
