@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from continual_pt.demo import corpora, findings
+from continual_pt.demo.command import LOCK
 from continual_pt.demo.recipe import SCALE
 from continual_pt.demo.upstream import PROVENANCE, SHIPPED, shipped, verify
 from continual_pt.errors import UserError
+from continual_pt.training.lock import RunLock
 from tests.helpers import free_port
 from tests.test_wheel import build_wheel, fresh_venv, run
 
@@ -170,3 +172,17 @@ def test_a_shift_without_a_shipped_model_is_refused_before_anything_is_written(t
     assert main(["demo", "--shift", "strong", "--out", str(out)]) == 2
     assert "no upstream model ships for --shift strong" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_second_demo_on_a_live_demo_folder_is_refused_before_writing(tmp_path, capsys):
+    from continual_pt.cli import main
+    out = tmp_path / "demo"
+    holder = RunLock(out, LOCK, label="demo folder", what="demo")
+    holder.acquire()   # as the first `cpt demo` holds it while it runs
+    try:
+        assert main(["demo", "--out", str(out)]) == 2
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert f"demo folder {out} is in use: pid {os.getpid()}" in err and "wait for that demo to end" in err
+    assert [p.name for p in out.iterdir()] == [LOCK]

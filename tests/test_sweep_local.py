@@ -20,7 +20,9 @@ from continual_pt.cli import main
 from continual_pt.config.load import load
 from continual_pt.results.records import read_metrics
 from continual_pt.sweep.grid import load_sweep
+from continual_pt.sweep.plan import LOCAL_LOCK
 from continual_pt.sweep.runs import RunState, record_exit, run_state
+from continual_pt.training.lock import RunLock
 from tests.helpers import REPO
 from tests.train_support import write_config
 
@@ -187,6 +189,21 @@ def test_ctrl_c_stops_the_sweep_with_75_and_the_run_saves(tmp_path, world):
     assert state.state == "stopped" and 0 < state.step < 100000
     assert state.step == train_steps(metrics.parent)[-1]
     assert not (sweep_dir / "runs" / "lr0.003").exists()
+
+
+def test_a_second_local_sweep_on_a_live_sweep_dir_is_refused_before_writing(tmp_path, world, capfd):
+    """A second `--local` on the same sweep would meet each live run and record it failed: refused."""
+    grid = tiny_grid(tmp_path, world)
+    sweep_dir = tmp_path / "sweep"
+    holder = RunLock(sweep_dir, LOCAL_LOCK, label="sweep dir", what="sweep")
+    holder.acquire()   # as the first `cpt sweep --local` holds it (flock: another open file conflicts)
+    try:
+        assert main(["sweep", "--grid", str(grid), "--local"]) == 2
+    finally:
+        holder.release()
+    err = capfd.readouterr().err
+    assert f"sweep dir {sweep_dir} is in use: pid {os.getpid()}" in err and "wait for that sweep to end" in err
+    assert [p.name for p in sweep_dir.iterdir()] == [LOCAL_LOCK]   # no config, plan or run written
 
 
 def test_run_states_from_the_run_dir(tmp_path, world):

@@ -3,6 +3,7 @@
 Everything lands in one folder (default `demo/`):
 
     demo.json              the demo's settings; a rerun with other settings is refused
+    demo.lock              held while a demo runs here: a second one at the same time is refused
     data/                  upstream.jsonl, downstream.jsonl and their prepared datasets
     pretrain/, upstream/   with --pretrain: the upstream run and its exported checkpoints
     demo-base.yaml, demo-grid.yaml, sweep/   the grid and its runs (sweep/runs/<run>/)
@@ -31,8 +32,10 @@ from continual_pt.errors import UserError
 from continual_pt.evaluation.job import EvalOptions, run_eval
 from continual_pt.files import atomic_write_text
 from continual_pt.sweep.plan import SweepOptions, run_sweep
+from continual_pt.training.lock import RunLock
 
 SETTINGS = "demo.json"
+LOCK = "demo.lock"
 VAL_FRACTION = 0.05
 
 
@@ -53,8 +56,9 @@ def _scale(options: DemoOptions) -> Scale:
     return SCALE[options.scale]
 
 
-def _claim(out: Path, options: DemoOptions) -> None:
-    """Record the settings in a new folder; refuse a folder of another demo or of something else."""
+def _claim(out: Path, options: DemoOptions, write: bool = True) -> None:
+    """Record the settings in a new folder; refuse a folder of another demo or of something else.
+    With `write` False only the refusals (nothing is written)."""
     settings = {k: v for k, v in asdict(options).items() if k != "out"}
     path = out / SETTINGS
     if path.is_file():
@@ -62,9 +66,10 @@ def _claim(out: Path, options: DemoOptions) -> None:
         if {k: old.get(k) for k in settings} != settings:
             raise UserError(f"{out} holds a demo run with other settings ({path}: {old}); give another --out")
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise UserError(f"--out {out} exists and is not a demo folder (no {SETTINGS}); give another --out")
-    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+    if write:
+        atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _datasets(out: Path, tokenizer: Path) -> dict[str, Path]:
@@ -110,7 +115,18 @@ def run_demo(options: DemoOptions) -> int:
     scale = _scale(options)
     started = time.monotonic()
     model = _upstream_model(out, options, scale)   # a missing or changed model is refused before any write
-    _claim(out, options)
+    _claim(out, options, write=False)
+    lock = RunLock(out, LOCK, label="demo folder", what="demo")   # one demo at a time per folder
+    lock.acquire()
+    try:
+        _claim(out, options)
+        return _steps(out, options, scale, model, started)
+    finally:
+        lock.release()
+
+
+def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: float) -> int:
+    """Every step of the demo whose output is not there yet, in order."""
     sizes = write_corpora(options.shift, out / "data") if not (out / "data" / "downstream.jsonl").is_file() \
         else json.loads((out / SETTINGS).read_text()).get("sizes", {})
     _remember(out, "sizes", sizes)

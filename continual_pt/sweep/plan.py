@@ -19,8 +19,10 @@ from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
 from continual_pt.sweep import local, status, submit
 from continual_pt.sweep.grid import PlannedRun, Sweep, label_of, load_sweep
+from continual_pt.training.lock import RunLock
 
 PLAN_FILE = "sweep.json"
+LOCAL_LOCK = "local.lock"   # held by `cpt sweep --local` in the sweep dir
 
 
 @dataclass
@@ -55,13 +57,23 @@ def run_sweep(opts: SweepOptions) -> int:
     print(plan_text(sweep, opts.tokens_per_s))
     if opts.dry_run:
         return 0
-    write_plan(sweep)
-    print(f"wrote {len(sweep.runs)} run config(s) and {PLAN_FILE} under {sweep.directory}")
-    if opts.local:
-        return local.run_local(sweep)
+    if opts.local:   # one local sweep at a time per sweep dir: a second would fail each run it meets live
+        lock = RunLock(sweep.directory, LOCAL_LOCK, label="sweep dir", what="sweep")
+        lock.acquire()
+        try:
+            _write(sweep)
+            return local.run_local(sweep)
+        finally:
+            lock.release()
+    _write(sweep)
     if opts.submit:
         return submit.submit_sweep(sweep, opts)
     return 0
+
+
+def _write(sweep: Sweep) -> None:
+    write_plan(sweep)
+    print(f"wrote {len(sweep.runs)} run config(s) and {PLAN_FILE} under {sweep.directory}")
 
 
 def parse_vars(items: list[str]) -> dict[str, str]:

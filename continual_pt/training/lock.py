@@ -22,9 +22,10 @@ LOCK_FILE = "run.lock"
 class RunLock:
     """The held lock of one run directory; `release()` (or the process's end) lets it go."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, file_name: str = LOCK_FILE, label: str = "run dir", what: str = "run"):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = self.run_dir / file_name
+        self.label, self.what = label, what   # for the message: "<label> X is in use ... wait for that <what>"
         self.created_dir = False
         self._fd: int | None = None
 
@@ -38,8 +39,8 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise UserError(f"run dir {self.run_dir} is in use: {self.holder()} holds {self.path}; "
-                                "wait for that run to end (or stop it) before starting another") from None
+                raise UserError(f"{self.label} {self.run_dir} is in use: {self.holder()} holds {self.path}; "
+                                f"wait for that {self.what} to end (or stop it) before starting another") from None
             # The file may have been unlinked by a holder cleaning up after we opened it: lock the live one.
             if self.path.exists() and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                 break
