@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,21 +78,16 @@ def global_windows(probe_dir: Path, tag: str, world_size: int) -> list[list[int]
     return [row for i in range(len(per_rank[0])) for r in range(world_size) for row in per_rank[r][i]]
 
 
-@pytest.fixture(scope="module")
-def straight(world, tmp_path_factory):
-    """An uninterrupted 8-step run on 2 ranks (ZeRO 2): its run dir, windows and stderr."""
-    root = tmp_path_factory.mktemp("elastic-straight")
+def train_straight(root: Path, world: dict[str, Path]) -> dict:
+    """An uninterrupted 8-step run on 2 ranks (ZeRO 2): its run dir, windows and config."""
     cfg = write_cfg(root, world)
     run(cfg, ["name=straight"], 2, root / "probe", "straight")
     return {"run_dir": root / "runs" / "straight", "windows": global_windows(root / "probe", "straight", 2),
             "cfg": cfg}
 
 
-@pytest.fixture(scope="module", params=sorted(CHAINS))
-def chain(request, world, tmp_path_factory):
+def train_chain(name: str, root: Path, world: dict[str, Path]) -> dict:
     """One chain of legs trained to step 8: its run dir, probe dir, legs and each leg's stderr."""
-    name = request.param
-    root = tmp_path_factory.mktemp(f"elastic-{name}")
     cfg = write_cfg(root, world)
     legs, stderr, step = CHAINS[name], [], 0
     for i, (world_size, ds_config, steps) in enumerate(legs):
@@ -103,6 +99,41 @@ def chain(request, world, tmp_path_factory):
     assert step == MAX_STEPS
     return {"name": name, "run_dir": root / "runs" / "chain", "probe": root / "probe", "legs": legs,
             "stderr": stderr, "cfg": cfg}
+
+
+def selected_chains(request) -> list[str]:
+    """The chains this module's selected tests use (all three, unless -k or a node id picks fewer)."""
+    params = [getattr(item, "callspec", None) for item in request.session.items
+              if getattr(item, "module", None) is request.module]
+    return sorted({spec.params["chain"] for spec in params if spec is not None and "chain" in spec.params})
+
+
+@pytest.fixture(scope="module")
+def started(request, world, tmp_path_factory):
+    """The straight run and each chain this session selected, every one trained in its own folder, two
+    at a time: a leg leaves a core of two idle for seconds (the launchers' start, one rank's save), which
+    the other fills. Each is a Future; `.result()` waits for it and raises what it raised."""
+    pool = ThreadPoolExecutor(max_workers=2)
+    jobs = {"straight": pool.submit(train_straight, tmp_path_factory.mktemp("elastic-straight"), world)}
+    for name in selected_chains(request):
+        jobs[name] = pool.submit(train_chain, name, tmp_path_factory.mktemp(f"elastic-{name}"), world)
+    pool.shutdown(wait=False)
+    yield jobs
+    for job in jobs.values():      # none left training past the module (after a failure under -x, say)
+        if not job.cancel():
+            job.exception()
+
+
+@pytest.fixture(scope="module")
+def straight(started):
+    """An uninterrupted 8-step run on 2 ranks (ZeRO 2): its run dir, windows and config."""
+    return started["straight"].result()
+
+
+@pytest.fixture(scope="module", params=sorted(CHAINS))
+def chain(request, started):
+    """One chain of legs trained to step 8: its run dir, probe dir, legs and each leg's stderr."""
+    return started[request.param].result()
 
 
 def test_weights_and_adam_moments_load_bitwise_as_saved(chain):

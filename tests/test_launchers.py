@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -83,15 +84,24 @@ def straight(world, tmp_path_factory):
                                  "precision": "fp32", "ds_config": "zero1", "log_every": 1},
                           eval={"sets": {}})
     # The same environment as the jobs (one thread per rank): CPU matmuls round by thread count.
-    done = subprocess.run(ts.train_command(cfg, ["name=straight"], 2, "deepspeed"), env=launcher_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return cfg, root / "runs"
+    # Trained in the background, alongside the first test's jobs; `.result()` waits for it.
+    pool = ThreadPoolExecutor(max_workers=1)
+    done = pool.submit(subprocess.run, ts.train_command(cfg, ["name=straight"], 2, "deepspeed"), env=launcher_env(),
+                       capture_output=True, text=True, timeout=300)
+    pool.shutdown(wait=False)
+    yield cfg, root / "runs", done
+    done.exception()   # not left training past the module, whatever failed
+
+
+def straight_records(done: Future, runs: Path) -> tuple[list[dict], dict]:
+    """The uninterrupted run's train records and final weights, once it has finished."""
+    assert done.result().returncode == 0, done.result().stderr[-4000:]
+    return ts.train_records(runs / "straight"), ts.final_weights(runs / "straight")
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun"])
 def test_sigterm_then_sigusr1_to_the_job_commit_exit_75_and_resume_exactly(straight, launcher):
-    cfg, runs = straight
+    cfg, runs, straight_done = straight
     run_dir = runs / launcher
     first = stop_job(launcher, cfg, run_dir, signal.SIGTERM, after_step=3)
     second = stop_job(launcher, cfg, run_dir, signal.SIGUSR1, after_step=first + 3)
@@ -99,11 +109,11 @@ def test_sigterm_then_sigusr1_to_the_job_commit_exit_75_and_resume_exactly(strai
     e = mpi_env(cfg) if launcher == "mpirun" else launcher_env()
     done = subprocess.run(job_command(launcher, cfg, launcher), env=e, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    ra, rb = ts.train_records(runs / "straight"), ts.train_records(run_dir)
+    (ra, wa), rb = straight_records(straight_done, runs), ts.train_records(run_dir)
     assert [r["step"] for r in rb] == list(range(1, MAX_STEPS + 1))
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
     assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
-    wa, wb = ts.final_weights(runs / "straight"), ts.final_weights(run_dir)
+    wb = ts.final_weights(run_dir)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -123,7 +133,7 @@ def processes_running(needle: str) -> list[int]:
 def test_ranks_whose_bare_launcher_dies_save_and_exit_instead_of_training_on(straight, launcher, sig):
     """Without cpt launch: the deepspeed runner dies on SIGTERM, torchrun on SIGUSR1, at once. Their
     ranks notice within a second, commit the step they reached and exit (no orphans train on)."""
-    cfg, runs = straight
+    cfg, runs, _ = straight
     name = f"bare-{launcher}"
     run_dir = runs / name
     command = job_command(launcher, cfg, name)[5:]          # without `cpt launch --`

@@ -44,20 +44,22 @@ def test_stop_and_resume_is_bitwise_identical(world, tmp_path, zero, precision, 
                                 "seq_len": 16},
                           train={"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "precision": precision,
                                  "ds_config": zero, "log_every": 1})
-    ts.train(cfg, ["name=straight"], world_size)
+    straight = ts.train_in_background(cfg, ["name=straight"], world_size)   # alongside the stopped run
     ts.train(cfg, ["name=stopped", "train.stop_after_steps=6"], world_size, expect=75)
     stopped = tmp_path / "runs" / "stopped"
     assert [r.step for r in checkpoint.list_committed(stopped / "checkpoints")] == [6]
     ts.train(cfg, ["name=stopped"], world_size)
+    straight.result()
     assert_same_run(tmp_path / "runs" / "straight", stopped)
 
 
 def test_resume_with_another_micro_batch_continues_the_data_stream(world, tmp_path):
     """Data position is state: halving the micro batch and doubling accumulation sees the same tokens."""
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs")
-    ts.train(cfg, ["name=a"])
+    a = ts.train_in_background(cfg, ["name=a"])
     ts.train(cfg, ["name=b", "train.stop_after_steps=6"], expect=75)
     ts.train(cfg, ["name=b", "train.micro_batch_size=1", "train.grad_accum=4"])
+    a.result()
     ra, rb = ts.train_records(tmp_path / "runs" / "a"), ts.train_records(tmp_path / "runs" / "b")
     assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
     assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
@@ -76,15 +78,25 @@ def _wait_for_new_lines(path, lines_before, proc, timeout=120):
     raise AssertionError("run logged nothing in time")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_saves_commits_and_resumes_to_the_same_numbers(world, tmp_path, sig):
-    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs",
+@pytest.fixture(scope="module")
+def signal_straight(world, tmp_path_factory):
+    """The signal tests' config and its uninterrupted run: one config for both signals, so one straight
+    run, started in the background alongside the first signalled run (`.result()` waits for it)."""
+    root = tmp_path_factory.mktemp("signal")
+    cfg = ts.write_config(root / "run.yaml", world, root / "runs",
                           train={"max_steps": 40, "micro_batch_size": 4, "grad_accum": 4, "precision": "fp32",
                                  "ds_config": "zero1", "log_every": 1},
                           eval={"sets": {}})
-    ts.train(cfg, ["name=straight"])
-    run_dir = tmp_path / "runs" / "signalled"
-    proc = subprocess.Popen(ts.train_command(cfg, ["name=signalled"]), env=ts.env(), stdout=subprocess.PIPE,
+    straight = ts.train_in_background(cfg, ["name=straight"])
+    yield cfg, root / "runs", straight
+    straight.exception()   # not left training past the module, whatever failed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_commits_and_resumes_to_the_same_numbers(signal_straight, sig):
+    cfg, runs, straight = signal_straight
+    run_dir = runs / f"signalled-{sig.name}"
+    proc = subprocess.Popen(ts.train_command(cfg, [f"name={run_dir.name}"]), env=ts.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     ts.wait_for_step(run_dir, 3, proc)
     proc.send_signal(sig)
@@ -93,10 +105,11 @@ def test_signal_saves_commits_and_resumes_to_the_same_numbers(world, tmp_path, s
     assert f"received {sig.name}" in err
     ref = checkpoint.resolve(run_dir)
     assert 3 <= ref.step < 40
-    ts.train(cfg, ["name=signalled"])
-    ra, rb = ts.train_records(tmp_path / "runs" / "straight"), ts.train_records(run_dir)
+    ts.train(cfg, [f"name={run_dir.name}"])
+    straight.result()
+    ra, rb = ts.train_records(runs / "straight"), ts.train_records(run_dir)
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
-    wa, wb = ts.final_weights(tmp_path / "runs" / "straight"), ts.final_weights(run_dir)
+    wa, wb = ts.final_weights(runs / "straight"), ts.final_weights(run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

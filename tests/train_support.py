@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -179,3 +180,13 @@ def continual_experiment(root: Path, world: dict[str, Path], rewarm: bool = True
     out["cosine"] = _train_once(root, cosine, "rewarm-cosine")
     out["constant"] = _train_once(root, constant, "constant")
     return out
+
+
+def train_in_background(config: Path, overrides: list[str] = (), world_size: int = 1, launcher: str = "deepspeed",
+                        expect: int = 0, timeout: int = 300) -> Future:
+    """`train`, started now in a thread of its own so that its run shares the cores with the caller's next one
+    (a lone tiny run leaves a core of two idle). `.result()` waits for it and returns or raises what `train` would."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(train, config, list(overrides), world_size, launcher, expect, timeout)
+    pool.shutdown(wait=False)
+    return future
