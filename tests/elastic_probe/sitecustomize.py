@@ -4,11 +4,14 @@ micro-batch reads, and on rank 0 the full fp32 weights, Adam moments and LR righ
 right after a resume loads; with CPT_PROBE_RANK1_CWD set, rank 1 starts in that directory."""
 
 import os
+import sys
 
 if os.environ.get("CPT_PROBE_RANK1_CWD") and os.environ.get("RANK") == "1":
     os.chdir(os.environ["CPT_PROBE_RANK1_CWD"])   # a relative out_dir resolves elsewhere, as on another node
 
-if os.environ.get("CPT_PROBE_DIR"):
+# Only in training processes: a helper that Python subprocess (py-cpuinfo, which DeepSpeed's CPU Adam
+# asks for the CPU's features) must keep its stdout to itself, which importing deepspeed here would not.
+if os.environ.get("CPT_PROBE_DIR") and "continual_pt.train" in getattr(sys, "orig_argv", sys.argv):
     import json
     from pathlib import Path
 
