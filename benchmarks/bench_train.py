@@ -158,7 +158,7 @@ def run_config(args: argparse.Namespace, data: str, precision: str, ds_config: s
 
     raw = {
         "name": f"cpt-{Path(ds_config).stem}", "out_dir": str(work / "runs"),
-        "model": {"config": model_fields(args)},
+        "model": {"config": model_fields(args), "fused_loss": args.fused_loss},
         "data": {"train": {"bench": {"path": data}}, "seq_len": args.seq, "seed": SEED},
         "schedule": {"name": "cosine", "max_lr": MAX_LR, "warmup": args.warmup},
         "train": {"max_steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch,
@@ -376,7 +376,7 @@ def run_worker(args: argparse.Namespace, precision: str, data: str, work: Path, 
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", precision, "--data", data,
             "--work", str(work / precision), "--peak", repr(peak)]
     for key in ("steps", "warmup", "block", "hidden", "layers", "heads", "ffn", "seq", "micro_batch",
-                "grad_accum", "log_every", "threads", "ds_config"):
+                "grad_accum", "log_every", "threads", "ds_config", "fused_loss"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     argv += [] if args.hf else ["--no-hf"]
     argv += [] if args.plain_amp else ["--no-plain-amp"]
@@ -460,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="train.log_every of cpt, logging_steps of HF (default 10)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads for every loop (default: all CPUs)")
+    p.add_argument("--fused-loss", default="auto", choices=("auto", "on", "off"),
+                   help="cpt train's model.fused_loss (default auto, as cpt train's default)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="leave out the Hugging Face Trainer")
     p.add_argument("--no-plain-amp", dest="plain_amp", action="store_false",
                    help="in bf16, leave out the autocast variant of the plain loop")
