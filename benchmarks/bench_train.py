@@ -495,23 +495,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         data = args.data or prepare_data(work, args.vocab)
-        results = []
-        for precision in precisions:
+        for i, precision in enumerate(precisions):
             started = time.perf_counter()
-            results.append(run_worker(args, precision, data, work, peaks[precision]))
-            print(f"{precision}: done in {time.perf_counter() - started:.0f} s", flush=True)
-    r0 = results[0]
-    print(f"\n{torch.get_num_threads()} threads; matmul 2048^3 peak (best sample, before and between rounds): "
-          + ", ".join(f"{r['precision']} {r['peak'] / 1e9:.0f} GFLOP/s" for r in results))
+            result = run_worker(args, precision, data, work, peaks[precision])
+            print(f"{precision}: done in {time.perf_counter() - started:.0f} s; matmul 2048^3 peak (best sample, "
+                  f"before and between rounds) {result['peak'] / 1e9:.0f} GFLOP/s", flush=True)
+            if i == 0:
+                print_header(args, result)
+            for line in report(result, result["peak"]):   # each precision as it ends: a slow one loses nothing
+                print(line, flush=True)
+
+
+def print_header(args: argparse.Namespace, r0: dict) -> None:
+    import torch
+
+    print(f"\n{torch.get_num_threads()} threads")
     print(f"\nmodel: GPT-NeoX hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {r0['vocab']}, "
           f"{r0['params'] / 1e6:.2f}M params (non-embedding), {r0['flops_per_token'] / 1e6:.1f} MFLOP/token; "
           f"seq {args.seq} x micro batch {args.micro_batch} x accum {args.grad_accum} = {r0['tokens_per_step']} "
           f"tokens/step; {args.steps} timed steps after {args.warmup}, blocks of {args.block}")
-    print(f"\n{'prec':<6}{'loop':<36}{'step ms':>9}{'p25':>8}{'p75':>8}{'tokens/s':>11}{'MFU':>8}  optimizer")
-    for result in results:
-        for line in report(result, result["peak"]):
-            print(line)
-
+    print(f"\n{'prec':<6}{'loop':<36}{'step ms':>9}{'p25':>8}{'p75':>8}{'tokens/s':>11}{'MFU':>8}  optimizer", flush=True)
 
 if __name__ == "__main__":
     main()
