@@ -298,9 +298,11 @@ class RunConfig:
 
     def _zero_stage(self) -> int | None:
         """The ZeRO stage of train.ds_config; None while it is unreadable (reported on its own)."""
-        if deepspeed.problem(self.train.ds_config):
+        path = deepspeed.find(self.train.ds_config)
+        try:
+            return deepspeed.zero_stage(deepspeed.read(path)) if path else None
+        except deepspeed.DeepSpeedFileError:
             return None
-        return deepspeed.zero_stage(deepspeed.load(self.train.ds_config))
 
     def check(self, p: Problems) -> None:
         if not self.name or "/" in self.name:
