@@ -327,6 +327,8 @@ def run(cfg: RunConfig) -> int:
 
 
 def gradient_norm(module: torch.nn.Module) -> torch.Tensor | float:
-    """The 2-norm over all gradients of `module` (before clipping), in float64, on their device."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
+    """The 2-norm over all gradients of `module` (before clipping), on their device.
+
+    torch's foreach norm: one pass over the gradients in their own dtype, no float64 copies."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else 0.0
