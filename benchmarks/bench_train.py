@@ -24,7 +24,7 @@ batch, accumulation and sequence length:
 
 The machine is shared and noisy, so the loops run interleaved in one process: each runs in its
 own thread, and a scheduler lets one loop at a time run a block of --block optimizer steps,
-rotating the order every round. Only the running loop is awake, so timings do not overlap. A
+in an order shuffled every round. Only the running loop is awake, so timings do not overlap. A
 step's time runs from the end of the previous step (or the moment its loop was woken) to the end
 of this one, so data loading, logging and every other per-step cost of the loop count. The first
 --warmup steps of every loop are dropped; tokens/s comes from the median step time. Each ratio is
@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -137,13 +138,18 @@ class SteppedLoop(threading.Thread):
 
 def run_interleaved(loops: list[SteppedLoop], total_steps: int, block: int,
                     between_rounds: Callable[[], None] = lambda: None) -> None:
-    """Round-robin blocks over the loops, starting each round with the next loop in turn."""
+    """Every loop runs one block per round, in an order shuffled anew each round (seeded).
+
+    A fixed rotation would give each loop the same predecessor every round; what the previous
+    loop leaves in the caches and the allocator then favours some loops over others by a few
+    percent. Shuffled, every loop follows every other one about equally often."""
     for loop in loops:
         loop.start()
     rounds = -(-total_steps // block)
-    for r in range(rounds):
-        for i in range(len(loops)):
-            loops[(r + i) % len(loops)].resume()
+    order = random.Random(SEED)
+    for _ in range(rounds):
+        for loop in order.sample(loops, len(loops)):
+            loop.resume()
         between_rounds()
     for loop in loops:
         loop.join(timeout=600)
