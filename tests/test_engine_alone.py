@@ -1,5 +1,6 @@
-"""A DeepSpeed engine with no data-parallel peer skips its gradient all-reduce (ZeRO 0 only), and
-trains to bitwise the same weights as one that does it.
+"""`lean_engine`: a DeepSpeed engine with no data-parallel peer skips its gradient all-reduce
+(ZeRO 0 only), a plain fp32 engine keeps the norm it clips with, and either way the engine trains
+to bitwise the same weights as one left as DeepSpeed made it.
 
 DeepSpeed keeps process-global state, so the engines run in a subprocess that prints what it saw
 as JSON; the assertions are made here.
@@ -20,7 +21,7 @@ SCRIPT = r"""
 import json
 import torch, deepspeed
 from continual_pt.config import deepspeed as ds_config
-from continual_pt.training.session import skip_lone_allreduce
+from continual_pt.components.lean_engine import KeptClipNorm, skip_lone_allreduce
 
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(1)
@@ -35,16 +36,24 @@ def run(stage, precision, skip):
                         precision=precision, grad_clip=1.0)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     skipped = skip_lone_allreduce(eng, stage) if skip else False
+    kept = KeptClipNorm(eng) if skip and stage == 0 and precision == "fp32" else None
+    norms = []
     calls, buffers = [], []
     reduce, fallback = eng.allreduce_gradients, eng.buffered_allreduce_fallback
     eng.allreduce_gradients = lambda *a, **k: (calls.append(1), reduce(*a, **k))[1]
     eng.buffered_allreduce_fallback = lambda *a, **k: (buffers.append(1), fallback(*a, **k))[1]
     for x in data:
-        loss = eng(x.to(eng.module[0].weight.dtype)).float().pow(2).mean()
+        loss = eng(x.to(eng.module[0].weight.dtype)).float().pow(2).mean() * 50   # norms above the clip
         eng.backward(loss)
+        before = None
+        if kept is not None and eng.is_gradient_accumulation_boundary():
+            before = torch.nn.utils.get_total_norm([p.grad for p in eng.module.parameters()]).item()
         eng.step()
+        if kept is not None:
+            norm = kept.take()
+            norms.append(None if norm is None else [before, norm.item()])
     weights = [p.detach().float().flatten().tolist() for p in eng.module.parameters()]
-    return {"skipped": skipped, "allreduce_calls": len(calls), "buffer_reductions": len(buffers),
+    return {"skipped": skipped, "allreduce_calls": len(calls), "buffer_reductions": len(buffers), "norms": norms,
             "weights": weights}
 
 
@@ -82,3 +91,11 @@ def test_zero1_keeps_its_gradient_reduction(runs):
     assert not alone["skipped"]
     assert alone["allreduce_calls"] == plain["allreduce_calls"] > 0
     assert alone["weights"] == plain["weights"]
+
+
+def test_a_plain_fp32_engine_keeps_the_norm_it_clipped_with(runs):
+    norms = runs["0-fp32"]["alone"]["norms"]
+    assert [n is None for n in norms] == [True, False] * 3   # one per optimizer step, taken once
+    for before, kept in filter(None, norms):
+        assert kept == pytest.approx(before, rel=1e-6)        # the norm before clipping
+    assert any(before > 1.0 for before, _ in filter(None, norms))   # so clipping did act

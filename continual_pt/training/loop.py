@@ -16,6 +16,7 @@ import torch
 from continual_pt.components import distributed
 from continual_pt.components.checkpoint import rng_state
 from continual_pt.components.host_copy import HostCopy
+from continual_pt.components.lean_engine import KeptClipNorm
 from continual_pt.components.scoring import ScoringStopped
 from continual_pt.config import RunConfig
 from continual_pt.config.load import ConfigSource
@@ -63,8 +64,12 @@ class Trainer:
         self._grad_norm: float | None = None
         self._pending_norm: tuple[int, HostCopy | float | None] | None = None   # (step, its gradient norm)
         self._agreed_signum = 0
-        # A plain fp32 engine (ZeRO 0) computes the norm only to clip and drops it: compute it here.
-        self._engine_drops_norm = self.figures.zero_stage == 0 and cfg.train.precision == "fp32"
+        # A plain fp32 engine (ZeRO 0) computes the norm only to clip, and drops it: keep it then,
+        # and compute it here when it does not clip.
+        plain_fp32 = self.figures.zero_stage == 0 and cfg.train.precision == "fp32"
+        clips = plain_fp32 and session.parts.engine.gradient_clipping() > 0
+        self._kept_norm = KeptClipNorm(session.parts.engine) if clips else None
+        self._engine_drops_norm = plain_fp32 and not clips
 
     # ------------------------------------------------------------------ the story
 
@@ -137,7 +142,8 @@ class Trainer:
                     own_norm = gradient_norm(engine.module)
             engine.step()
         grad_norm = engine.get_global_grad_norm()
-        grad_norm = own_norm if grad_norm is None else grad_norm
+        if grad_norm is None:
+            grad_norm = self._kept_norm.take() if self._kept_norm is not None else own_norm
         if torch.is_tensor(grad_norm):
             grad_norm = HostCopy(grad_norm)
         self._pending_norm = (self.state.step + 1, grad_norm)

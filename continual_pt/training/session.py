@@ -22,7 +22,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import branches, checkpoint, commit, distributed, elastic, ops
+from continual_pt.components import branches, checkpoint, commit, distributed, elastic, lean_engine, ops
 from continual_pt.components import model as models
 from continual_pt.components.checkpoint import set_rng_state
 from continual_pt.components.distributed import DistEnv
@@ -233,22 +233,10 @@ def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
     optimizer = make_optimizer(net, cfg.optim, ds_config.offloads_optimizer(ds_cfg), lr_at(0))
     engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net, cfg.model.fused_loss), optimizer=optimizer,
                                            lr_scheduler=ScheduleLR(optimizer, lr_at), config=ds_cfg)
-    skip_lone_allreduce(engine, ds_config.zero_stage(ds_cfg))
+    lean_engine.skip_lone_allreduce(engine, ds_config.zero_stage(ds_cfg))
     if cfg.train.compile:
         engine.compile()
     return engine
-
-
-def skip_lone_allreduce(engine: DeepSpeedEngine, zero_stage: int) -> bool:
-    """Turn off a ZeRO 0 engine's gradient all-reduce when it has no data-parallel peer.
-
-    Alone, it would still pack every gradient into one buffer, all-reduce the buffer with itself
-    and copy it back after each step's last backward: the same values, ~2% of a small model's
-    step. ZeRO 1-3 move gradients into their own partitions there: left as they are."""
-    if engine.dp_world_size != 1 or zero_stage != 0:
-        return False
-    engine.enable_backward_allreduce = False
-    return True
 
 
 def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: MixtureSampler,
