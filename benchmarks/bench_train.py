@@ -38,8 +38,8 @@ machine's load changes faster than that; in-process, our loop is still the uncha
 `Trainer.train()` (only its stop-signal handler is left out, since threads cannot install one), and
 its metrics.jsonl is written as usual, though its tokens/s there also counts the other loops' turns.
 MFU = tokens/s x FLOPs per token (6N + 12 L H T, `continual_pt.model.flops_per_token`) divided
-by the best of a few 2048^3 `torch.matmul` timings in that precision on this machine, taken before
-and between rounds; when the machine is busy the whole time that peak reads low and MFU high, so
+by the best of a few n^3 `torch.matmul` timings in that precision on this machine (n <= 2048, sized
+to ~0.5 s a matmul), taken before and between rounds; when the machine is busy the whole time that peak reads low and MFU high, so
 trust MFU only from a quiet run (--aa shows how quiet it was: plain against itself).
 """
 
@@ -337,7 +337,7 @@ def worker(args: argparse.Namespace) -> None:
         loops["plain-aa"] = plain_loop(base, batches, master_weights=True)
     stepped = [SteppedLoop(name, loop, total, args.block) for name, loop in loops.items()]
     peaks = [peak]  # the matmul peak again after every round: the best sample is the least disturbed
-    run_interleaved(stepped, total, args.block, lambda: peaks.append(matmul_peak(precision, reps=2)))
+    run_interleaved(stepped, total, args.block, lambda: peaks.append(matmul_peak(precision, args.peak_size, reps=2)))
     net = build_model(base)
     result = {"precision": precision, "tokens_per_step": base.train.micro_batch_size * base.train.grad_accum
               * base.data.seq_len, "flops_per_token": models.flops_per_token(net.config, models.num_params(net),
@@ -349,6 +349,22 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def matmul_size(dtype_name: str, seconds: float = 0.5, largest: int = 2048) -> int:
+    """The square size (a multiple of 256, at most `largest`) whose matmul takes about `seconds` here.
+
+    A CPU without bf16 instructions runs bf16 matmuls ~50x slower than fp32: a 2048^3 one would
+    take ~10 s, and one runs between every round."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(256, 256, dtype=dtype)
+    torch.matmul(a, a)
+    start = time.perf_counter()
+    torch.matmul(a, a)
+    rate = 2 * 256**3 / max(time.perf_counter() - start, 1e-9)
+    return max(256, min(largest, int((seconds * rate / 2) ** (1 / 3)) // 256 * 256))
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
@@ -382,7 +398,7 @@ def run_worker(args: argparse.Namespace, precision: str, data: str, work: Path, 
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", precision, "--data", data,
             "--work", str(work / precision), "--peak", repr(peak)]
     for key in ("steps", "warmup", "block", "hidden", "layers", "heads", "ffn", "seq", "micro_batch",
-                "grad_accum", "log_every", "threads", "ds_config", "fused_loss"):
+                "grad_accum", "log_every", "threads", "ds_config", "fused_loss", "peak_size"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     argv += [] if args.hf else ["--no-hf"]
     argv += [] if args.plain_amp else ["--no-plain-amp"]
@@ -432,6 +448,9 @@ def report(result: dict, peak: float) -> list[str]:
         lines.append(f"{precision:<6}{describe(name, precision):<36}{medians[name] * 1e3:>9.1f}{q[0] * 1e3:>8.1f}"
                      f"{q[2] * 1e3:>8.1f}{tps:>11,.0f}{tps * result['flops_per_token'] / peak:>8.1%}  "
                      f"{result['optimizers'].get(name, '')}")
+    if any(tokens / m * result["flops_per_token"] > peak for m in medians.values()):
+        lines.append(f"      (MFU above 100%: the square {precision} matmul timed here is no peak; a CPU without "
+                     f"{precision} instructions runs it slower than the model's own products: trust the ratios only)")
     pairs = [(n, ref, goal) for n in timed if n.startswith("cpt-")
              for ref, goal in (("plain", 0.95), ("plain-amp", None), ("hf", 1.0))]
     for name, ref, goal in pairs + [("plain-aa", "plain", None)]:
@@ -476,6 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 4 or args.block < 1:
         p.error("--steps must be >= 4 and --block >= 1")
@@ -497,15 +517,17 @@ def main() -> None:
         except ImportError:
             print("accelerate is not installed (pip install accelerate): leaving out the HF Trainer", file=sys.stderr)
             args.hf = False
-    peaks = {p: matmul_peak(p) for p in precisions}
+    sizes = {p: matmul_size(p) for p in precisions}
+    peaks = {p: matmul_peak(p, sizes[p]) for p in precisions}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         data = args.data or prepare_data(work, args.vocab)
         for i, precision in enumerate(precisions):
             started = time.perf_counter()
+            args.peak_size = sizes[precision]
             result = run_worker(args, precision, data, work, peaks[precision])
-            print(f"{precision}: done in {time.perf_counter() - started:.0f} s; matmul 2048^3 peak (best sample, "
-                  f"before and between rounds) {result['peak'] / 1e9:.0f} GFLOP/s", flush=True)
+            print(f"{precision}: done in {time.perf_counter() - started:.0f} s; matmul {sizes[precision]}^3 peak (best "
+                  f"sample, before and between rounds) {result['peak'] / 1e9:.1f} GFLOP/s", flush=True)
             if i == 0:
                 print_header(args, result)
             for line in report(result, result["peak"]):   # each precision as it ends: a slow one loses nothing
