@@ -38,9 +38,10 @@ machine's load changes faster than that; in-process, our loop is still the uncha
 `Trainer.train()` (only its stop-signal handler is left out, since threads cannot install one), and
 its metrics.jsonl is written as usual, though its tokens/s there also counts the other loops' turns.
 MFU = tokens/s x FLOPs per token (6N + 12 L H T, `continual_pt.model.flops_per_token`) divided
-by the best of a few n^3 `torch.matmul` timings in that precision on this machine (n <= 2048, sized
-to ~0.5 s a matmul), taken before and between rounds; when the machine is busy the whole time that peak reads low and MFU high, so
-trust MFU only from a quiet run (--aa shows how quiet it was: plain against itself).
+by the best of a few n^3 `torch.matmul` timings in that precision on this machine (n <= 2048,
+sized to ~0.5 s a matmul), taken before and between rounds; when the machine is busy the whole
+time that peak reads low and MFU high, so trust MFU only from a quiet run (--aa shows how quiet it
+was: plain against itself).
 """
 
 from __future__ import annotations
@@ -140,9 +141,10 @@ def run_interleaved(loops: list[SteppedLoop], total_steps: int, block: int,
                     between_rounds: Callable[[], None] = lambda: None) -> None:
     """Every loop runs one block per round, in an order shuffled anew each round (seeded).
 
-    A fixed rotation would give each loop the same predecessor every round; what the previous
-    loop leaves in the caches and the allocator then favours some loops over others by a few
-    percent. Shuffled, every loop follows every other one about equally often."""
+    A fixed rotation gives each loop the same predecessor every round, so whatever the previous
+    loop leaves in the caches and the allocator would always favour or hurt the same loop (not
+    shown to matter, but not left to chance). Shuffled, every loop follows every other one about
+    equally often."""
     for loop in loops:
         loop.start()
     rounds = -(-total_steps // block)
@@ -441,14 +443,14 @@ def report(result: dict, peak: float) -> list[str]:
     precision, tokens, warmup, block = (result[k] for k in ("precision", "tokens_per_step", "warmup", "block"))
     timed = {name: d[warmup:] for name, d in result["durations"].items()}
     medians = {name: statistics.median(d) for name, d in timed.items()}
-    lines = []
+    lines, mfus = [], []
     for name, d in timed.items():
         q = statistics.quantiles(d, n=4)
         tps = tokens / medians[name]
+        mfus.append(tps * result["flops_per_token"] / peak)
         lines.append(f"{precision:<6}{describe(name, precision):<36}{medians[name] * 1e3:>9.1f}{q[0] * 1e3:>8.1f}"
-                     f"{q[2] * 1e3:>8.1f}{tps:>11,.0f}{tps * result['flops_per_token'] / peak:>8.1%}  "
-                     f"{result['optimizers'].get(name, '')}")
-    if any(tokens / m * result["flops_per_token"] > peak for m in medians.values()):
+                     f"{q[2] * 1e3:>8.1f}{tps:>11,.0f}{mfus[-1]:>8.1%}  {result['optimizers'].get(name, '')}")
+    if max(mfus) > 1:
         lines.append(f"      (MFU above 100%: the square {precision} matmul timed here is no peak; a CPU without "
                      f"{precision} instructions runs it slower than the model's own products: trust the ratios only)")
     pairs = [(n, ref, goal) for n in timed if n.startswith("cpt-")
