@@ -91,8 +91,11 @@ def test_scores_equal_in_loop_eval_and_the_hugging_face_export(world, run, tmp_p
 
 def test_a_run_scored_twice_does_no_work_the_second_time(world, run, tmp_path, capsys, monkeypatch):
     store = tmp_path / "scores.jsonl"
+    devices = []   # the job keeps freed host memory for the next batch on a CPU (test_host_malloc.py)
+    monkeypatch.setattr("continual_pt.evaluation.job.host_malloc.for_device", devices.append)
     assert eval_cli(run, *sets(world), "--tokens", SMALL, "--store", store) == 0
     assert "6 to score, 0 already scored" in capsys.readouterr().err
+    assert [d.type for d in devices] == ["cpu"]
     before = store.read_bytes()
 
     def no_loading(*args, **kwargs):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from continual_pt.components import distributed
+from continual_pt.components import distributed, host_malloc
 from continual_pt.components.checkpoint import load_model_from_checkpoint, verify
 from continual_pt.components.distributed import DistEnv
 from continual_pt.components.model import DTYPES, CausalLMLoss
@@ -188,6 +188,7 @@ def run_eval(options: EvalOptions) -> int:
     if env.world_size > 1:
         env = distributed.init(env)
     device = distributed.device_for(env.local_rank)
+    host_malloc.for_device(device)
     todo = _broadcast(pending(jobs) if env.is_main else None, env)
     count = sum(len(t) for t in todo)
     if env.is_main:

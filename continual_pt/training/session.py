@@ -22,7 +22,16 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import branches, checkpoint, commit, distributed, elastic, lean_engine, ops
+from continual_pt.components import (
+    branches,
+    checkpoint,
+    commit,
+    distributed,
+    elastic,
+    host_malloc,
+    lean_engine,
+    ops,
+)
 from continual_pt.components import model as models
 from continual_pt.components.checkpoint import set_rng_state
 from continual_pt.components.distributed import DistEnv
@@ -292,6 +301,7 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
 
     On any failure of set-up the lock goes, and so does the run dir if this start created it."""
     device = distributed.device_for(env.local_rank)
+    host_malloc.for_device(device)
     datasets = open_datasets(cfg)
     lock = lock_run_dir(cfg.run_dir, env)
     try:
