@@ -22,21 +22,22 @@ batch, accumulation and sequence length:
   AdamW, the model's own shifted loss, its dataloader and collator), logging every --log-every
   steps, no saving, no progress bar.
 
-The machine is shared and noisy, so the loops run interleaved in one process: each runs in its
-own thread, and a scheduler lets one loop at a time run a block of --block optimizer steps,
-in an order shuffled every round. Only the running loop is awake, so timings do not overlap. A
-step's time runs from the end of the previous step (or the moment its loop was woken) to the end
-of this one, so data loading, logging and every other per-step cost of the loop count. The first
---warmup steps of every loop are dropped; tokens/s comes from the median step time. Each ratio is
+The machine is shared and noisy, so the loops run interleaved: each in a process of its own,
+in its main thread, as a user runs it (a thread's allocator arena behaves otherwise), and only one
+at a time runs a block of --block optimizer steps while the others sleep, in an order shuffled
+every round. A step's time runs from the end of the previous step (or the moment its loop was
+woken) to the end of this one, so data loading, logging and every other per-step cost of the
+loop count. The first --warmup steps of every loop are dropped; tokens/s comes from the median
+step time; `faults` is the median of the process's minor page faults per step. Each ratio is
 shown twice: from the medians, and as the median over rounds of the ratio of the two loops' block
 times in that round (pairs that ran seconds apart, so a change in the machine's load cancels); a
 goal counts as met when both are.
-Each precision runs in its own subprocess (the Trainer's accelerator state is per process).
-Timing `python -m continual_pt.train` in a subprocess of its own would read its tokens/s from
-metrics.jsonl, but then the loops could only run one after another, minutes apart, and this
-machine's load changes faster than that; in-process, our loop is still the unchanged
-`Trainer.train()` (only its stop-signal handler is left out, since threads cannot install one), and
-its metrics.jsonl is written as usual, though its tokens/s there also counts the other loops' turns.
+cpt train runs unchanged (`Trainer.train()` on `open_session`, with its own signal handlers); its
+metrics.jsonl is written as usual, though its tokens/s there also counts the other loops' turns.
+On a CPU cpt train fixes glibc's malloc thresholds (`continual_pt.components.host_malloc`), so
+that the memory a step frees is reused by the next one instead of being faulted in again; the
+other loops keep glibc's defaults, as a user's script does, unless --same-malloc gives them the
+same thresholds (which shows how much of a difference is the allocator's).
 MFU = tokens/s x FLOPs per token (6N + 12 L H T, `continual_pt.model.flops_per_token`) divided
 by the best of a few n^3 `torch.matmul` timings in that precision on this machine (n <= 2048,
 sized to ~0.5 s a matmul), taken before and between rounds; when the machine is busy the whole
@@ -54,7 +55,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,94 +67,106 @@ MAX_LR = 6e-4
 # --------------------------------------------------------------------------- scheduling
 
 
-class _NoSignals:
-    """Stands in for `StopRequest` in a loop that runs off the main thread (signal handlers cannot)."""
+class LoopProcess:
+    """One loop in a process of its own (its main thread, its own allocator, as a user runs it).
 
-    signum = 0
+    It builds its loop, says `ready`, and then runs a block of steps each time the driver says
+    `go`, answering `done` after each block and `result {json}` after its last step; while it
+    waits for `go` it sleeps, so only one loop runs at a time. Its output goes to `log`."""
 
-    def install(self) -> bool:
-        return False
+    def __init__(self, name: str, argv: list[str], env: dict, log: Path):
+        cmd_r, cmd_w = os.pipe()   # driver -> loop
+        rep_r, rep_w = os.pipe()   # loop -> driver
+        self.name, self.log = name, log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(argv + ["--loop", name, "--control", f"{cmd_r},{rep_w}"], env=env,
+                                         cwd=REPO, stdout=out, stderr=subprocess.STDOUT, pass_fds=(cmd_r, rep_w))
+        os.close(cmd_r)
+        os.close(rep_w)
+        self._cmd, self._rep = os.fdopen(cmd_w, "w", buffering=1), os.fdopen(rep_r)
+        self.result: dict | None = None
 
-    def uninstall(self) -> None:
-        pass
+    def _answer(self) -> str:
+        line = self._rep.readline()
+        if not line:
+            self.proc.wait()
+            sys.exit(f"loop {self.name!r} failed ({self.proc.returncode}); its log:\n{self.log.read_text()[-6000:]}")
+        return line.strip()
 
-    def watch(self, path) -> None:
-        pass
-
-    def watch_launcher(self, depth: int) -> None:
-        pass
-
-    def current(self) -> int:
-        return 0
-
-    def seconds_since(self) -> None:
-        return None
-
-
-class SteppedLoop(threading.Thread):
-    """A training loop in a thread that hands control back to the scheduler every `block` steps.
-
-    The loop calls `mark()` at the end of every optimizer step; the time since the previous mark
-    (or since the loop was woken) is that step's duration.
-    """
-
-    def __init__(self, name: str, loop: Callable[[Callable[[], None]], None], total_steps: int, block: int):
-        super().__init__(name=name, daemon=True)
-        self.loop = loop
-        self.total_steps = total_steps
-        self.block = block
-        self.durations: list[float] = []
-        self.error: BaseException | None = None
-        self._go = threading.Semaphore(0)
-        self._back = threading.Semaphore(0)
-        self._since = 0.0
-
-    def mark(self) -> None:
-        self.durations.append(time.perf_counter() - self._since)
-        n = len(self.durations)
-        if n % self.block == 0 and n < self.total_steps:
-            self._back.release()
-            self._go.acquire()
-        self._since = time.perf_counter()
-
-    def run(self) -> None:
-        self._go.acquire()
-        self._since = time.perf_counter()
-        try:
-            self.loop(self.mark)
-            if len(self.durations) != self.total_steps:
-                raise RuntimeError(f"{self.name}: ran {len(self.durations)} steps, expected {self.total_steps}")
-        except BaseException as exc:  # reported by the scheduler, in the main thread
-            self.error = exc
-        finally:
-            self._back.release()
+    def wait_ready(self) -> None:
+        if self._answer() != "ready":
+            sys.exit(f"loop {self.name!r} did not start; see {self.log}")
 
     def resume(self) -> None:
         """Let the loop run its next block (or to its end) and wait until it hands back."""
-        self._go.release()
-        self._back.acquire()
-        if self.error is not None:
-            raise RuntimeError(f"loop {self.name!r} failed") from self.error
+        self._cmd.write("go\n")
+        answer = self._answer()
+        if answer.startswith("result "):
+            self.result = json.loads(answer[len("result "):])
+            self.proc.wait(timeout=600)
 
 
-def run_interleaved(loops: list[SteppedLoop], total_steps: int, block: int,
+class Stepper:
+    """The loop process's side: `mark()` ends a step, and every `block` steps waits for the next `go`.
+
+    A step's time runs from the end of the previous step (or the moment the loop was woken) to
+    the end of this one; its page faults are the process's minor faults in that time."""
+
+    def __init__(self, control: str, total_steps: int, block: int):
+        cmd, rep = (int(fd) for fd in control.split(","))
+        self._cmd, self._rep = os.fdopen(cmd), os.fdopen(rep, "w", buffering=1)
+        self.total_steps, self.block = total_steps, block
+        self.durations: list[float] = []
+        self.faults: list[int] = []
+        self._since, self._faults = 0.0, 0
+
+    def _wait(self) -> None:
+        if self._cmd.readline().strip() != "go":
+            sys.exit(0)   # the driver went away
+        self._faults, self._since = minor_faults(), time.perf_counter()
+
+    def mark(self) -> None:
+        self.durations.append(time.perf_counter() - self._since)
+        self.faults.append(minor_faults() - self._faults)
+        n = len(self.durations)
+        if n % self.block == 0 and n < self.total_steps:
+            self._rep.write("done\n")
+            self._wait()
+        else:
+            self._faults, self._since = minor_faults(), time.perf_counter()
+
+    def run(self, loop: Callable[[Callable[[], None]], None]) -> None:
+        self._rep.write("ready\n")
+        self._wait()
+        loop(self.mark)
+        if len(self.durations) != self.total_steps:
+            raise RuntimeError(f"ran {len(self.durations)} steps, expected {self.total_steps}")
+        result = {"durations": self.durations, "faults": self.faults, "optimizer": getattr(loop, "optimizer", "")}
+        self._rep.write("result " + json.dumps(result) + "\n")
+
+
+def minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def run_interleaved(loops: list[LoopProcess], total_steps: int, block: int,
                     between_rounds: Callable[[], None] = lambda: None) -> None:
     """Every loop runs one block per round, in an order shuffled anew each round (seeded).
 
-    A fixed rotation gives each loop the same predecessor every round, so whatever the previous
-    loop leaves in the caches and the allocator would always favour or hurt the same loop (not
-    shown to matter, but not left to chance). Shuffled, every loop follows every other one about
-    equally often."""
+    A fixed rotation would give each loop the same predecessor every round, so whatever the
+    previous loop leaves in the caches would always favour or hurt the same loop (not shown to
+    matter, but not left to chance). Shuffled, every loop follows every other one about equally
+    often."""
     for loop in loops:
-        loop.start()
+        loop.wait_ready()
     rounds = -(-total_steps // block)
     order = random.Random(SEED)
     for _ in range(rounds):
         for loop in order.sample(loops, len(loops)):
             loop.resume()
         between_rounds()
-    for loop in loops:
-        loop.join(timeout=600)
 
 
 # --------------------------------------------------------------------------- the three loops
@@ -209,7 +221,6 @@ def cpt_loop(cfg, env) -> Callable:
     from continual_pt.training.session import open_session
 
     trainer = Trainer(cfg, open_session(cfg, env))
-    trainer.stop = _NoSignals()
     log_step = trainer.log_step
 
     def loop(mark: Callable[[], None]) -> None:
@@ -313,41 +324,25 @@ def hf_loop(cfg, batches: list[dict]) -> Callable:
 # --------------------------------------------------------------------------- one precision (subprocess)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Build every loop for one precision, run them interleaved, print one JSON line of step times."""
+def loop_main(args: argparse.Namespace) -> None:
+    """One loop's process: build the loop named by --loop, then run it block by block as the driver says."""
     import torch
 
     torch.set_num_threads(args.threads)
-    from continual_pt.components import distributed
-    from continual_pt.components import model as models
+    name = args.loop
+    cfg = run_config(args, args.data, args.precision, args.ds_config, Path(args.work), args.peak)
+    if args.same_malloc and not name.startswith("cpt-"):   # cpt train sets it itself (on a CPU device)
+        from continual_pt.components import host_malloc
 
-    precision, work, peak = args.worker, Path(args.work), args.peak
-    ds_configs = args.ds_config.split(",")
-    base = run_config(args, args.data, precision, ds_configs[0], work, peak)
-    total = base.train.max_steps
-    batches = sampled_batches(base, total * base.train.grad_accum)
-    loops: dict[str, Callable] = {}
-    if args.hf:  # first: accelerate must see a single process, before our launcher variables are set
-        loops["hf"] = hf_loop(base, batches)
-    env = distributed.init()
-    for ds in ds_configs:
-        loops[f"cpt-{Path(ds).stem}"] = cpt_loop(run_config(args, args.data, precision, ds, work, peak), env)
-    loops["plain"] = plain_loop(base, batches, master_weights=True)
-    if precision == "bf16" and args.plain_amp:
-        loops["plain-amp"] = plain_loop(base, batches, master_weights=False)
-    if args.aa:
-        loops["plain-aa"] = plain_loop(base, batches, master_weights=True)
-    stepped = [SteppedLoop(name, loop, total, args.block) for name, loop in loops.items()]
-    peaks = [peak]  # the matmul peak again after every round: the best sample is the least disturbed
-    run_interleaved(stepped, total, args.block, lambda: peaks.append(matmul_peak(precision, args.peak_size, reps=2)))
-    net = build_model(base)
-    result = {"precision": precision, "tokens_per_step": base.train.micro_batch_size * base.train.grad_accum
-              * base.data.seq_len, "flops_per_token": models.flops_per_token(net.config, models.num_params(net),
-                                                                             base.data.seq_len),
-              "params": models.num_params(net), "vocab": net.config.vocab_size,
-              "peak": max(peaks), "optimizers": {name: getattr(loop, "optimizer", "") for name, loop in loops.items()},
-              "warmup": args.warmup, "block": args.block, "durations": {s.name: s.durations for s in stepped}}
-    print("RESULT " + json.dumps(result), flush=True)
+        host_malloc.keep_freed_memory()
+    if name.startswith("cpt-"):
+        from continual_pt.components import distributed
+
+        loop = cpt_loop(cfg, distributed.init())
+    else:
+        batches = sampled_batches(cfg, cfg.train.max_steps * cfg.train.grad_accum)
+        loop = hf_loop(cfg, batches) if name == "hf" else plain_loop(cfg, batches, master_weights=name != "plain-amp")
+    Stepper(args.control, cfg.train.max_steps, args.block).run(loop)
 
 
 # --------------------------------------------------------------------------- driver
@@ -396,26 +391,52 @@ def prepare_data(work: Path, vocab: int) -> str:
     return str(data)
 
 
-def run_worker(args: argparse.Namespace, precision: str, data: str, work: Path, peak: float) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", precision, "--data", data,
-            "--work", str(work / precision), "--peak", repr(peak)]
+def loop_names(args: argparse.Namespace, precision: str) -> list[tuple[str, str]]:
+    """(loop name, the DeepSpeed config its run config names) for every loop of one precision."""
+    ds_configs = [d.strip() for d in args.ds_config.split(",") if d.strip()]
+    names = [("hf", ds_configs[0])] if args.hf else []
+    names += [(f"cpt-{Path(ds).stem}", ds) for ds in ds_configs] + [("plain", ds_configs[0])]
+    names += [("plain-amp", ds_configs[0])] if precision == "bf16" and args.plain_amp else []
+    return names + ([("plain-aa", ds_configs[0])] if args.aa else [])
+
+
+def run_precision(args: argparse.Namespace, precision: str, data: str, work: Path, peak: float) -> dict:
+    """Start one process per loop, run them interleaved, and gather their step times and faults."""
+    from continual_pt.components import model as models
+
+    work = work / precision
+    work.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--precision", precision, "--data", data,
+            "--work", str(work), "--peak", repr(peak)]
     for key in ("steps", "warmup", "block", "hidden", "layers", "heads", "ffn", "seq", "micro_batch",
-                "grad_accum", "log_every", "threads", "ds_config", "fused_loss", "peak_size"):
+                "grad_accum", "log_every", "threads", "fused_loss", "peak_size"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    argv += [] if args.hf else ["--no-hf"]
-    argv += [] if args.plain_amp else ["--no-plain-amp"]
-    argv += ["--aa"] if args.aa else []
+    argv += ["--same-malloc"] if args.same_malloc else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
            "TOKENIZERS_PARALLELISM": "false"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    log = work / f"{precision}.log"
-    with open(log, "w") as err:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.exit(f"{precision} worker failed ({proc.returncode}); its log:\n{log.read_text()[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    loops = [LoopProcess(name, argv + ["--ds-config", ds], env, work / f"{name}.log")
+             for name, ds in loop_names(args, precision)]
+    peaks = [peak]  # the matmul peak again after every round: the best sample is the least disturbed
+    try:
+        run_interleaved(loops, args.warmup + args.steps, args.block,
+                        lambda: peaks.append(matmul_peak(precision, args.peak_size, reps=2)))
+    finally:
+        for loop in loops:
+            if loop.proc.poll() is None:
+                loop.proc.kill()
+    base = run_config(args, data, precision, loop_names(args, precision)[0][1], work, peak)
+    net = build_model(base)
+    results = {loop.name: loop.result for loop in loops}
+    return {"precision": precision, "tokens_per_step": base.train.micro_batch_size * base.train.grad_accum
+            * base.data.seq_len, "flops_per_token": models.flops_per_token(net.config, models.num_params(net),
+                                                                           base.data.seq_len),
+            "params": models.num_params(net), "vocab": net.config.vocab_size, "peak": max(peaks),
+            "optimizers": {name: r["optimizer"] for name, r in results.items()},
+            "warmup": args.warmup, "block": args.block,
+            "durations": {name: r["durations"] for name, r in results.items()},
+            "faults": {name: r["faults"] for name, r in results.items()}}
 
 
 LABELS = {"plain": "plain PyTorch", "plain-amp": "plain PyTorch, autocast", "hf": "HF Trainer",
@@ -448,8 +469,10 @@ def report(result: dict, peak: float) -> list[str]:
         q = statistics.quantiles(d, n=4)
         tps = tokens / medians[name]
         mfus.append(tps * result["flops_per_token"] / peak)
+        faults = statistics.median(result["faults"][name][warmup:])
         lines.append(f"{precision:<6}{describe(name, precision):<36}{medians[name] * 1e3:>9.1f}{q[0] * 1e3:>8.1f}"
-                     f"{q[2] * 1e3:>8.1f}{tps:>11,.0f}{mfus[-1]:>8.1%}  {result['optimizers'].get(name, '')}")
+                     f"{q[2] * 1e3:>8.1f}{tps:>11,.0f}{mfus[-1]:>8.1%}{faults:>9,.0f}  "
+                     f"{result['optimizers'].get(name, '')}")
     if max(mfus) > 1:
         lines.append(f"      (MFU above 100%: the square {precision} matmul timed here is no peak; a CPU without "
                      f"{precision} instructions runs it slower than the model's own products: trust the ratios only)")
@@ -494,7 +517,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="in bf16, leave out the autocast variant of the plain loop")
     p.add_argument("--aa", action="store_true",
                    help="also run the plain loop a second time: their ratio shows the noise of this machine")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--same-malloc", action="store_true",
+                   help="give every loop the malloc thresholds cpt train sets on a CPU (shows how much of a "
+                        "difference is the allocator's)")
+    p.add_argument("--loop", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--control", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)
@@ -506,8 +533,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        worker(args)
+    if args.loop:
+        loop_main(args)
         return
     import torch
 
@@ -527,7 +554,7 @@ def main() -> None:
         for i, precision in enumerate(precisions):
             started = time.perf_counter()
             args.peak_size = sizes[precision]
-            result = run_worker(args, precision, data, work, peaks[precision])
+            result = run_precision(args, precision, data, work, peaks[precision])
             print(f"{precision}: done in {time.perf_counter() - started:.0f} s; matmul {sizes[precision]}^3 peak (best "
                   f"sample, before and between rounds) {result['peak'] / 1e9:.1f} GFLOP/s", flush=True)
             if i == 0:
@@ -544,7 +571,8 @@ def print_header(args: argparse.Namespace, r0: dict) -> None:
           f"{r0['params'] / 1e6:.2f}M params (non-embedding), {r0['flops_per_token'] / 1e6:.1f} MFLOP/token; "
           f"seq {args.seq} x micro batch {args.micro_batch} x accum {args.grad_accum} = {r0['tokens_per_step']} "
           f"tokens/step; {args.steps} timed steps after {args.warmup}, blocks of {args.block}")
-    print(f"\n{'prec':<6}{'loop':<36}{'step ms':>9}{'p25':>8}{'p75':>8}{'tokens/s':>11}{'MFU':>8}  optimizer", flush=True)
+    print(f"\n{'prec':<6}{'loop':<36}{'step ms':>9}{'p25':>8}{'p75':>8}{'tokens/s':>11}{'MFU':>8}{'faults':>9}"
+          "  optimizer", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -71,14 +71,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
-            logits = _chunk_logits(h, weight, bias)
-            total += _chunk_losses(logits, y).sum()
+            keep, picked = (y != IGNORE_INDEX).unsqueeze(1), y.clamp(min=0).unsqueeze(1)
+            # One pass over the logits makes the log-probabilities; the loss is what
+            # cross_entropy takes from them (minus the label's, 0 where ignored), and their
+            # exponential, in place, is the softmax of the gradient.
+            grad = torch.log_softmax(_chunk_logits(h, weight, bias), dim=-1)
+            total -= (grad.gather(1, picked) * keep).sum()
             # d(sum of losses)/d(logits) = softmax - one-hot, zero on ignored rows; cast to the
             # model's dtype as the plain path's `.float()` does on its way back.
-            keep = (y != IGNORE_INDEX).unsqueeze(1)
-            grad = torch.softmax(logits, dim=-1)
-            del logits
-            grad.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -keep.to(grad.dtype))
+            grad.exp_()
+            grad.scatter_add_(1, picked, -keep.to(grad.dtype))
             grad.mul_(keep)
             grad = grad.to(hidden.dtype)
             grad_hidden[start:start + rows] = grad @ weight
