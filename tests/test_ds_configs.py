@@ -43,6 +43,25 @@ def test_fill(name, precision):
     assert not any(k.startswith("_") for k in cfg)
 
 
+def test_the_reduce_bucket_of_zero1_and_2_is_fitted_to_the_model():
+    zero1, zero2 = ds_config.load("zero1"), ds_config.load("zero2_offload")
+    assert ds_config.fit_reduce_bucket(zero1, 4_208_128)["zero_optimization"]["reduce_bucket_size"] == 4_208_128
+    assert ds_config.fit_reduce_bucket(zero2, 1000)["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert zero1["zero_optimization"]["reduce_bucket_size"] == 500_000_000   # the file's dict is not changed
+    kept = ds_config.fit_reduce_bucket(zero1, 1000)["zero_optimization"]
+    assert {k: v for k, v in kept.items() if k != "reduce_bucket_size"} == {
+        k: v for k, v in zero1["zero_optimization"].items() if k != "reduce_bucket_size"}
+    # a model at least as large as the bucket, another stage, and a smaller configured bucket are left as they are
+    assert ds_config.fit_reduce_bucket(zero1, 500_000_000) is zero1
+    for name in ("zero0", "zero3"):
+        assert ds_config.fit_reduce_bucket(ds_config.load(name), 1000) == ds_config.load(name)
+    small = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 500}}
+    assert ds_config.fit_reduce_bucket(small, 1000) is small
+    # no reduce_bucket_size in the file: DeepSpeed's default applies, so the model's size is written
+    bare = {"zero_optimization": {"stage": 1}}
+    assert ds_config.fit_reduce_bucket(bare, 1000) == {"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}
+
+
 def test_batch_arithmetic_is_checked():
     ds_config.check_batch(32, 2, 4, 4)
     with pytest.raises(ds_config.BatchSizeError, match=r"global batch 30 != micro batch 2 x gradient "

@@ -1,6 +1,7 @@
 """`lean_engine`: a DeepSpeed engine with no data-parallel peer skips its gradient all-reduce
-(ZeRO 0 only), a plain fp32 engine keeps the norm it clips with, and either way the engine trains
-to bitwise the same weights as one left as DeepSpeed made it.
+(ZeRO 0 only), a plain fp32 engine keeps the norm it clips with, a ZeRO 1 engine gets a reduce
+bucket sized to its model (`fit_reduce_bucket`), and either way the engine trains to bitwise the
+same weights as one left as DeepSpeed made it.
 
 DeepSpeed keeps process-global state, so the engines run in a subprocess that prints what it saw
 as JSON; the assertions are made here.
@@ -34,6 +35,8 @@ def run(stage, precision, skip):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ds = ds_config.fill(ds_config.load(f"zero{stage}"), micro_batch_size=2, grad_accum=2, dp_size=1,
                         precision=precision, grad_clip=1.0)
+    if skip:   # what build_engine does: the reduce bucket no larger than the gradients
+        ds = ds_config.fit_reduce_bucket(ds, sum(p.numel() for p in model.parameters()))
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     skipped = skip_lone_allreduce(eng, stage) if skip else False
     kept = KeptClipNorm(eng) if skip and stage == 0 and precision == "fp32" else None
@@ -54,7 +57,7 @@ def run(stage, precision, skip):
             norms.append(None if norm is None else [before, norm.item()])
     weights = [p.detach().float().flatten().tolist() for p in eng.module.parameters()]
     return {"skipped": skipped, "allreduce_calls": len(calls), "buffer_reductions": len(buffers), "norms": norms,
-            "weights": weights}
+            "weights": weights, "bucket": getattr(eng.optimizer, "reduce_bucket_size", None)}
 
 
 out = {}
@@ -86,10 +89,12 @@ def test_a_lone_zero0_engine_skips_the_all_reduce_and_trains_to_the_same_weights
     assert plain["weights"] != runs["0-fp32" if case == "0-bf16" else "0-bf16"]["plain"]["weights"]
 
 
-def test_zero1_keeps_its_gradient_reduction(runs):
+def test_zero1_keeps_its_gradient_reduction_in_a_bucket_sized_to_the_model(runs):
     plain, alone = runs["1-fp32"]["plain"], runs["1-fp32"]["alone"]
     assert not alone["skipped"]
     assert alone["allreduce_calls"] == plain["allreduce_calls"] > 0
+    # DeepSpeed's 5e8-element bucket (allocated every step) against the model's 129 parameters
+    assert (plain["bucket"], alone["bucket"]) == (500_000_000, 6 * 16 + 16 + 16 + 1)
     assert alone["weights"] == plain["weights"]
 
 

@@ -151,3 +151,22 @@ def offloads_optimizer(cfg: dict[str, Any]) -> bool:
     """Whether the optimizer step runs on the CPU (needs DeepSpeedCPUAdam)."""
     device = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none")
+
+
+DS_REDUCE_BUCKET = 500_000_000   # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+
+
+def fit_reduce_bucket(cfg: dict[str, Any], trainable: int) -> dict[str, Any]:
+    """`cfg` with ZeRO 1/2's reduce bucket no larger than all trainable parameters together.
+
+    Those stages allocate the bucket anew every optimizer step (two with overlap_comm): at the
+    default 5e8 elements that is 2 GB of fp32 for any model, where a 4M-parameter model fills
+    16 MB of it (on a CPU, one mapping and unmapping and a page fault per 4 KiB touched each
+    step; on a GPU, 2 GB held). A bucket of exactly the trainable count still takes every
+    gradient, so the gradients are grouped and reduced as before; larger models are left as
+    configured."""
+    zero = cfg.get("zero_optimization", {})
+    if zero_stage(cfg) not in (1, 2) or trainable <= 0 or trainable >= int(zero.get("reduce_bucket_size",
+                                                                                    DS_REDUCE_BUCKET)):
+        return cfg
+    return {**cfg, "zero_optimization": {**zero, "reduce_bucket_size": int(trainable)}}

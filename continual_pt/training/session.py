@@ -240,6 +240,7 @@ def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
                  lr_at: Callable[[int], float]) -> DeepSpeedEngine:
     """The DeepSpeed engine over the model's loss, with AdamW and the phase's schedule."""
     optimizer = make_optimizer(net, cfg.optim, ds_config.offloads_optimizer(ds_cfg), lr_at(0))
+    ds_cfg = ds_config.fit_reduce_bucket(ds_cfg, sum(p.numel() for p in net.parameters() if p.requires_grad))
     engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net, cfg.model.fused_loss), optimizer=optimizer,
                                            lr_scheduler=ScheduleLR(optimizer, lr_at), config=ds_cfg)
     lean_engine.skip_lone_allreduce(engine, ds_config.zero_stage(ds_cfg))
