@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from continual_pt.components import host_malloc
 from tests import train_support as ts
 
 # Trains a small GPT-NeoX the way a plain loop does and prints the process's minor page faults of
-# steps 6-19 (the first steps grow the heap to its working size whatever the thresholds).
+# steps 6-25 (the first steps grow the heap to its working size whatever the thresholds).
 STEPS = r"""
 import json, resource, sys, torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -25,7 +26,7 @@ net = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=4096, hidden_size=128, num_hid
 opt = torch.optim.AdamW(net.parameters(), fused=True)
 tokens = torch.randint(0, 4096, (2, 256))
 faults = []
-for step in range(20):
+for step in range(26):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     logits = net(input_ids=tokens, use_cache=False).logits   # 8 MiB of float32 logits a step
     torch.nn.functional.cross_entropy(logits.reshape(-1, 4096), tokens.reshape(-1)).backward()
@@ -55,9 +56,11 @@ def test_kept_memory_is_not_faulted_in_again_every_step():
     default, kept = run_steps("default", clean_env()), run_steps("keep", clean_env())
     assert kept["kept"] and kept["applied"] and not default["applied"]
     # glibc's defaults hand a step's freed memory back and fault it in again: thousands of 4 KiB
-    # pages a step (23,000-38,000 in these 14 steps when measured); kept, the heap is reused.
-    assert sum(default["faults"]) > 8192, default
-    assert sum(kept["faults"]) < 2048, kept
+    # pages in most steps (23,000-57,000 in 14 steps when measured). Kept, the heap is reused:
+    # most steps fault nothing, and the kernel's own reclaim refaults a few pages now and then
+    # (0-3,300 in 14 steps measured).
+    assert statistics.median(kept["faults"]) <= 2, kept
+    assert sum(default["faults"]) > 4 * max(sum(kept["faults"]), 2048), (default, kept)
 
 
 @pytest.mark.parametrize("variable, value", [("MALLOC_TRIM_THRESHOLD_", "131072"),
