@@ -40,7 +40,7 @@ print(json.dumps({"kept": kept, "applied": host_malloc.applied(), "faults": faul
 
 def clean_env() -> dict[str, str]:
     env = ts.env()
-    for name in (*host_malloc._GLIBC_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD"):
+    for name in (*host_malloc.GLIBC_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD"):
         env.pop(name, None)
     return env
 

@@ -31,7 +31,7 @@ M_TRIM_THRESHOLD = -1   # from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
-_GLIBC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+GLIBC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 _applied = False
@@ -40,7 +40,7 @@ _applied = False
 def user_choice(environ: dict[str, str] | None = None) -> str | None:
     """The variable by which the user already chose how malloc behaves, if any."""
     env = os.environ if environ is None else environ
-    for name in _GLIBC_VARIABLES:
+    for name in GLIBC_VARIABLES:
         if name in env:
             return name
     if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
@@ -57,7 +57,7 @@ def keep_freed_memory() -> bool:
         return True
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or user_choice():
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # mallopt returns 1 on success; the mmap threshold goes first, since fixing it stops glibc
     # from moving the trim threshold by itself.
     _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
