@@ -42,7 +42,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device)
     """A randomly initialised GPT-NeoX of the asked shape (the weights do not change the speed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from continual_pt.components.model import GPT_NEOX_DEFAULTS, pad_vocab
+    from continual_pt.model.causal_lm import GPT_NEOX_DEFAULTS, pad_vocab
 
     config = AutoConfig.for_model("gpt_neox", **GPT_NEOX_DEFAULTS, vocab_size=pad_vocab(vocab_size),
                                   hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -61,9 +61,9 @@ def sync(device: torch.device) -> None:
 
 def ours(model, packed, budget: int, mbs: int, device: torch.device) -> tuple[float, float, int, float]:
     """(seconds, mean loss, tokens, CPU seconds) of evaluate.score_packed."""
-    from continual_pt.components.distributed import DistEnv
-    from continual_pt.components.model import CausalLMLoss
-    from continual_pt.components.scoring import score_packed
+    from continual_pt.evaluation.scoring import score_packed
+    from continual_pt.model.causal_lm import CausalLMLoss
+    from continual_pt.runtime.distributed import DistEnv
 
     env = DistEnv(0, 0, 1, "127.0.0.1", 0, "none")
     sync(device)

@@ -32,7 +32,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from continual_pt.components.model import CausalLMLoss
+    from continual_pt.model.causal_lm import CausalLMLoss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -48,8 +48,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from continual_pt.components.model import CausalLMLoss
     from continual_pt.data.sampler import MixtureSampler
+    from continual_pt.model.causal_lm import CausalLMLoss
     from continual_pt.training.prefetch import Prefetcher, Synchronous
 
     torch.set_num_threads(args.threads)

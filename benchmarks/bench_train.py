@@ -35,7 +35,7 @@ times in that round (pairs that ran seconds apart, so a change in the machine's 
 goal counts as met when both are.
 cpt train runs unchanged (`Trainer.train()` on `open_session`, with its own signal handlers); its
 metrics.jsonl is written as usual, though its tokens/s there also counts the other loops' turns.
-On a CPU cpt train fixes glibc's malloc thresholds (`continual_pt.components.host_malloc`), so
+On a CPU cpt train fixes glibc's malloc thresholds (`continual_pt.runtime.host_malloc`), so
 that the memory a step frees is reused by the next one instead of being faulted in again; the
 other loops keep glibc's defaults, as a user's script does, unless --same-malloc gives them the
 same thresholds (which shows how much of a difference is the allocator's).
@@ -198,8 +198,8 @@ def model_fields(args: argparse.Namespace) -> dict:
 
 def build_model(cfg):
     """The same from-scratch model `engine.build_model` makes (same seed, so same weights)."""
-    from continual_pt.components import model as models
     from continual_pt.data.dataset import PreparedDataset
+    from continual_pt.model import causal_lm as models
 
     vocab = PreparedDataset(cfg.data.train["bench"].path).vocab_size
     return models.build(models.architecture(cfg.model, vocab, cfg.data.seq_len), cfg.model, cfg.train.seed)
@@ -251,7 +251,7 @@ def plain_loop(cfg, batches: list[dict], master_weights: bool) -> Callable:
     import torch
 
     from continual_pt import schedules
-    from continual_pt.components import model as models
+    from continual_pt.model import causal_lm as models
     from continual_pt.schedules.scheduler import ScheduleLR
     from continual_pt.training.session import make_optimizer
 
@@ -332,11 +332,11 @@ def loop_main(args: argparse.Namespace) -> None:
     name = args.loop
     cfg = run_config(args, args.data, args.precision, args.ds_config, Path(args.work), args.peak)
     if args.same_malloc and not name.startswith("cpt-"):   # cpt train sets it itself (on a CPU device)
-        from continual_pt.components import host_malloc
+        from continual_pt.runtime import host_malloc
 
         host_malloc.keep_freed_memory()
     if name.startswith("cpt-"):
-        from continual_pt.components import distributed
+        from continual_pt.runtime import distributed
 
         loop = cpt_loop(cfg, distributed.init())
     else:
@@ -402,7 +402,7 @@ def loop_names(args: argparse.Namespace, precision: str) -> list[tuple[str, str]
 
 def run_precision(args: argparse.Namespace, precision: str, data: str, work: Path, peak: float) -> dict:
     """Start one process per loop, run them interleaved, and gather their step times and faults."""
-    from continual_pt.components import model as models
+    from continual_pt.model import causal_lm as models
 
     work = work / precision
     work.mkdir(parents=True, exist_ok=True)

@@ -114,8 +114,8 @@ def hf_worker(config: Path, overrides: list[str], out: Path, compile_model: bool
     from transformers import Trainer, TrainerCallback
 
     from continual_pt import config as cfgs
-    from continual_pt.components import model as models
     from continual_pt.data.dataset import PreparedDataset
+    from continual_pt.model import causal_lm as models
 
     cfg = cfgs.load(config, overrides)
     cuda = torch.cuda.is_available()

@@ -233,7 +233,7 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint", help="a run directory (its newest committed checkpoint) or a checkpoint folder")
     p.add_argument("--out", "-o", required=True, help="folder to write")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
-    _target(p, "continual_pt.components.checkpoint:run_export")
+    _target(p, "continual_pt.checkpoint.weights:run_export")
 
 
 def _add_checkpoint(sub) -> None:
@@ -244,13 +244,13 @@ def _add_checkpoint(sub) -> None:
                                     "at before resuming it on another allocation.")
     q.add_argument("path", help="a checkpoint folder (global_step<N>), or a run or checkpoints directory (all "
                                 "its checkpoints listed, the newest committed one in detail)")
-    _target(q, "continual_pt.components.checkpoint_tools:run_info")
+    _target(q, "continual_pt.checkpoint.info:run_info")
     q = csub.add_parser("convert", help="convert a committed checkpoint to DeepSpeed's universal format ahead of time",
                         description="Write checkpoints/universal/global_step<N> beside the checkpoint (which is "
                                     "only read), under the commit protocol. A resume with another world size or "
                                     "ZeRO stage (checkpoint.elastic: auto) makes and reuses the same conversion.")
     q.add_argument("path", help="a checkpoint folder, or a run directory (its newest committed checkpoint)")
-    _target(q, "continual_pt.components.checkpoint_tools:run_convert")
+    _target(q, "continual_pt.checkpoint.info:run_convert")
 
 
 def _add_eval(sub) -> None:

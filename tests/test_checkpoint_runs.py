@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from continual_pt.components import checkpoint
+from continual_pt.checkpoint import refs
 from tests import train_support as ts
 from tests.test_checkpoint_safety import MODEL, flip_one_byte, small_disk
 
@@ -27,8 +27,8 @@ def test_branching_then_corruption_through_real_runs(world, tmp_path):
     assert f"start=resume from {root / 'global_step4'}, step 4/8" in proc.stderr
     # The abandoned branch is kept whole; the live one re-saved steps 6 and 8 cleanly.
     for step in (6, 8):
-        assert (checkpoint.verify(aside / f"global_step{step}").path / MODEL).read_bytes() == old[step]
-    assert [checkpoint.verify(r.path).step for r in checkpoint.list_committed(root)] == [4, 6, 8]
+        assert (refs.verify(aside / f"global_step{step}").path / MODEL).read_bytes() == old[step]
+    assert [refs.verify(r.path).step for r in refs.list_committed(root)] == [4, 6, 8]
     flip_one_byte(root / "global_step8" / MODEL, at=1000)
     proc = ts.train(cfg, ["name=r"], expect=2)
     assert (f"cpt train: error: checkpoint {root / 'global_step8'} is corrupt: {MODEL} does not match its "

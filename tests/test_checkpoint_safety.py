@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual_pt import cli, config
-from continual_pt.components import checkpoint
-from continual_pt.components.distributed import DistEnv
+from continual_pt import cli, config, layout
+from continual_pt.checkpoint import checkpointer, refs
 from continual_pt.errors import UserError
+from continual_pt.runtime.distributed import DistEnv
 from continual_pt.training.session import Start, open_session, plan_start, settle_start
 from tests import train_support as ts
 from tests.helpers import free_port
@@ -42,8 +42,8 @@ class FakeEngine:
             (path / OPTIM).write_bytes(self.optim)
 
 
-def save(ckpt: checkpoint.Checkpointer, step: int, weights: bytes, optim: bytes | None = None,
-         extras: dict | None = None) -> checkpoint.CheckpointRef:
+def save(ckpt: checkpointer.Checkpointer, step: int, weights: bytes, optim: bytes | None = None,
+         extras: dict | None = None) -> refs.CheckpointRef:
     return ckpt.save(FakeEngine(weights, optim), step, {"tokens_seen": step * 10}, {"step": step}, extras or {})
 
 
@@ -63,10 +63,10 @@ def names(root: Path) -> list[str]:
 
 def test_resaving_a_committed_step_replaces_it_whole(tmp_path):
     root = tmp_path / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=3, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=3, rank=0, world_size=1)
     save(ckpt, 4, b"old-weights", b"old-optim")
     save(ckpt, 4, b"new-weights!")   # e.g. after a resume from an earlier step, or resume: never
-    ref = checkpoint.verify(root / "global_step4")
+    ref = refs.verify(root / "global_step4")
     assert sorted(ref.meta()["files"]) == [MODEL, "rank0.pt"]   # never the marker, never the old optimizer
     assert (ref.path / MODEL).read_bytes() == b"new-weights!"
     assert not (ref.path / OPTIM).exists()
@@ -75,27 +75,27 @@ def test_resaving_a_committed_step_replaces_it_whole(tmp_path):
 
 def test_a_kill_between_retiring_and_committing_leaves_the_previous_state(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=3, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=3, rank=0, world_size=1)
     save(ckpt, 2, b"two-weights")
     save(ckpt, 4, b"old-weights", b"old-optim")
-    write = checkpoint.atomic_write_text
+    write = checkpointer.atomic_write_text
 
     def killed_at_the_marker(path, text, *args):
-        if Path(path).name == checkpoint.MARKER:
+        if Path(path).name == layout.MARKER:
             raise KeyboardInterrupt   # what a kill looks like from inside: nothing after this line runs
         write(path, text, *args)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_text", killed_at_the_marker)
+    monkeypatch.setattr(checkpointer, "atomic_write_text", killed_at_the_marker)
     with pytest.raises(KeyboardInterrupt):
         save(ckpt, 4, b"NEW-weights")   # same size as the old weights: only content tells them apart
     monkeypatch.undo()
-    newest = checkpoint.newest_committed(root)
-    checkpoint.verify(newest.path)
+    newest = refs.newest_committed(root)
+    refs.verify(newest.path)
     # Never a mix of the new model states and the old optimizer states under a marker.
     assert newest.step == 2 and (newest.path / MODEL).read_bytes() == b"two-weights"
     begin(config.CheckpointConfig(), tmp_path)   # the next start tidies the leftovers away
     assert names(root) == ["global_step2", "latest"]
-    assert (root / checkpoint.LATEST).read_text() == "global_step2"
+    assert (root / layout.LATEST).read_text() == "global_step2"
 
 
 # --------------------------------------------------------------------------- item 5: branching
@@ -103,33 +103,33 @@ def test_a_kill_between_retiring_and_committing_leaves_the_previous_state(tmp_pa
 
 def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capsys):
     root = tmp_path / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4, 6):
         save(ckpt, step, f"weights-{step}".encode())
     start = begin(config.CheckpointConfig(resume=str(root / "global_step2")), tmp_path)
     assert start.kind == "resume" and start.ref.step == 2
-    assert [r.step for r in checkpoint.list_committed(root)] == [2]
-    assert (root / checkpoint.LATEST).read_text() == "global_step2"
+    assert [r.step for r in refs.list_committed(root)] == [2]
+    assert (root / layout.LATEST).read_text() == "global_step2"
     (aside,) = (root / "branches").iterdir()
     assert names(aside) == ["global_step4", "global_step6"]
     for step in (4, 6):   # kept whole, never deleted
-        assert (checkpoint.verify(aside / f"global_step{step}").path / MODEL).read_bytes() == f"weights-{step}".encode()
+        assert (refs.verify(aside / f"global_step{step}").path / MODEL).read_bytes() == f"weights-{step}".encode()
     err = capsys.readouterr().err
     assert f"moved global_step4, global_step6 aside to {aside}" in err and "never resumed automatically" in err
     # The next automatic resume continues the live branch, and keep_last counts only that branch.
     assert begin(config.CheckpointConfig(), tmp_path).ref.step == 2
-    small = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+    small = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1)
     save(small, 3, b"weights-3")
-    assert [r.step for r in checkpoint.list_committed(root)] == [2, 3]
+    assert [r.step for r in refs.list_committed(root)] == [2, 3]
     save(small, 4, b"weights-4b")
-    assert [r.step for r in checkpoint.list_committed(root)] == [3, 4]
+    assert [r.step for r in refs.list_committed(root)] == [3, 4]
     assert names(aside) == ["global_step4", "global_step6"]
 
 
 def test_a_refused_resume_of_an_older_checkpoint_moves_nothing(world, tmp_path):
     """A start that a check refuses (here a changed precision) must leave the run as it found it."""
     root = tmp_path / "runs" / "run" / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4):
         ckpt.save(FakeEngine(b"w"), step, {"tokens_seen": step, "zero_stage": 0, "precision": "fp32"}, {}, {})
     cfg = config.load(ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", train={"precision": "bf16"},
@@ -143,7 +143,7 @@ def test_a_refused_resume_of_an_older_checkpoint_moves_nothing(world, tmp_path):
 
 def test_resuming_the_newest_or_another_runs_checkpoint_moves_nothing(tmp_path):
     root = tmp_path / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4):
         save(ckpt, step, b"w")
     begin(config.CheckpointConfig(resume=str(root / "global_step4")), tmp_path)
@@ -162,10 +162,10 @@ def flip_one_byte(file: Path, at: int = 3) -> None:
 
 def test_a_byte_flipped_in_place_is_refused_naming_the_file_and_the_newest_intact(tmp_path, capsys):
     root = tmp_path / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4, 6):
         save(ckpt, step, f"weights-{step}".encode(), b"optimizer-state")
-    entry = checkpoint.verify(root / "global_step6").meta()["files"][MODEL]
+    entry = refs.verify(root / "global_step6").meta()["files"][MODEL]
     assert entry["size"] == 9 and len(entry["xxh3_64"]) == 16
     flip_one_byte(root / "global_step6" / MODEL)
     flip_one_byte(root / "global_step4" / OPTIM)
@@ -185,8 +185,8 @@ def test_a_marker_without_checksums_is_still_checked_by_size(tmp_path):
     path = tmp_path / "checkpoints" / "global_step3"
     path.mkdir(parents=True)
     (path / MODEL).write_bytes(b"weights")
-    (path / checkpoint.MARKER).write_text(json.dumps({"step": 3, "files": {MODEL: 7}}))
-    assert checkpoint.verify(path).step == 3
+    (path / layout.MARKER).write_text(json.dumps({"step": 3, "files": {MODEL: 7}}))
+    assert refs.verify(path).step == 3
 
 
 # --------------------------------------------------------------------------- item 20: keep_every, export --out
@@ -194,10 +194,10 @@ def test_a_marker_without_checksums_is_still_checked_by_size(tmp_path):
 
 def test_keep_every_keeps_multiples_besides_the_last(tmp_path):
     root = tmp_path / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1, keep_every=4)
+    ckpt = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1, keep_every=4)
     for step in range(1, 10):
         save(ckpt, step, b"w")
-    assert [r.step for r in checkpoint.list_committed(root)] == [4, 8, 9]
+    assert [r.step for r in refs.list_committed(root)] == [4, 8, 9]
 
 
 @pytest.mark.parametrize("overrides, problem", [
@@ -216,7 +216,7 @@ def test_keep_every_is_checked(overrides, problem):
 
 
 def test_export_onto_an_existing_file_is_a_clear_error(tmp_path, capsys):
-    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep_last=2, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(tmp_path / "checkpoints", keep_last=2, rank=0, world_size=1)
     save(ckpt, 2, b"w")
     target = tmp_path / "model.bin"
     target.write_bytes(b"keep me")
@@ -247,7 +247,7 @@ def small_disk(where: Path, size: str):
 def test_a_save_that_would_not_fit_is_refused_before_writing(tmp_path):
     with small_disk(tmp_path / "disk", "1m") as disk:
         root = disk / "checkpoints"
-        ckpt = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+        ckpt = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1)
         first = save(ckpt, 2, b"w" * 600_000)
         free = shutil.disk_usage(root).free
         with pytest.raises(UserError) as info:
@@ -256,7 +256,7 @@ def test_a_save_that_would_not_fit_is_refused_before_writing(tmp_path):
         assert message.startswith(f"no space left on device: checkpoint {root / 'global_step4'} needs about 0.6 MB "
                                   f"(the size of global_step2) and {root} has {free / 1e6:.1f} MB free")
         assert names(root) == ["global_step2", "latest"]
-        assert checkpoint.verify(first.path).step == 2
+        assert refs.verify(first.path).step == 2
 
 
 @pytest.mark.parametrize("writer", ["bytes", "torch"])
@@ -269,10 +269,10 @@ def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_previous_checkpoi
 
     with small_disk(tmp_path / "disk", "1m") as disk:
         root = disk / "checkpoints"
-        ckpt = checkpoint.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+        ckpt = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1)
         save(ckpt, 2, b"w" * 1000)
         with pytest.raises(UserError, match=rf"^no space left on device while saving checkpoint "
                                             rf"{root / 'global_step4'}: .*{root / 'global_step2'} is intact"):
             save(ckpt, 4, b"w" * 1000, extras={"big": lambda p: (p.mkdir(), fill(p))})
         assert names(root) == ["global_step2", "latest"]
-        checkpoint.verify(root / "global_step2")
+        refs.verify(root / "global_step2")

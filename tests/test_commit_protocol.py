@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from continual_pt import config
-from continual_pt.components import checkpoint, commit
+from continual_pt import config, layout
+from continual_pt.checkpoint import checkpointer, commit, refs
 from continual_pt.errors import UserError
 from tests import train_support as ts
 from tests.helpers import free_port
@@ -62,7 +62,7 @@ def two_ranks(tmp_path: Path, scenario: str) -> list[dict]:
 
 
 def _save(rank: int, root: Path, step: int) -> dict:
-    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=rank, world_size=2)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=rank, world_size=2)
     ckpt.save(ShardEngine(rank), step, {"tokens_seen": step, "zero_stage": 2}, {"rank": rank}, {})
     return {"saved": step}
 
@@ -109,10 +109,10 @@ def test_a_save_with_one_ranks_file_short_or_missing_never_commits(tmp_path):
         "(checkpoint kept: the previous committed one)"]
     assert results[1]["errors"] == [f"checkpoint {step} was not committed: rank 0 refused it (see its error)"
                                     for step in (step4, step6)]
-    assert [r.step for r in checkpoint.list_committed(root)] == [2]
-    assert (root / checkpoint.LATEST).read_text() == "global_step2"
+    assert [r.step for r in refs.list_committed(root)] == [2]
+    assert (root / layout.LATEST).read_text() == "global_step2"
     assert not step4.exists() and not step6.exists()
-    files = checkpoint.verify(root / "global_step2").meta()["files"]
+    files = refs.verify(root / "global_step2").meta()["files"]
     assert sorted(files) == ["mp_rank_00_model_states.pt", "rank0.pt", "rank1.pt",
                              "zero_pp_rank_0_mp_rank_00_optim_states.pt", zero1]
 
@@ -122,13 +122,13 @@ def test_verify_refuses_a_marker_that_lacks_a_ranks_files(tmp_path):
     results = two_ranks(tmp_path, "save_once")
     assert all("error" not in r for r in results), results
     tag = tmp_path / "checkpoints" / "global_step2"
-    marker = json.loads((tag / checkpoint.MARKER).read_text())
+    marker = json.loads((tag / layout.MARKER).read_text())
     assert marker["format_version"] == 3 and marker["world_size"] == 2
     for dropped in ("rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
         edited = dict(marker, files={k: v for k, v in marker["files"].items() if k != dropped})
-        (tag / checkpoint.MARKER).write_text(json.dumps(edited))
+        (tag / layout.MARKER).write_text(json.dumps(edited))
         with pytest.raises(UserError, match=f"is partial: its commit marker lists no {dropped} for a save by 2 ranks"):
-            checkpoint.verify(tag, hint=False)
+            refs.verify(tag, hint=False)
 
 
 def scenario_save_once(rank: int, out: Path) -> dict:
@@ -140,12 +140,12 @@ def scenario_different_markers(rank: int, out: Path) -> dict:
     from continual_pt.training import session
 
     if rank == 1:
-        checkpoint.newest_committed = lambda root: None
+        refs.newest_committed = lambda root: None
     cfg = config.CheckpointConfig()
     start = session.decide_start(cfg, out)
     refused = None
     if rank == 0:
-        checkpoint.verify = lambda *a, **k: (_ for _ in ()).throw(UserError("rank 0 finds the marker damaged"))
+        refs.verify = lambda *a, **k: (_ for _ in ()).throw(UserError("rank 0 finds the marker damaged"))
     try:
         session.decide_start(cfg, out)
     except UserError as exc:

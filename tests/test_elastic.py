@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual_pt.components import checkpoint, elastic, integrity
+from continual_pt.checkpoint import elastic, integrity, refs
 from tests import train_support as ts
 
 pytestmark = pytest.mark.slow
@@ -198,11 +198,11 @@ def test_each_elastic_resume_says_once_what_does_not_carry_and_converts_once(cha
         assert "each rank's RNG stream" in err and "converted now" in err
     root = chain["run_dir"] / "checkpoints"
     converted = sorted(p.name for p in (root / elastic.UNIVERSAL).iterdir())
-    kept = {r.tag for r in checkpoint.list_committed(root)}
+    kept = {r.tag for r in refs.list_committed(root)}
     assert set(converted) <= kept and len(converted) == sum(map(converts, legs, legs[1:]))
     for tag in converted:
         assert elastic.usable(root / tag) == root / elastic.UNIVERSAL / tag
-        checkpoint.verify(root / tag)   # the originals still match their markers
+        refs.verify(root / tag)   # the originals still match their markers
 
 
 # --------------------------------------------------------------------------- refusal, conversion ahead, kill

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from continual_pt import cli
-from continual_pt.components import checkpoint, elastic
+from continual_pt import cli, layout
+from continual_pt.checkpoint import checkpointer, elastic
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -30,7 +30,7 @@ class FakeEngine:
 def saved_run(tmp_path: Path, zero_stage: int = 2) -> Path:
     """A run dir with committed steps 2 and 4 and an interrupted save of step 6."""
     root = tmp_path / "run" / "checkpoints"
-    ckpt = checkpoint.Checkpointer(root, keep_last=5, rank=0, world_size=1)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=0, world_size=1)
     for step in (2, 4):
         ckpt.save(FakeEngine(), step, {"tokens_seen": step * 512, "zero_stage": zero_stage, "precision": "bf16"},
                   {"step": step}, {"run": lambda p: (p.mkdir(), (p / "config.yaml").write_text("name: run\n"))})
@@ -44,7 +44,7 @@ def test_info_on_a_run_lists_its_checkpoints_and_details_the_newest_committed(tm
     assert cli.main(["checkpoint", "info", str(run)]) == 0
     out = capsys.readouterr().out.splitlines()
     tag = run / "checkpoints" / "global_step4"
-    saved = json.loads((tag / checkpoint.MARKER).read_text())["time"]
+    saved = json.loads((tag / layout.MARKER).read_text())["time"]
     rank0 = (tag / "rank0.pt").stat().st_size
     assert out == [
         f"3 checkpoint folders under {run / 'checkpoints'}:",

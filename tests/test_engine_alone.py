@@ -22,7 +22,7 @@ SCRIPT = r"""
 import json
 import torch, deepspeed
 from continual_pt.config import deepspeed as ds_config
-from continual_pt.components.lean_engine import KeptClipNorm, skip_lone_allreduce
+from continual_pt.runtime.lean_engine import KeptClipNorm, skip_lone_allreduce
 
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(1)

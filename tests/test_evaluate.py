@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
+from continual_pt.checkpoint import integrity
 from continual_pt.cli import main
-from continual_pt.components import integrity
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.evaluation.store import read_scores, score_key
 from tests import train_support as ts

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from continual_pt.components import fused_loss
-from continual_pt.components.model import CausalLMLoss
 from continual_pt.errors import UserError
+from continual_pt.model import fused_loss
+from continual_pt.model.causal_lm import CausalLMLoss
 
 VOCAB = 503
 TINY = {

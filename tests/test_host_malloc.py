@@ -1,4 +1,4 @@
-"""A CPU training step reuses the host memory the previous step freed (components/host_malloc.py)."""
+"""A CPU training step reuses the host memory the previous step freed (runtime/host_malloc.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from continual_pt.components import host_malloc
+from continual_pt.runtime import host_malloc
 from tests import train_support as ts
 
 # Trains a small GPT-NeoX the way a plain loop does and prints the process's minor page faults of
@@ -17,7 +17,7 @@ from tests import train_support as ts
 STEPS = r"""
 import json, resource, sys, torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-from continual_pt.components import host_malloc
+from continual_pt.runtime import host_malloc
 kept = host_malloc.keep_freed_memory() if sys.argv[1] == "keep" else False
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def test_unrelated_settings_do_not_count_as_a_choice():
 def test_cpu_training_keeps_freed_memory(world, tmp_path):
     """`open_session` (cpt train) fixes the thresholds on a CPU device (the eval job: test_evaluate.py)."""
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", name="malloc")
-    probe = ("import sys\nfrom continual_pt import config\nfrom continual_pt.components import distributed, host_malloc\n"
+    probe = ("import sys\nfrom continual_pt import config\nfrom continual_pt.runtime import distributed, host_malloc\n"
              "from continual_pt.training.session import open_session\n"
              "before = host_malloc.applied()\n"
              "open_session(config.load(sys.argv[1], []), distributed.init())\n"

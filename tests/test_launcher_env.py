@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from continual_pt.components import distributed
-from continual_pt.components.distributed import first_host, slurm_port
+from continual_pt.runtime import distributed
+from continual_pt.runtime.distributed import first_host, slurm_port
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "DS_ACCELERATOR",
                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID",

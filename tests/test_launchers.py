@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual_pt.components import checkpoint
+from continual_pt.checkpoint import refs
 from continual_pt.training import stop as stops
 from tests import train_support as ts
 from tests.helpers import REPO, free_port
@@ -68,7 +68,7 @@ def stop_job(launcher: str, cfg: Path, run_dir: Path, sig: signal.Signals, after
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
     assert "received a stop request" in err and "exit status 75" in err, err[-3000:]
-    ref = checkpoint.newest_committed(run_dir / "checkpoints")
+    ref = refs.newest_committed(run_dir / "checkpoints")
     trained = ts.train_records(run_dir)[-1]["step"]
     assert ref.step == trained, f"checkpoint at {ref.step}, last step trained {trained}"
     assert after_step <= ref.step < MAX_STEPS
@@ -147,7 +147,7 @@ def test_ranks_whose_bare_launcher_dies_save_and_exit_instead_of_training_on(str
     while processes_running(f"name={name}") and time.time() < deadline:
         time.sleep(0.2)
     assert not processes_running(f"name={name}"), "ranks still running after their launcher died"
-    ref = checkpoint.newest_committed(run_dir / "checkpoints")
+    ref = refs.newest_committed(run_dir / "checkpoints")
     assert ref is not None and ref.step == ts.train_records(run_dir)[-1]["step"] < MAX_STEPS
     err = proc.stderr.read()                                 # the ranks wrote to the launcher's stderr
     assert "received the launcher's exit" in err and "saved a committed checkpoint" in err, err[-3000:]

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual_pt import config
-from continual_pt.components import checkpoint, distributed
-from continual_pt.components.distributed import DistEnv
-from continual_pt.components.scoring import ScoringStopped
+from continual_pt import config, layout
+from continual_pt.checkpoint import refs
+from continual_pt.evaluation.scoring import ScoringStopped
+from continual_pt.runtime import distributed
+from continual_pt.runtime.distributed import DistEnv
 from continual_pt.training.loop import EXIT_OK, EXIT_RESUMABLE, NonFiniteLoss, Trainer
 from continual_pt.training.policy import Cadence, Deadline, agree_on_stop
-from continual_pt.training.session import CheckpointFiles, Figures, Parts, Session
+from continual_pt.training.session import CheckpointFiles, PhaseConstants, Session
 from continual_pt.training.state import TrainState
 from continual_pt.training.stop import StopRequest
 
@@ -100,11 +101,11 @@ class FakeCheckpointer:
         self.events = events
         self.clients: list[dict] = []
 
-    def save(self, engine, step, client_state, rank_state, extras) -> checkpoint.CheckpointRef:
+    def save(self, engine, step, client_state, rank_state, extras) -> refs.CheckpointRef:
         self.events.append(("save", step))
         self.clients.append(client_state)
         assert set(extras) == {"model", "tokenizer", "run"}
-        return checkpoint.CheckpointRef(Path("checkpoints") / checkpoint.tag_for(step))
+        return refs.CheckpointRef(Path("checkpoints") / layout.tag_for(step))
 
 
 def make_cfg(max_steps: int, *, eval_every: int = 0, save_every: int = 0, log_every: int = 5,
@@ -131,13 +132,12 @@ class Run:
         self.events: list[tuple[str, int]] = []
         self.logger = FakeLogger(self.events)
         self.checkpointer = FakeCheckpointer(self.events)
-        parts = Parts(engine=engine or FakeEngine(), sampler=sampler or FakeSampler(),
-                      held_out=held_out or FakeHeldOut(),
-                      logger=self.logger, checkpointer=self.checkpointer)
-        figures = Figures(lr_at=lambda step: 0.01 * step, tokens_per_step=TOKENS_PER_STEP, flops_per_token=6.0,
-                          peak_flops=None, zero_stage=2)
+        constants = PhaseConstants(lr_at=lambda step: 0.01 * step, tokens_per_step=TOKENS_PER_STEP,
+                                   flops_per_token=6.0, peak_flops=None, zero_stage=2)
         session = Session(env=DistEnv(0, 0, 1, "127.0.0.1", 0, "none"), device=torch.device("cpu"),
-                          parts=parts, figures=figures, files=CheckpointFiles(None, "", {}),
+                          engine=engine or FakeEngine(), sampler=sampler or FakeSampler(),
+                          held_out=held_out or FakeHeldOut(), logger=self.logger, checkpointer=self.checkpointer,
+                          constants=constants, files=CheckpointFiles(None, "", {}),
                           start=start or TrainState(), resumed=start is not None)
         self.trainer = Trainer(cfg, session, stop)
 

@@ -10,8 +10,8 @@ import yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from continual_pt import config
-from continual_pt.components import model as models
 from continual_pt.config import ConfigError
+from continual_pt.model import causal_lm as models
 from continual_pt.training.session import Start, build_model
 from tests import train_support as ts
 

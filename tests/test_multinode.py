@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual_pt.components import checkpoint
+from continual_pt.checkpoint import refs
 from tests import train_support as ts
 from tests.helpers import REPO
 from tests.ssh_loopback import HOSTS, require, ssh_loopback  # noqa: F401  (the fixture)
@@ -176,7 +176,7 @@ def test_two_hosts_over_ssh_stop_resume_and_train_what_two_ranks_on_one_node_tra
     for rank, host in enumerate(HOSTS):   # pdsh labels each line with the host that printed it
         assert f"{host}: " in out and f"nnodes=2, num_local_procs=1, node_rank={rank}" in out
     assert "world size 2 (deepspeed)" in out
-    assert [r.step for r in checkpoint.list_committed(run / "checkpoints")] == [stopped_at]
+    assert [r.step for r in refs.list_committed(run / "checkpoints")] == [stopped_at]
     assert "received a stop request" in out
     proc = run_script([str(hostfile), str(cfg), "name=two-nodes"], env, tmp_path, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]

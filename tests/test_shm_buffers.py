@@ -1,7 +1,7 @@
 """DeepSpeed's shared-memory all-reduce buffers leave nothing in /dev/shm, however a 2-rank job ends.
 
 Each rank of a one-machine CPU job maps a ~69 MB `/dev/shm/deepspeed_allreduce_buffer_*` per rank;
-DeepSpeed never removes them, so before `components.shm_buffers` every run left them behind. The
+DeepSpeed never removes them, so before `runtime.shm_buffers` every run left them behind. The
 checks look only at the names of this test's own job (its port), never at other jobs' buffers.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from continual_pt.components import shm_buffers
+from continual_pt.runtime import shm_buffers
 from tests import train_support as ts
 from tests.helpers import free_port
 

@@ -130,9 +130,9 @@ def test_training_job_runs_to_completion_like_a_direct_run(slurm, long_run, tmp_
 
 
 def committed_steps(run_dir: Path) -> list[int]:
-    from continual_pt.components import checkpoint
+    from continual_pt.checkpoint import refs
 
-    return [r.step for r in checkpoint.list_committed(run_dir / "checkpoints")]
+    return [r.step for r in refs.list_committed(run_dir / "checkpoints")]
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from continual_pt.components import ops
 from continual_pt.errors import UserError
+from continual_pt.runtime import ops
 from tests import train_support as ts
 
 OP = "deepspeed_shm_comm"
@@ -25,7 +25,7 @@ HOLD_FLOCK = ("import fcntl, sys, time\n"
               "f.write('pid test-holder on this host'); f.flush()\n"
               "print('held', flush=True)\n"
               "time.sleep(120)\n")
-INIT = ("from continual_pt.components import distributed\n"
+INIT = ("from continual_pt.runtime import distributed\n"
         "distributed.init()\n"
         "print('initialised', flush=True)\n")
 

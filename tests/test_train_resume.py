@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from continual_pt.components import checkpoint
+from continual_pt import layout
+from continual_pt.checkpoint import refs
 from tests import train_support as ts
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_stop_and_resume_is_bitwise_identical(world, tmp_path, zero, precision, 
     straight = ts.train_in_background(cfg, ["name=straight"], world_size)   # alongside the stopped run
     ts.train(cfg, ["name=stopped", "train.stop_after_steps=6"], world_size, expect=75)
     stopped = tmp_path / "runs" / "stopped"
-    assert [r.step for r in checkpoint.list_committed(stopped / "checkpoints")] == [6]
+    assert [r.step for r in refs.list_committed(stopped / "checkpoints")] == [6]
     ts.train(cfg, ["name=stopped"], world_size)
     straight.result()
     assert_same_run(tmp_path / "runs" / "straight", stopped)
@@ -103,7 +104,7 @@ def test_signal_saves_commits_and_resumes_to_the_same_numbers(signal_straight, s
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     assert f"received {sig.name}" in err
-    ref = checkpoint.resolve(run_dir)
+    ref = refs.resolve(run_dir)
     assert 3 <= ref.step < 40
     ts.train(cfg, [f"name={run_dir.name}"])
     straight.result()
@@ -133,11 +134,11 @@ def test_sigkill_during_saves_never_leaves_latest_on_an_uncommitted_checkpoint(w
         proc.kill()
         proc.wait()
         root = run_dir / "checkpoints"
-        latest = (root / checkpoint.LATEST).read_text().strip()
-        assert checkpoint.is_committed(root / latest), f"trial {trial}: latest -> {latest} is not committed"
-        newest = checkpoint.newest_committed(root)
-        checkpoint.verify(newest.path)
-        partial = [p for p in root.glob("global_step*") if not checkpoint.is_committed(p)]
+        latest = (root / layout.LATEST).read_text().strip()
+        assert refs.is_committed(root / latest), f"trial {trial}: latest -> {latest} is not committed"
+        newest = refs.newest_committed(root)
+        refs.verify(newest.path)
+        partial = [p for p in root.glob("global_step*") if not refs.is_committed(p)]
         caught_mid_save += bool(partial)
         assert newest.step >= previous_step
         records = ts.train_records(run_dir)
@@ -146,9 +147,9 @@ def test_sigkill_during_saves_never_leaves_latest_on_an_uncommitted_checkpoint(w
         previous_step = newest.step
     # Resume picks the newest committed checkpoint, whatever the last kill left behind.
     proc = ts.train(cfg, ["name=killed", "train.max_steps=" + str(previous_step + 2)])
-    assert f"start=resume from {run_dir / 'checkpoints' / checkpoint.tag_for(previous_step)}" in proc.stderr
+    assert f"start=resume from {run_dir / 'checkpoints' / layout.tag_for(previous_step)}" in proc.stderr
     print(f"kills inside a save: {caught_mid_save}/10; trials that committed new steps: {progressed}/10")
     assert caught_mid_save >= 1, "no kill landed inside a save: the test did not exercise the protocol"
     assert progressed >= 3, "most trials should commit new steps before they are killed"
-    assert json.loads((run_dir / "checkpoints" / checkpoint.tag_for(previous_step + 2) / checkpoint.MARKER)
+    assert json.loads((run_dir / "checkpoints" / layout.tag_for(previous_step + 2) / layout.MARKER)
                       .read_text())["step"] == previous_step + 2

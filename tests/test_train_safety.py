@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from continual_pt import config
-from continual_pt.components import checkpoint
-from continual_pt.components.distributed import DistEnv
+from continual_pt.checkpoint import refs
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.errors import UserError
+from continual_pt.runtime.distributed import DistEnv
 from continual_pt.training.session import RunFinished, Start, check_resume, open_session
 from tests import train_support as ts
 
@@ -61,7 +61,7 @@ def test_grad_norm_is_a_finite_number_under_zero0_fp32(straight):
 
 def resume_case(straight, overrides: list[str], zero_stage: int = 0) -> None:
     cfg = config.load(straight[0], ["name=straight", *overrides])
-    check_resume(cfg, Start("resume", checkpoint.resolve(straight[1])), zero_stage)
+    check_resume(cfg, Start("resume", refs.resolve(straight[1])), zero_stage)
 
 
 @pytest.mark.slow
@@ -129,8 +129,8 @@ def test_a_second_start_on_a_running_run_dir_is_refused_naming_the_holder(world,
     finally:
         first.kill()
     assert first.returncode == 75, err[-3000:]
-    newest = checkpoint.resolve(run_dir)
-    checkpoint.verify(newest.path)
+    newest = refs.resolve(run_dir)
+    refs.verify(newest.path)
     assert [r["step"] for r in ts.train_records(run_dir)] == list(range(1, newest.step + 1))
 
 
@@ -151,7 +151,7 @@ def test_a_first_sigint_saves_and_exits_75_without_a_traceback(world, tmp_path):
         proc.kill()
     assert proc.returncode == 75, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-    step = checkpoint.resolve(run_dir).step
+    step = refs.resolve(run_dir).step
     assert f"received SIGINT: saved a committed checkpoint at step {step}; " in err
 
 
@@ -179,7 +179,7 @@ def test_a_sigterm_during_set_up_exits_75_once_set_up_ends(world, tmp_path):
     assert proc.returncode == 75, err[-3000:]
     assert f"received SIGTERM during set-up: {NOTHING_TO_SAVE}" in err
     run_dir = tmp_path / "runs" / "early"
-    assert checkpoint.list_tags(run_dir / "checkpoints") == []
+    assert refs.list_tags(run_dir / "checkpoints") == []
     assert ts.train_records(run_dir) == []
 
 
@@ -212,7 +212,7 @@ def test_a_sigterm_during_a_long_eval_commits_within_seconds_and_resumes_to_the_
     print(f"signal -> committed checkpoint {committed.group(1)} s; signal -> exit {exited:.1f} s")
     assert float(committed.group(1)) < 5.0
     assert ts.train_records(run_dir, "eval") == []
-    assert checkpoint.resolve(run_dir).step == 4
+    assert refs.resolve(run_dir).step == 4
     ts.train(cfg, ["name=cut", "eval.tokens=64"])
     ra, rb = ts.train_records(straight[1]), ts.train_records(run_dir)
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from continual_pt import config
-from continual_pt.components import checkpoint
+from continual_pt.checkpoint import refs, weights
 from tests import train_support as ts
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 INSPECT = r"""
 import json, sys, torch
 from continual_pt import config
-from continual_pt.components import distributed
+from continual_pt.runtime import distributed
 from continual_pt.training.session import open_session
 cfg = config.load(sys.argv[1], sys.argv[2:])
 env = distributed.init()
@@ -100,7 +100,7 @@ def test_init_from_our_checkpoint_is_weights_only_unless_asked(world, pretrained
                           checkpoint={"init": str(pretrained)})
     info = inspect(cfg, [])
     assert info["schedule_step"] == 0 and info["optimizer_state"] == 0 and info["lr"] == [0.0, 0.0]
-    expected = checkpoint.consolidated_state_dict(checkpoint.resolve(pretrained))
+    expected = weights.consolidated_state_dict(refs.resolve(pretrained))
     got = torch.load(tmp_path / "runs" / "next" / "start_weights.pt")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     kept = inspect(cfg, ["name=kept", "checkpoint.keep_optimizer=true"])
@@ -111,10 +111,10 @@ def test_export_loads_without_deepspeed_and_scores_like_the_engine(world, pretra
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from continual_pt.cli import main
-    from continual_pt.components.distributed import DistEnv
-    from continual_pt.components.model import CausalLMLoss
-    from continual_pt.components.scoring import score_packed
     from continual_pt.data.dataset import PackedSequences, PreparedDataset
+    from continual_pt.evaluation.scoring import score_packed
+    from continual_pt.model.causal_lm import CausalLMLoss
+    from continual_pt.runtime.distributed import DistEnv
 
     out = tmp_path / "hf"
     assert main(["export", str(pretrained), "--out", str(out)]) == 0

@@ -135,9 +135,9 @@ def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from continual_pt.components import checkpoint
+    from continual_pt.checkpoint import refs, weights
 
-    return checkpoint.consolidated_state_dict(checkpoint.resolve(run_dir))
+    return weights.consolidated_state_dict(refs.resolve(run_dir))
 
 
 def _train_once(root: Path, cfg: Path, name: str, overrides: list[str] = ()) -> Path:

@@ -22,15 +22,16 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from continual_pt.components import distributed, host_malloc
-from continual_pt.components.checkpoint import load_model_from_checkpoint, verify
-from continual_pt.components.distributed import DistEnv
-from continual_pt.components.model import DTYPES, CausalLMLoss
-from continual_pt.components.scoring import score_packed
+from continual_pt.checkpoint.refs import verify
+from continual_pt.checkpoint.weights import load_model_from_checkpoint
 from continual_pt.data.dataset import PackedSequences
 from continual_pt.errors import UserError
+from continual_pt.evaluation.scoring import score_packed
 from continual_pt.evaluation.store import FILE, ScoreStore, score_key
 from continual_pt.evaluation.targets import EvalSet, Target, expand_targets, open_sets, pick_task, plan_target
+from continual_pt.model.causal_lm import DTYPES, CausalLMLoss
+from continual_pt.runtime import distributed, host_malloc
+from continual_pt.runtime.distributed import DistEnv
 
 
 @dataclass

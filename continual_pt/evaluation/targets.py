@@ -22,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from continual_pt.components import checkpoint
-from continual_pt.components.model import check_vocab, load_hf_config, split_revision
+from continual_pt import layout
+from continual_pt.checkpoint import refs
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
 from continual_pt.errors import UserError
+from continual_pt.model.causal_lm import check_vocab, load_hf_config, split_revision
 
 HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 SPLITS = ("val", "train")
@@ -121,12 +122,12 @@ def checkpoint_target(ref) -> Target:
 
 def _run_targets(root: Path, warn: Warn) -> list[Target]:
     targets = []
-    for path in checkpoint.list_tags(root):
-        if not checkpoint.is_committed(path):
-            warn(f"skipping {path}: not committed (no {checkpoint.MARKER}; a save in progress or interrupted)")
+    for path in refs.list_tags(root):
+        if not refs.is_committed(path):
+            warn(f"skipping {path}: not committed (no {layout.MARKER}; a save in progress or interrupted)")
             continue
         try:
-            targets.append(checkpoint_target(checkpoint.verify(path, checksums=False)))
+            targets.append(checkpoint_target(refs.verify(path, checksums=False)))
         except UserError as exc:
             warn(f"skipping: {exc}")
     if not targets:
@@ -144,11 +145,11 @@ def _hub_target(spec: str) -> Target:
 def _expand(spec: str, warn: Warn) -> list[Target]:
     path = Path(spec).expanduser()
     if path.exists():
-        if checkpoint.step_of(path.name) is not None:
-            return [checkpoint_target(checkpoint.verify(path, checksums=False))]
+        if layout.step_of(path.name) is not None:
+            return [checkpoint_target(refs.verify(path, checksums=False))]
         if (path / "checkpoints").is_dir():
             return _run_targets(path / "checkpoints", warn)
-        if checkpoint.is_ours(path):
+        if refs.is_ours(path):
             return _run_targets(path, warn)
         if (path / "config.json").is_file():
             return [Target("hf", str(path.resolve()), path.resolve().name, path.resolve().name,

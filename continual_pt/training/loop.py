@@ -1,42 +1,36 @@
 """The step loop: forward/backward/step on the DeepSpeed engine, evaluation, logging, checkpoints, signals.
 
 `Trainer.train()` reads as the story of a run; set-up lives in `session.py` (data, model,
-optimizer, schedule, DeepSpeed, how the run starts), the loop's decisions in `policy.py`.
+optimizer, schedule, DeepSpeed, how the run starts), the loop's decisions in `policy.py`, the
+gradient norm's measurement in `grad_norm.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 
 import torch
 
-from continual_pt.components import distributed
-from continual_pt.components.checkpoint import rng_state
-from continual_pt.components.host_copy import HostCopy
-from continual_pt.components.lean_engine import KeptClipNorm
-from continual_pt.components.scoring import ScoringStopped
+from continual_pt.checkpoint.checkpointer import rng_state
 from continual_pt.config import RunConfig
 from continual_pt.config.load import ConfigSource
+from continual_pt.evaluation.scoring import ScoringStopped
+from continual_pt.layout import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE, STOP
+from continual_pt.runtime import distributed
+from continual_pt.runtime.host_copy import HostCopy
 from continual_pt.training import stop as stops
+from continual_pt.training.grad_norm import GradNorm
 from continual_pt.training.policy import Cadence, Deadline, agree_on_stop
 from continual_pt.training.prefetch import batches_for
 from continual_pt.training.session import RunFinished, Session, open_session
-from continual_pt.training.state import TrainState
+from continual_pt.training.state import NonFiniteLoss, TrainState
 from continual_pt.training.stop import StopRequest
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_RESUMABLE = 75  # stopped early (signal or time limit) with a committed checkpoint: run again to resume
 # How many generations up a rank's launcher sits: torchrun starts ranks itself; the deepspeed
 # runner starts one `deepspeed.launcher.launch` per node, which starts the ranks.
 LAUNCHER_DEPTH = {"torchrun": 1, "deepspeed": 2}
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss stayed non-finite beyond train.max_nonfinite_skips."""
 
 
 class Trainer:
@@ -44,42 +38,29 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, session: Session, stop: StopRequest | None = None):
         self.cfg = cfg
-        self.env = session.env
-        self.device = session.device
-        self.parts = session.parts
-        self.figures = session.figures
-        self.files = session.files
-        self.resumed = session.resumed
+        self.session = session
         self.state: TrainState = dataclasses.replace(session.start)
-        self.start_step = session.start.step
         self.cadence = Cadence.of(cfg)
         self.stop = stop or StopRequest()
         # The training batches, read ahead of the step where the sampler allows; the data position
         # a checkpoint records is the one the step consumed.
-        self.batches = batches_for(session.parts.sampler, self.device)
+        self.batches = batches_for(session.sampler, session.device)
+        self.grad_norm = GradNorm(session.engine, session.constants.zero_stage, cfg.train.precision)
         self.started = time.monotonic()
         self.deadline = Deadline(cfg.train, self.started)
         self.last_saved_step = self.state.step if session.resumed else -1
         self._window_start = (self.started, self.state.tokens_seen)
-        self._grad_norm: float | None = None
-        self._pending_norm: tuple[int, HostCopy | float | None] | None = None   # (step, its gradient norm)
         self._agreed_signum = 0
-        # A plain fp32 engine (ZeRO 0) computes the norm only to clip, and drops it: keep it then,
-        # and compute it here when it does not clip.
-        plain_fp32 = self.figures.zero_stage == 0 and cfg.train.precision == "fp32"
-        clips = plain_fp32 and session.parts.engine.gradient_clipping() > 0
-        self._kept_norm = KeptClipNorm(session.parts.engine) if clips else None
-        self._engine_drops_norm = plain_fp32 and not clips
 
     # ------------------------------------------------------------------ the story
 
     def train(self) -> int:
         """Train to max_steps; returns the process exit status."""
         owned = self.stop.install()
-        if self.env.is_main:
-            self.stop.watch(self.cfg.run_dir / stops.STOP_FILE)
-        if self.env.launcher in LAUNCHER_DEPTH:
-            self.stop.watch_launcher(LAUNCHER_DEPTH[self.env.launcher])
+        if self.session.env.is_main:
+            self.stop.watch(self.cfg.run_dir / STOP)
+        if self.session.env.launcher in LAUNCHER_DEPTH:
+            self.stop.watch_launcher(LAUNCHER_DEPTH[self.session.env.launcher])
         try:
             self.batches.start()
             return self._run()
@@ -87,17 +68,19 @@ class Trainer:
             self.batches.close()
             if owned:
                 self.stop.uninstall()
-            self.parts.logger.close()
+            self.session.logger.close()
 
     def _run(self) -> int:
         if self.stopped_during_setup():
             return EXIT_RESUMABLE
-        if self.cadence.eval_before_training(self.state.step, self.resumed) and not self.evaluate():
+        if self.cadence.eval_before_training(self.state.step, self.session.resumed) and not self.evaluate():
             return self.exit_unsaved("during the eval before training")
         while self.state.step < self.cfg.train.max_steps:
             loss = self.train_step()
-            self.state.advance(self.figures.tokens_per_step)
+            self.state.advance(self.session.constants.tokens_per_step)
             stop_reason = self.agree_on_stop()
+            if stop_reason or self.cadence.acts_after(self.state.step):
+                self.grad_norm.settle()   # the step boundary: nothing logs, evaluates or saves a non-finite step
             self.log_step(loss)
             if self.cadence.eval_after(self.state.step) and not self.evaluate():
                 stop_reason = stop_reason or self.signal_reason()
@@ -105,7 +88,6 @@ class Trainer:
                 return self.save_and_exit(stop_reason)
             if self.cadence.save_after(self.state.step):
                 self.save()
-        self.settle_grad_norm()
         if self.cadence.final_eval(self.state.step) and not self.evaluate():
             return self.save_and_exit(f"{self.signal_reason()} during the final eval (dropped: score the "
                                       "checkpoint with cpt eval)")
@@ -121,13 +103,12 @@ class Trainer:
         Returns this rank's mean micro-batch loss (a float64 scalar tensor, still on the device).
         The host reads two device values per step, neither of which drains the device's queue: the
         loss's finiteness, posted before the last backward pass is queued and read after it (the
-        update waits for it), and the gradient norm, read one step later (or before any log, eval
-        or save, whichever comes first).
+        update waits for it), and the gradient norm, read one step later (or at the step boundary
+        before any log, eval or save).
         """
-        engine = self.parts.engine
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        engine = self.session.engine
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.session.device)
         skipping = self.cfg.train.max_nonfinite_skips > 0
-        own_norm = None
         for micro in range(self.cfg.train.grad_accum):
             loss = self.forward_finite() if skipping else self.forward()
             loss_sum += loss.detach().double()
@@ -137,33 +118,14 @@ class Trainer:
             if finite is not None:
                 self.stop_if_nonfinite(finite)
             if last:
-                self.settle_grad_norm()   # the previous step's, done before this step's forward
-                if self._engine_drops_norm:
-                    own_norm = gradient_norm(engine.module)
-            engine.step()
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self._kept_norm.take() if self._kept_norm is not None else own_norm
-        if torch.is_tensor(grad_norm):
-            grad_norm = HostCopy(grad_norm)
-        self._pending_norm = (self.state.step + 1, grad_norm)
+                self.grad_norm.update(self.state.step + 1)
+            else:
+                engine.step()
         return loss_sum / self.cfg.train.grad_accum
-
-    def settle_grad_norm(self) -> None:
-        """Check the last step's gradient norm: a non-finite one stops the run before it logs, evaluates or saves."""
-        if self._pending_norm is None:
-            return
-        step, norm = self._pending_norm
-        self._pending_norm = None
-        value = norm.value() if isinstance(norm, HostCopy) else norm
-        if value is not None and not math.isfinite(float(value)):
-            raise NonFiniteLoss(f"step {step}: gradient norm is {float(value)}; the weights are no longer "
-                                "usable, stopping without saving (resume from the last checkpoint)")
-        self._grad_norm = None if value is None else float(value)
 
     def forward(self) -> torch.Tensor:
         batch = self.batches.next_batch()
-        return self.parts.engine(batch["input_ids"], batch["labels"])
+        return self.session.engine(batch["input_ids"], batch["labels"])
 
     def stop_if_nonfinite(self, finite: HostCopy) -> None:
         """One check per optimizer step, before the update: a non-finite loss on any rank stops the run."""
@@ -191,7 +153,7 @@ class Trainer:
             if self.state.nonfinite_skips > allowed:
                 raise NonFiniteLoss(f"non-finite loss at {where}; {self.state.nonfinite_skips - 1} batch(es) "
                                     f"skipped before, train.max_nonfinite_skips={allowed}")
-            self.parts.logger.message(f"non-finite loss at {where}: skipping the batch "
+            self.session.logger.message(f"non-finite loss at {where}: skipping the batch "
                                       f"({self.state.nonfinite_skips}/{allowed})")
 
     # ------------------------------------------------------------------ stop, log, eval, save
@@ -200,49 +162,48 @@ class Trainer:
         """Signal or time limit on any rank (or stop_after_steps) stops every rank after this step."""
         out_of_time = self.deadline.step_ended(time.monotonic())
         signum, out_of_time = agree_on_stop(self.stop.current(), out_of_time)
-        return self.cadence.stop_reason(self.state.step, self.start_step, signum, out_of_time)
+        return self.cadence.stop_reason(self.state.step, self.session.start.step, signum, out_of_time)
 
     def log_step(self, loss: torch.Tensor) -> None:
         """Every log_every steps: the mean loss over ranks, LR, gradient norm, throughput and MFU."""
         if not self.cadence.log_after(self.state.step):
             return
-        self.settle_grad_norm()
-        mean_loss = distributed.all_reduce_sum([loss.item()])[0] / self.env.world_size
+        env, constants = self.session.env, self.session.constants
+        mean_loss = distributed.all_reduce_sum([loss.item()])[0] / env.world_size
         now = time.monotonic()
         start_time, start_tokens = self._window_start
         tokens_per_s = (self.state.tokens_seen - start_tokens) / max(now - start_time, 1e-9)
         self._window_start = (now, self.state.tokens_seen)
         record = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens_seen,
-                  "lr": self.figures.lr_at(self.state.step - 1), "loss": mean_loss, "grad_norm": self._grad_norm,
-                  "tokens_per_s": tokens_per_s, "time": time.time()}
-        if self.device.type == "cuda":   # the allocator's own counter: no device sync
-            record["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.figures.peak_flops:
-            record["mfu"] = tokens_per_s * self.figures.flops_per_token / (self.figures.peak_flops
-                                                                           * self.env.world_size)
-        self.parts.logger.log(record)
-        self.parts.logger.progress(self.state.step, {"loss": f"{mean_loss:.4f}", "lr": f"{record['lr']:.2e}",
-                                                     "tok/s": f"{tokens_per_s:,.0f}"})
+                  "lr": constants.lr_at(self.state.step - 1), "loss": mean_loss,
+                  "grad_norm": self.grad_norm.of_last_step(), "tokens_per_s": tokens_per_s, "time": time.time()}
+        if self.session.device.type == "cuda":   # the allocator's own counter: no device sync
+            record["peak_gib"] = torch.cuda.max_memory_allocated(self.session.device) / 2**30
+        if constants.peak_flops:
+            record["mfu"] = tokens_per_s * constants.flops_per_token / (constants.peak_flops * env.world_size)
+        self.session.logger.log(record)
+        self.session.logger.progress(self.state.step, {"loss": f"{mean_loss:.4f}", "lr": f"{record['lr']:.2e}",
+                                                       "tok/s": f"{tokens_per_s:,.0f}"})
 
     def evaluate(self) -> bool:
         """Token-weighted loss and perplexity on every named held-out set; False if a stop cut it short.
 
         An interrupted eval is dropped whole: no set of it is logged.
         """
-        self.settle_grad_norm()
         started = time.monotonic()
+        session = self.session
         try:
-            results = self.parts.held_out.score(self.parts.engine, self.env, self.device, stop=self.stop_agreed)
+            results = session.held_out.score(session.engine, session.env, session.device, stop=self.stop_agreed)
         except ScoringStopped as exc:
-            self.parts.logger.message(f"step {self.state.step}: eval interrupted by {self.signal_name()} "
+            self.session.logger.message(f"step {self.state.step}: eval interrupted by {self.signal_name()} "
                                       f"({exc}); dropped, not logged")
             return False
         for name, res in results.items():
-            self.parts.logger.log({"kind": "eval", "set": name, "step": self.state.step,
+            self.session.logger.log({"kind": "eval", "set": name, "step": self.state.step,
                                    "tokens": self.state.tokens_seen, "loss": res["loss"], "ppl": res["ppl"],
                                    "eval_tokens": res["tokens"]})
         summary = ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f}" for n, r in results.items())
-        self.parts.logger.message(f"step {self.state.step}: eval {summary}")
+        self.session.logger.message(f"step {self.state.step}: eval {summary}")
         self._pause_window(started)
         return True
 
@@ -266,7 +227,7 @@ class Trainer:
 
     def exit_unsaved(self, when: str) -> int:
         """Stop before any step of this invocation: there is nothing new to save."""
-        self.parts.logger.message(f"{self.signal_reason()} {when}: nothing new to save (the last committed "
+        self.session.logger.message(f"{self.signal_reason()} {when}: nothing new to save (the last committed "
                                   f"checkpoint, if any, is unchanged); exiting with status {EXIT_RESUMABLE} "
                                   "(run again to resume)")
         return EXIT_RESUMABLE
@@ -276,22 +237,21 @@ class Trainer:
         self.save()
         waited = self.stop.seconds_since()
         after = f" {waited:.1f} s after the signal;" if waited is not None else ""
-        self.parts.logger.message(f"{reason}: saved a committed checkpoint at step {self.state.step};{after} "
+        self.session.logger.message(f"{reason}: saved a committed checkpoint at step {self.state.step};{after} "
                                   f"exiting with status {EXIT_RESUMABLE} (run again to resume)")
         return EXIT_RESUMABLE
 
     def save(self) -> None:
         """A committed checkpoint of this step: engine, loop state, and each rank's data position and RNG."""
-        self.settle_grad_norm()   # never a checkpoint of weights a non-finite gradient reached
         started = time.monotonic()
-        client = {**self.state.state_dict(), "zero_stage": self.figures.zero_stage,
+        session = self.session
+        client = {**self.state.state_dict(), "zero_stage": session.constants.zero_stage,
                   "precision": self.cfg.train.precision}
         rank_state = {"sampler": self.batches.state_dict(), "rng": rng_state(),
-                      "rank": self.env.rank, "world_size": self.env.world_size}
-        ref = self.parts.checkpointer.save(self.parts.engine, self.state.step, client, rank_state,
-                                           self.files.writers())
+                      "rank": session.env.rank, "world_size": session.env.world_size}
+        ref = session.checkpointer.save(session.engine, self.state.step, client, rank_state, session.files.writers())
         self.last_saved_step = self.state.step
-        self.parts.logger.message(f"step {self.state.step}: committed {ref.path} "
+        self.session.logger.message(f"step {self.state.step}: committed {ref.path} "
                                   f"({time.monotonic() - started:.1f} s)")
         self._pause_window(started)
 
@@ -324,17 +284,10 @@ def run(cfg: RunConfig) -> int:
                 stops.answer(cfg.run_dir, trainer.state.step, status)
             return status
         except NonFiniteLoss as exc:
-            session.parts.logger.message(f"error: {exc}")
+            session.logger.message(f"error: {exc}")
             return EXIT_FAILED
         finally:
             session.release()
     finally:
         stop.uninstall()
 
-
-def gradient_norm(module: torch.nn.Module) -> torch.Tensor | float:
-    """The 2-norm over all gradients of `module` (before clipping), on their device.
-
-    torch's foreach norm: one pass over the gradients in their own dtype, no float64 copies."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else 0.0

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from continual_pt.components import distributed
 from continual_pt.config import RunConfig, TrainConfig, parse_duration
+from continual_pt.runtime import distributed
 from continual_pt.training.stop import describe
 
 
@@ -42,6 +42,10 @@ class Cadence:
     def log_after(self, step: int) -> bool:
         """A metric line every log_every steps, and always after the last step."""
         return due(step, self.log_every) or step == self.max_steps
+
+    def acts_after(self, step: int) -> bool:
+        """Whether anything logs, evaluates or saves after `step` (the last step always does)."""
+        return self.log_after(step) or self.eval_after(step) or self.save_after(step) or step == self.max_steps
 
     def eval_before_training(self, step: int, resumed: bool) -> bool:
         """The start point of forgetting curves: only for a phase that starts at step 0."""

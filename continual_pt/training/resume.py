@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from continual_pt.components import checkpoint, elastic
+from continual_pt.checkpoint import elastic, refs
 from continual_pt.config import RunConfig
 from continual_pt.errors import UserError
 
@@ -18,7 +18,7 @@ class Start:
     """How this phase starts: resume (everything), init (weights only) or scratch."""
 
     kind: str  # "resume", "init_checkpoint", "init_hf", "scratch"
-    ref: checkpoint.CheckpointRef | None = None
+    ref: refs.CheckpointRef | None = None
     reference: str | None = None
 
 
@@ -26,7 +26,7 @@ class RunFinished(Exception):
     """The run's checkpoint is already at train.max_steps: nothing to train, nothing to write."""
 
 
-def saved_run_config(ref: checkpoint.CheckpointRef) -> dict[str, Any] | None:
+def saved_run_config(ref: refs.CheckpointRef) -> dict[str, Any] | None:
     """The resolved config a checkpoint was written under (its run/config.yaml), if it has one."""
     path = ref.path / "run" / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else None

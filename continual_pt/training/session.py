@@ -22,27 +22,19 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from transformers import AutoConfig, PretrainedConfig
 
 from continual_pt import config, schedules
-from continual_pt.components import (
-    branches,
-    checkpoint,
-    commit,
-    distributed,
-    elastic,
-    host_malloc,
-    lean_engine,
-    ops,
-)
-from continual_pt.components import model as models
-from continual_pt.components.checkpoint import set_rng_state
-from continual_pt.components.distributed import DistEnv
-from continual_pt.components.model import default_peak_tflops
-from continual_pt.components.scoring import score_packed
+from continual_pt.checkpoint import branches, commit, elastic, refs, weights
+from continual_pt.checkpoint.checkpointer import Checkpointer, set_rng_state
 from continual_pt.config import RunConfig
 from continual_pt.config import deepspeed as ds_config
 from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_tokenizer
 from continual_pt.data.sampler import MixtureSampler
 from continual_pt.errors import UserError
+from continual_pt.evaluation.scoring import HeldOut
+from continual_pt.model import causal_lm
+from continual_pt.model.causal_lm import default_peak_tflops
 from continual_pt.results.metrics import MetricsLogger
+from continual_pt.runtime import distributed, host_malloc, lean_engine, ops
+from continual_pt.runtime.distributed import DistEnv
 from continual_pt.schedules.scheduler import ScheduleLR
 from continual_pt.training.lock import RunLock
 from continual_pt.training.resume import RunFinished, Start, check_resume  # noqa: F401  (RunFinished: re-exported)
@@ -53,14 +45,14 @@ def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
     """Resolve resume/init into one start mode, changing nothing; errors name the missing or partial
     checkpoint."""
     if cfg.resume not in ("auto", "never"):
-        return Start("resume", checkpoint.resolve(cfg.resume, what="checkpoint.resume"))
+        return Start("resume", refs.resolve(cfg.resume, what="checkpoint.resume"))
     if cfg.resume == "auto":
-        ref = checkpoint.newest_committed(run_dir / "checkpoints")
+        ref = refs.newest_committed(run_dir / "checkpoints")
         if ref is not None:
-            return Start("resume", checkpoint.verify(ref.path))
+            return Start("resume", refs.verify(ref.path))
     if cfg.init:
-        if checkpoint.is_ours(cfg.init):
-            return Start("init_checkpoint", checkpoint.resolve(cfg.init, what="checkpoint.init"))
+        if refs.is_ours(cfg.init):
+            return Start("init_checkpoint", refs.resolve(cfg.init, what="checkpoint.init"))
         return Start("init_hf", reference=cfg.init)
     return Start("scratch")
 
@@ -102,15 +94,15 @@ def build_model(cfg: RunConfig, start: Start, vocab_size: int) -> torch.nn.Modul
     """The model to train, with the weights its start mode asks for (fp32, not yet on the engine)."""
     if start.kind == "resume":
         hf_config = AutoConfig.from_pretrained(start.ref.path / "model")
-        return models.build(hf_config, cfg.model, cfg.train.seed)
+        return causal_lm.build(hf_config, cfg.model, cfg.train.seed)
     if start.kind == "init_checkpoint":
-        model = checkpoint.load_model_from_checkpoint(start.ref, cfg.model.attn_implementation)
-        model = models.with_init_config(model, cfg.model, str(start.ref.path))
-        return models.finish_for_training(model, cfg.model)
+        model = weights.load_model_from_checkpoint(start.ref, cfg.model.attn_implementation)
+        model = causal_lm.with_init_config(model, cfg.model, str(start.ref.path))
+        return causal_lm.finish_for_training(model, cfg.model)
     if start.kind == "init_hf":
-        return models.load_pretrained(start.reference, cfg.model)
-    hf_config = models.architecture(cfg.model, vocab_size, cfg.data.seq_len)
-    return models.build(hf_config, cfg.model, cfg.train.seed)
+        return causal_lm.load_pretrained(start.reference, cfg.model)
+    hf_config = causal_lm.architecture(cfg.model, vocab_size, cfg.data.seq_len)
+    return causal_lm.build(hf_config, cfg.model, cfg.train.seed)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: bool,
@@ -128,39 +120,7 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, offload: boo
 
 
 @dataclass(frozen=True)
-class HeldOut:
-    """The held-out sets and how much of each is scored (the same tokens every time)."""
-
-    sets: dict[str, PackedSequences]
-    tokens: int | None
-    micro_batch_size: int
-
-    def score(self, engine: DeepSpeedEngine, env: DistEnv, device: torch.device,
-              stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]]:
-        """Token-weighted loss and perplexity per set, in eval mode, back in train mode after.
-
-        `stop` (asked between batches, alike on every rank) ends it early with ScoringStopped."""
-        engine.eval()
-        try:
-            return {name: score_packed(engine, packed, self.tokens, self.micro_batch_size, env, device, stop)
-                    for name, packed in self.sets.items()}
-        finally:
-            engine.train()
-
-
-@dataclass(frozen=True)
-class Parts:
-    """What `open_session` built: the engine and what feeds, scores, records and saves it."""
-
-    engine: DeepSpeedEngine
-    sampler: MixtureSampler
-    held_out: HeldOut
-    logger: MetricsLogger
-    checkpointer: checkpoint.Checkpointer
-
-
-@dataclass(frozen=True)
-class Figures:
+class PhaseConstants:
     """Fixed for the whole phase, derived from the config, the model and the world size."""
 
     lr_at: Callable[[int], float]
@@ -195,12 +155,17 @@ class CheckpointFiles:
 
 @dataclass(frozen=True)
 class Session:
-    """Everything the step loop needs, built and checked, and the state it starts from."""
+    """What `open_session` built and checked: the engine and what feeds, scores, records and saves it,
+    the phase's constants, and the state the loop starts from."""
 
     env: DistEnv
     device: torch.device
-    parts: Parts
-    figures: Figures
+    engine: DeepSpeedEngine
+    sampler: MixtureSampler
+    held_out: HeldOut
+    logger: MetricsLogger
+    checkpointer: Checkpointer
+    constants: PhaseConstants
     files: CheckpointFiles
     start: TrainState
     resumed: bool
@@ -241,7 +206,7 @@ def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
     """The DeepSpeed engine over the model's loss, with AdamW and the phase's schedule."""
     optimizer = make_optimizer(net, cfg.optim, ds_config.offloads_optimizer(ds_cfg), lr_at(0))
     ds_cfg = ds_config.fit_reduce_bucket(ds_cfg, sum(p.numel() for p in net.parameters() if p.requires_grad))
-    engine, _, _, _ = deepspeed.initialize(model=models.CausalLMLoss(net, cfg.model.fused_loss), optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=causal_lm.CausalLMLoss(net, cfg.model.fused_loss), optimizer=optimizer,
                                            lr_scheduler=ScheduleLR(optimizer, lr_at), config=ds_cfg)
     lean_engine.skip_lone_allreduce(engine, ds_config.zero_stage(ds_cfg))
     if cfg.train.compile:
@@ -250,7 +215,7 @@ def build_engine(cfg: RunConfig, net: torch.nn.Module, ds_cfg: dict[str, Any],
 
 
 def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: MixtureSampler,
-            checkpointer: checkpoint.Checkpointer, rank: int, universal: Path | None = None) -> TrainState:
+            checkpointer: Checkpointer, rank: int, universal: Path | None = None) -> TrainState:
     """Load what the start mode asks for; on resume, the loop's state, data position and RNG too."""
     state = TrainState()
     if start.kind == "resume":
@@ -268,14 +233,14 @@ def restore(cfg: RunConfig, start: Start, engine: DeepSpeedEngine, sampler: Mixt
     return state
 
 
-def figures_for(cfg: RunConfig, env: DistEnv, hf_config: PretrainedConfig, n_params: int,
-                lr_at: Callable[[int], float], zero_stage: int) -> Figures:
-    """Throughput and MFU constants of the phase."""
+def phase_constants(cfg: RunConfig, env: DistEnv, hf_config: PretrainedConfig, n_params: int,
+                    lr_at: Callable[[int], float], zero_stage: int) -> PhaseConstants:
+    """The schedule, throughput and MFU constants of the phase."""
     peak = cfg.log.peak_tflops or default_peak_tflops()
-    return Figures(lr_at=lr_at, zero_stage=zero_stage,
+    return PhaseConstants(lr_at=lr_at, zero_stage=zero_stage,
                    tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
                    * cfg.data.seq_len,
-                   flops_per_token=models.flops_per_token(hf_config, n_params, cfg.data.seq_len),
+                   flops_per_token=causal_lm.flops_per_token(hf_config, n_params, cfg.data.seq_len),
                    peak_flops=peak * 1e12 if peak else None)
 
 
@@ -325,7 +290,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     zero_stage = ds_config.zero_stage(ds_cfg)
     check_resume(cfg, start, zero_stage, env.world_size)
     net = build_model(cfg, start, vocab)
-    models.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
+    causal_lm.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
     settle_start(cfg.checkpoint, cfg.run_dir, start)   # nothing is moved before every check passed
     universal, converted = None, False
     if start.kind == "resume" and elastic.needs_universal(start.ref.meta(), env.world_size, zero_stage,
@@ -333,13 +298,13 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
         universal, converted = elastic.prepare(start.ref.path, env.is_main)
         ds_cfg = elastic.with_universal_loading(ds_cfg)
     hf_config = net.config
-    n_params = models.num_params(net)  # before DeepSpeed, which may partition the parameters away
+    n_params = causal_lm.num_params(net)  # before DeepSpeed, which may partition the parameters away
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
-    figures = figures_for(cfg, env, hf_config, n_params, lr_at, zero_stage)
+    constants = phase_constants(cfg, env, hf_config, n_params, lr_at, zero_stage)
     engine = build_engine(cfg, net, ds_cfg, lr_at)
     sampler = MixtureSampler(train_sets, {n: s.weight for n, s in cfg.data.train.items()}, cfg.data.seed,
                              cfg.train.micro_batch_size, env.rank, env.world_size)
-    checkpointer = checkpoint.Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
+    checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                            env.world_size, keep_every=cfg.checkpoint.keep_every)
     state = restore(cfg, start, engine, sampler, checkpointer, env.rank, universal)
     distributed.barrier()
@@ -351,8 +316,8 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     logger.message(start_line(cfg, env, start, state.step, n_params, zero_stage, device))
     if universal is not None:
         logger.message(elastic.note(start.ref.meta(), env.world_size, zero_stage, universal, converted,
-                                    figures.tokens_per_step))
+                                    constants.tokens_per_step))
     held_out = HeldOut(eval_sets, cfg.eval.tokens, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
-    return Session(env=env, device=device, figures=figures, start=state, resumed=start.kind == "resume", lock=lock,
-                   parts=Parts(engine, sampler, held_out, logger, checkpointer),
-                   files=CheckpointFiles(hf_config, tokenizer_dir, config.to_dict(cfg)))
+    return Session(env=env, device=device, engine=engine, sampler=sampler, held_out=held_out, logger=logger,
+                   checkpointer=checkpointer, constants=constants, start=state, resumed=start.kind == "resume",
+                   files=CheckpointFiles(hf_config, tokenizer_dir, config.to_dict(cfg)), lock=lock)

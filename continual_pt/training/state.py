@@ -1,4 +1,5 @@
-"""The trainer's mutable state: what a checkpoint records of the loop and what a resume restores."""
+"""The trainer's mutable state: what a checkpoint records of the loop and what a resume restores;
+and the failure that ends a run without saving it."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ class TrainState:
         self.tokens_seen = state["tokens_seen"]
         # Checkpoints written before skipping existed have no count: none were skipped.
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (beyond train.max_nonfinite_skips) or the gradient norm went non-finite: the run stops
+    without saving, the last committed checkpoint intact."""

@@ -19,7 +19,7 @@ if os.environ.get("CPT_PROBE_DIR") and "continual_pt.train" in getattr(sys, "ori
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from continual_pt.components import checkpoint
+    from continual_pt.checkpoint import checkpointer
     from continual_pt.data import sampler
     from continual_pt.training import session
 
@@ -60,13 +60,13 @@ if os.environ.get("CPT_PROBE_DIR") and "continual_pt.train" in getattr(sys, "ori
     for reader in readers:
         reader.next_batch = _logged(reader.next_batch)
 
-    _save = checkpoint.Checkpointer.save
+    _save = checkpointer.Checkpointer.save
 
     def save(self, engine, step, *args, **kwargs):
         _dump(engine, f"saved-{_tag}-step{step}.pt")
         return _save(self, engine, step, *args, **kwargs)
 
-    checkpoint.Checkpointer.save = save
+    checkpointer.Checkpointer.save = save
 
     _restore = session.restore
 

@@ -19,10 +19,10 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from continual_pt.components import fused_loss as fused
-from continual_pt.components.fused_loss import fused_head
 from continual_pt.config import ConfigError, ModelConfig
 from continual_pt.errors import UserError
+from continual_pt.model import fused_loss as fused
+from continual_pt.model.fused_loss import fused_head
 
 # What a transformers config refuses to build: its own checks raise any of these.
 CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)

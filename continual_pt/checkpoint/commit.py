@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from continual_pt.components import integrity
+from continual_pt.checkpoint import integrity
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text, fsync_dir
 

@@ -3,7 +3,7 @@
 Each launcher announces ranks differently; `detect()` reads whichever is present and
 `init()` turns it into the environment torch.distributed expects, then starts DeepSpeed's
 communication backend (nccl on GPUs, gloo on the CPU), building the ops it needs first under a
-lock that a killed start cannot leave behind (see `components.ops`).
+lock that a killed start cannot leave behind (see `runtime.ops`).
 
 Ranks agree on host values (a stop flag, a non-finite loss, a failed save) over a gloo group of
 their own beside nccl: a flag then travels between CPUs and never queues behind the GPU's work, so
@@ -23,8 +23,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from continual_pt.components import ops, shm_buffers
 from continual_pt.errors import UserError
+from continual_pt.runtime import ops, shm_buffers
 
 _HOST_GROUP: dist.ProcessGroup | None = None   # gloo beside nccl; None: the default group (already gloo)
 

@@ -4,46 +4,33 @@ another allocation, and its universal conversion made ahead of time."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual_pt.components import checkpoint, elastic, integrity
+from continual_pt import layout
+from continual_pt.checkpoint import elastic, integrity, refs
+from continual_pt.checkpoint.options import ConvertOptions, InfoOptions
 from continual_pt.errors import UserError
-
-
-@dataclass
-class InfoOptions:
-    """`cpt checkpoint info`: one checkpoint folder, or a run (its checkpoints, the newest in detail)."""
-
-    path: str
-
-
-@dataclass
-class ConvertOptions:
-    """`cpt checkpoint convert`: the universal conversion of a committed checkpoint."""
-
-    path: str
 
 
 def _tag_dirs(path: Path) -> tuple[list[Path], Path | None]:
     """(every checkpoint folder listed, the one shown in detail) for a tag, checkpoints or run dir."""
-    if checkpoint.step_of(path.name) is not None:
+    if layout.step_of(path.name) is not None:
         return [path], path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    tags = checkpoint.list_tags(root)
+    tags = refs.list_tags(root)
     if not tags:
         raise UserError(f"checkpoint info: no checkpoint folders (global_step<N>) under {root}")
-    committed = [p for p in tags if checkpoint.is_committed(p)]
+    committed = [p for p in tags if refs.is_committed(p)]
     return tags, (committed or tags)[-1]
 
 
 def _state(tag_dir: Path) -> str:
     """committed, committed but damaged (why), or not committed."""
-    if not checkpoint.is_committed(tag_dir):
-        return f"NOT committed (no {checkpoint.MARKER}: an interrupted save, never resumed)"
+    if not refs.is_committed(tag_dir):
+        return f"NOT committed (no {layout.MARKER}: an interrupted save, never resumed)"
     try:
-        checkpoint.verify(tag_dir, hint=False)
+        refs.verify(tag_dir, hint=False)
     except UserError as exc:
         return f"committed but damaged: {str(exc).removeprefix(f'checkpoint {tag_dir} ')}"
     return "committed, every file matches its size and checksum"
@@ -72,9 +59,9 @@ def _file_lines(tag_dir: Path, meta: dict[str, Any] | None) -> list[str]:
 def describe(tag_dir: Path) -> list[str]:
     """The lines `cpt checkpoint info` prints about one checkpoint folder."""
     meta = None
-    if checkpoint.is_committed(tag_dir):
+    if refs.is_committed(tag_dir):
         try:
-            meta = checkpoint.CheckpointRef(tag_dir).meta()
+            meta = refs.CheckpointRef(tag_dir).meta()
         except (OSError, ValueError):
             meta = None
     lines = [f"checkpoint {tag_dir}: {_state(tag_dir)}"]
@@ -85,7 +72,7 @@ def describe(tag_dir: Path) -> list[str]:
                      f"{meta.get('precision', '?')}, saved {saved}")
         lines.append(_universal_line(tag_dir))
     else:
-        lines.append(f"step {checkpoint.step_of(tag_dir.name)} (from its name; no marker records the rest)")
+        lines.append(f"step {layout.step_of(tag_dir.name)} (from its name; no marker records the rest)")
     return lines + _file_lines(tag_dir, meta)
 
 
@@ -98,7 +85,7 @@ def run_info(options: InfoOptions) -> int:
     if len(tags) > 1:
         print(f"{len(tags)} checkpoint folders under {tags[0].parent}:")
         for tag in tags:
-            print(f"  {tag.name}: {'committed' if checkpoint.is_committed(tag) else 'NOT committed'}")
+            print(f"  {tag.name}: {'committed' if refs.is_committed(tag) else 'NOT committed'}")
         print()
     print("\n".join(describe(shown)))
     return 0
@@ -106,7 +93,7 @@ def run_info(options: InfoOptions) -> int:
 
 def run_convert(options: ConvertOptions) -> int:
     """`cpt checkpoint convert PATH`: convert once, ahead of a resume on another world size or stage."""
-    ref = checkpoint.resolve(options.path)
+    ref = refs.resolve(options.path)
     meta = ref.meta()
     if not meta.get("zero_stage"):
         raise UserError(f"checkpoint {ref.path} was saved with ZeRO stage {meta.get('zero_stage', 0)}: its "

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from continual_pt.components import distributed
-from continual_pt.components.checkpoint import (
-    LATEST,
-    RETIRED,
+from continual_pt.checkpoint.checkpointer import RETIRED
+from continual_pt.checkpoint.refs import (
     CheckpointRef,
     is_committed,
     list_committed,
@@ -23,8 +21,8 @@ from continual_pt.components.checkpoint import (
     newest_committed,
 )
 from continual_pt.files import atomic_write_text, fsync_dir
-
-BRANCHES = "branches"
+from continual_pt.layout import BRANCHES, LATEST
+from continual_pt.runtime import distributed
 
 
 def _is_main() -> bool:

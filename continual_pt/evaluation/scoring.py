@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from deepspeed import DeepSpeedEngine
 
-from continual_pt.components import distributed
-from continual_pt.components.distributed import DistEnv
 from continual_pt.data.dataset import PackedSequences, eval_windows
+from continual_pt.runtime import distributed
+from continual_pt.runtime.distributed import DistEnv
 
 
 class ScoringStopped(Exception):
@@ -53,3 +55,24 @@ def score_packed(forward, packed: PackedSequences, token_budget: int | None, mic
         return {"loss": math.nan, "ppl": math.nan, "tokens": 0}
     mean = total_loss / total_tokens
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(total_tokens)}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out sets and how much of each is scored (the same tokens every time)."""
+
+    sets: dict[str, PackedSequences]
+    tokens: int | None
+    micro_batch_size: int
+
+    def score(self, engine: DeepSpeedEngine, env: DistEnv, device: torch.device,
+              stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]]:
+        """Token-weighted loss and perplexity per set, in eval mode, back in train mode after.
+
+        `stop` (asked between batches, alike on every rank) ends it early with ScoringStopped."""
+        engine.eval()
+        try:
+            return {name: score_packed(engine, packed, self.tokens, self.micro_batch_size, env, device, stop)
+                    for name, packed in self.sets.items()}
+        finally:
+            engine.train()

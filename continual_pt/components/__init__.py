@@ -1,1 +1,0 @@
-"""Pieces that training and evaluation share: the model, process groups, checkpoints, scoring."""
