@@ -19,6 +19,19 @@ from typing import Any
 from continual_pt import __version__
 from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 from continual_pt.errors import UserError
+from continual_pt.layout import (
+    CHECKPOINTS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RESUMABLE,
+    EXIT_USAGE,
+    METRICS,
+    SCORES,
+    STOP,
+    STOP_DONE,
+    TAG_PREFIX,
+    UNIVERSAL,
+)
 from continual_pt.training import stop as stops
 
 SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is one "
@@ -134,9 +147,9 @@ def _add_launch(sub) -> None:
 def _add_stop(sub) -> None:
     p = sub.add_parser(
         "stop", help="ask a running run, on any node, to save a committed checkpoint and exit 75",
-        description="Write <run dir>/STOP: rank 0 of the run sees it within a second, every rank saves at the "
-                    "same step boundary and the run exits 75 (resume by running it again). The run answers in "
-                    "<run dir>/STOP.done.")
+        description=f"Write <run dir>/{STOP}: rank 0 of the run sees it within a second, every rank saves at "
+                    f"the same step boundary and the run exits {EXIT_RESUMABLE} (resume by running it again). The "
+                    f"run answers in <run dir>/{STOP_DONE}.")
     p.add_argument("run_dir", help="the run directory (out_dir/name)")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the run's answer (default: do not wait)")
     _target(p, "continual_pt.training.supervise:request")
@@ -242,11 +255,11 @@ def _add_checkpoint(sub) -> None:
     q = csub.add_parser("info", help="step, tokens, world size, ZeRO stage, precision, committed or not, files",
                         description="What a checkpoint holds, checked against its commit marker: what to look "
                                     "at before resuming it on another allocation.")
-    q.add_argument("path", help="a checkpoint folder (global_step<N>), or a run or checkpoints directory (all "
+    q.add_argument("path", help=f"a checkpoint folder ({TAG_PREFIX}<N>), or a run or checkpoints directory (all "
                                 "its checkpoints listed, the newest committed one in detail)")
     _target(q, "continual_pt.checkpoint.info:run_info")
     q = csub.add_parser("convert", help="convert a committed checkpoint to DeepSpeed's universal format ahead of time",
-                        description="Write checkpoints/universal/global_step<N> beside the checkpoint (which is "
+                        description=f"Write {CHECKPOINTS}/{UNIVERSAL}/{TAG_PREFIX}<N> beside the checkpoint (which is "
                                     "only read), under the commit protocol. A resume with another world size or "
                                     "ZeRO stage (checkpoint.elastic: auto) makes and reuses the same conversion.")
     q.add_argument("path", help="a checkpoint folder, or a run directory (its newest committed checkpoint)")
@@ -261,7 +274,7 @@ def _add_eval(sub) -> None:
                     "same arguments); the scores do not depend on the number of ranks. Rows already in the "
                     "store (same checkpoint, set, budget, seq len, dtype) are skipped.")
     p.add_argument("targets", nargs="+", metavar="CHECKPOINT",
-                   help="a run directory (all its committed checkpoints), a checkpoint folder global_step<N>, "
+                   help=f"a run directory (all its committed checkpoints), a checkpoint folder {TAG_PREFIX}<N>, "
                         "a Hugging Face model folder, or a hub name such as EleutherAI/pythia-410m@step143000")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
                    help="a held-out set: a prepared dataset's val split (default) or, with :train, its whole "
@@ -275,7 +288,7 @@ def _add_eval(sub) -> None:
                    help="sequences per forward pass per rank (default: the run's eval/train micro batch, else 8)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
     p.add_argument("--store", default=None,
-                   help="scores.jsonl to append to (default: <run dir>/scores.jsonl of each checkpoint's run; "
+                   help=f"{SCORES} to append to (default: <run dir>/{SCORES} of each checkpoint's run; "
                         "required for Hugging Face folders and hub names); scores.csv is written beside it")
     p.add_argument("--task-index", default=None,
                    help="score only checkpoint number N of the list, numbered from 0 in the order --list prints "
@@ -290,7 +303,7 @@ def _add_plot(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw validation loss vs tokens per held-out set, one line per run, with the LR schedule",
         description="The paper's figures: one panel of validation loss vs tokens per held-out set (in-loop "
-                    "evaluations from metrics.jsonl, or cpt eval scores from scores.jsonl), one line per run, "
+                    f"evaluations from {METRICS}, or cpt eval scores from {SCORES}), one line per run, "
                     "and a panel of the learning rate vs tokens. Writes OUT.png and OUT.svg.")
     p.add_argument("runs", nargs="+",
                    help="run directories, or sweep directories (with sweep.json) standing for all their runs")
@@ -386,14 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         stops.process_request()  # before the heavy imports: a stop during set-up is remembered, not fatal
     func = target_function(args.target)
     try:
-        return int(func(options_for(func, args)) or 0)
+        return int(func(options_for(func, args)) or EXIT_OK)
     except UserError as exc:
         print(f"cpt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         # Work in progress was left as each command promises (atomic outputs, committed checkpoints).
         print(f"cpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

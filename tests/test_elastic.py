@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from continual_pt import layout
 from continual_pt.checkpoint import elastic, integrity, refs
 from tests import train_support as ts
 
@@ -197,11 +198,11 @@ def test_each_elastic_resume_says_once_what_does_not_carry_and_converts_once(cha
         assert err.count("elastic resume:") == 1, err[-3000:]
         assert "each rank's RNG stream" in err and "converted now" in err
     root = chain["run_dir"] / "checkpoints"
-    converted = sorted(p.name for p in (root / elastic.UNIVERSAL).iterdir())
+    converted = sorted(p.name for p in (root / layout.UNIVERSAL).iterdir())
     kept = {r.tag for r in refs.list_committed(root)}
     assert set(converted) <= kept and len(converted) == sum(map(converts, legs, legs[1:]))
     for tag in converted:
-        assert elastic.usable(root / tag) == root / elastic.UNIVERSAL / tag
+        assert elastic.usable(root / tag) == root / layout.UNIVERSAL / tag
         refs.verify(root / tag)   # the originals still match their markers
 
 
@@ -228,14 +229,14 @@ def test_elastic_never_refuses_with_the_message_of_before(straight, tmp_path):
     assert (f"checkpoint {tag} was written by 2 ranks with ZeRO stage 2; this run has 1 ranks. Resume with 2 "
             "ranks, or start a new phase from its weights (checkpoint.init)") in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tag.parent / elastic.UNIVERSAL).exists()
+    assert not (tag.parent / layout.UNIVERSAL).exists()
 
 
 def test_a_killed_conversion_is_never_trusted_and_the_original_never_changes(straight, tmp_path):
     run_dir = tmp_path / "runs" / "copy"
     tag = copy_checkpoint(straight["run_dir"], "global_step8", run_dir)
     before = snapshot(tag)
-    base = tag.parent / elastic.UNIVERSAL
+    base = tag.parent / layout.UNIVERSAL
     proc = subprocess.Popen([sys.executable, "-m", "continual_pt.cli", "checkpoint", "convert", str(tag)],
                             env=probe_env(tmp_path / "probe", "kill"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from continual_pt import cli, layout
-from continual_pt.checkpoint import checkpointer, elastic
+from continual_pt.checkpoint import checkpointer
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -88,7 +88,7 @@ def test_info_and_convert_name_a_missing_path_or_a_checkpoint_that_needs_no_conv
     err = capsys.readouterr().err
     assert "was saved with ZeRO stage 0: its optimizer state is not partitioned, so it resumes on any world size" \
         in err and "Traceback" not in err
-    assert not (run / "checkpoints" / elastic.UNIVERSAL).exists()
+    assert not (run / "checkpoints" / layout.UNIVERSAL).exists()
 
 
 def test_convert_of_a_checkpoint_deepspeed_cannot_read_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
@@ -97,7 +97,7 @@ def test_convert_of_a_checkpoint_deepspeed_cannot_read_is_one_clear_error_and_wr
     err = capsys.readouterr().err
     assert (f"could not convert checkpoint {run / 'checkpoints' / 'global_step4'} to DeepSpeed's universal "
             "format (") in err and "Traceback" not in err
-    assert not list((run / "checkpoints" / elastic.UNIVERSAL).iterdir())
+    assert not list((run / "checkpoints" / layout.UNIVERSAL).iterdir())
 
 
 def test_help_lists_the_checkpoint_commands(capsys):

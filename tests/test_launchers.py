@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from continual_pt import layout
 from continual_pt.checkpoint import refs
-from continual_pt.training import stop as stops
 from tests import train_support as ts
 from tests.helpers import REPO, free_port
 
@@ -72,7 +72,7 @@ def stop_job(launcher: str, cfg: Path, run_dir: Path, sig: signal.Signals, after
     trained = ts.train_records(run_dir)[-1]["step"]
     assert ref.step == trained, f"checkpoint at {ref.step}, last step trained {trained}"
     assert after_step <= ref.step < MAX_STEPS
-    assert not (run_dir / stops.STOP_FILE).exists() and not (run_dir / stops.DONE_FILE).exists()
+    assert not (run_dir / layout.STOP).exists() and not (run_dir / layout.STOP_DONE).exists()
     return ref.step
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from continual_pt import cli
+from continual_pt import cli, layout
 from continual_pt.cli import main
 from continual_pt.sweep.plan import SweepOptions
 from continual_pt.training import stop as stops
@@ -20,7 +20,7 @@ from continual_pt.training.supervise import config_source
 
 def test_a_watched_stop_file_becomes_a_request_at_the_next_look(tmp_path):
     request = stops.StopRequest()
-    request.watch(tmp_path / stops.STOP_FILE)
+    request.watch(tmp_path / layout.STOP)
     assert request.current() == 0
     stops.request_stop(tmp_path, "t1", "test")
     assert request.current() == 0            # looked less than a second ago
@@ -35,7 +35,7 @@ def test_a_signal_is_not_replaced_by_a_later_file_request(tmp_path):
     request = stops.StopRequest()
     request.install()
     try:
-        request.watch(tmp_path / stops.STOP_FILE)
+        request.watch(tmp_path / layout.STOP)
         stops.request_stop(tmp_path, "t", "test")
         signal.raise_signal(signal.SIGTERM)
         assert request.current() == signal.SIGTERM
@@ -46,18 +46,18 @@ def test_a_signal_is_not_replaced_by_a_later_file_request(tmp_path):
 
 def test_the_answer_names_the_request_step_and_status_and_removes_the_request(tmp_path):
     assert stops.answer(tmp_path, 7, 75) is None                       # nothing asked: nothing answered
-    assert not (tmp_path / stops.DONE_FILE).exists()
+    assert not (tmp_path / layout.STOP_DONE).exists()
     stops.request_stop(tmp_path, "tok", "cpt stop")
     done = stops.answer(tmp_path, 7, 75)
-    assert not (tmp_path / stops.STOP_FILE).exists()
-    on_disk = json.loads((tmp_path / stops.DONE_FILE).read_text())
+    assert not (tmp_path / layout.STOP).exists()
+    on_disk = json.loads((tmp_path / layout.STOP_DONE).read_text())
     assert on_disk == done and done["step"] == 7 and done["exit"] == 75
     assert done["request"]["token"] == "tok" and done["request"]["why"] == "cpt stop"
 
 
 def test_an_unreadable_request_is_still_answered(tmp_path):
-    (tmp_path / stops.STOP_FILE).write_text("stop please")             # `touch STOP` by hand works too
-    assert stops.read_record(tmp_path / stops.STOP_FILE) == {}
+    (tmp_path / layout.STOP).write_text("stop please")             # `touch STOP` by hand works too
+    assert stops.read_record(tmp_path / layout.STOP) == {}
     assert stops.answer(tmp_path, 3, 75)["request"] == {}
 
 
@@ -94,7 +94,7 @@ def test_cpt_launch_clears_a_stale_request_and_exits_with_the_commands_status(tm
         other.wait()
     assert time.monotonic() - started < 20
     assert "removed a stop request left by an earlier start (cpt stop" in capfd.readouterr().err
-    assert not (tmp_path / stops.STOP_FILE).exists()
+    assert not (tmp_path / layout.STOP).exists()
 
 
 def test_cpt_launch_refuses_a_run_dir_another_run_holds(tmp_path, capfd):
@@ -104,7 +104,7 @@ def test_cpt_launch_refuses_a_run_dir_another_run_holds(tmp_path, capfd):
         stops.request_stop(tmp_path, "theirs", "cpt stop")
         assert main(["launch", "--run-dir", str(tmp_path), "--", sys.executable, "-c", "pass"]) == 2
         assert "is in use" in capfd.readouterr().err
-        assert stops.read_record(tmp_path / stops.STOP_FILE)["token"] == "theirs"   # not ours to clear
+        assert stops.read_record(tmp_path / layout.STOP)["token"] == "theirs"   # not ours to clear
     finally:
         lock.release()
 
@@ -119,19 +119,19 @@ def test_a_stop_signal_to_cpt_launch_reports_a_launcher_that_never_answered(tmp_
     assert proc.returncode == 0, err
     assert "SIGTERM: asked every rank to save" in err
     assert "before the run answered the stop request" in err
-    assert not (tmp_path / stops.STOP_FILE).exists()
+    assert not (tmp_path / layout.STOP).exists()
 
 
 def test_cpt_stop_needs_a_live_run_and_leaves_a_request_for_it(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("name: x\n")
     assert main(["stop", str(tmp_path)]) == 2
     assert "no run is running" in capsys.readouterr().err
-    assert not (tmp_path / stops.STOP_FILE).exists()
+    assert not (tmp_path / layout.STOP).exists()
     lock = RunLock(tmp_path)
     lock.acquire()
     try:
         assert main(["stop", str(tmp_path)]) == 0
-        assert stops.read_record(tmp_path / stops.STOP_FILE)["why"] == "cpt stop"
+        assert stops.read_record(tmp_path / layout.STOP)["why"] == "cpt stop"
     finally:
         lock.release()
     assert main(["stop", str(tmp_path.parent / "nowhere")]) == 2

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from continual_pt.checkpoint import integrity
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text, fsync_dir
+from continual_pt.layout import RANK_FILE
 
-RANK_FILE = "rank{rank}.pt"
 T = TypeVar("T")
 
 

@@ -33,11 +33,9 @@ from deepspeed.checkpoint import ds_to_universal
 from continual_pt.checkpoint import integrity
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text, fsync_dir, fsync_tree
+from continual_pt.layout import MARKER, UNIVERSAL
 from continual_pt.runtime import distributed
 
-UNIVERSAL = "universal"
-"""The folder beside the checkpoint tags that holds their universal conversions."""
-MARKER = "COMMITTED.json"
 TEMPORARY = ".converting-"
 FORMAT_VERSION = 1
 

@@ -17,10 +17,10 @@ def _tag_dirs(path: Path) -> tuple[list[Path], Path | None]:
     """(every checkpoint folder listed, the one shown in detail) for a tag, checkpoints or run dir."""
     if layout.step_of(path.name) is not None:
         return [path], path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = path / layout.CHECKPOINTS if (path / layout.CHECKPOINTS).is_dir() else path
     tags = refs.list_tags(root)
     if not tags:
-        raise UserError(f"checkpoint info: no checkpoint folders (global_step<N>) under {root}")
+        raise UserError(f"checkpoint info: no checkpoint folders ({layout.TAG_PREFIX}<N>) under {root}")
     committed = [p for p in tags if refs.is_committed(p)]
     return tags, (committed or tags)[-1]
 
@@ -88,7 +88,7 @@ def run_info(options: InfoOptions) -> int:
             print(f"  {tag.name}: {'committed' if refs.is_committed(tag) else 'NOT committed'}")
         print()
     print("\n".join(describe(shown)))
-    return 0
+    return layout.EXIT_OK
 
 
 def run_convert(options: ConvertOptions) -> int:
@@ -102,8 +102,8 @@ def run_convert(options: ConvertOptions) -> int:
     out = elastic.usable(ref.path)
     if out is not None:
         print(f"{ref.path} is already converted: {out}")
-        return 0
+        return layout.EXIT_OK
     out = elastic.convert(ref.path)
     print(f"converted {ref.path} (step {ref.step}, {meta.get('world_size')} ranks, ZeRO {meta['zero_stage']}) "
           f"to {out}; a resume with another world size or ZeRO stage loads it")
-    return 0
+    return layout.EXIT_OK

@@ -51,7 +51,7 @@ def verify(tag_dir: Path, *, hint: bool = True, checksums: bool = True) -> Check
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint {tag_dir} does not exist")
     if step_of(tag_dir.name) is None:
-        raise UserError(f"{tag_dir} is not a checkpoint folder (expected a name like global_step1000)")
+        raise UserError(f"{tag_dir} is not a checkpoint folder (expected a name like {tag_for(1000)})")
     if not is_committed(tag_dir):
         raise UserError(f"checkpoint {tag_dir} is partial: it has no {MARKER} (the save was interrupted); "
                         "use an earlier committed checkpoint" + (_intact_hint(tag_dir) if hint else ""))
@@ -112,7 +112,7 @@ def resolve(path: str | Path, *, what: str = "checkpoint") -> CheckpointRef:
         raise UserError(f"{what}: {path} does not exist")
     if step_of(path.name) is not None:
         return verify(path)
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     ref = newest_committed(root)
     if ref is None:
         raise UserError(f"{what}: no committed checkpoint under {root}")
@@ -122,6 +122,6 @@ def resolve(path: str | Path, *, what: str = "checkpoint") -> CheckpointRef:
 def is_ours(path: str | Path) -> bool:
     """Whether a path is one of our run, checkpoints or checkpoint folders (else: Hugging Face)."""
     path = Path(path)
-    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
+    return path.is_dir() and ((path / CHECKPOINTS).is_dir() or (path / MARKER).is_file()
                               or step_of(path.name) is not None or (path / LATEST).is_file())
 

@@ -14,6 +14,7 @@ from continual_pt.checkpoint.options import ExportOptions
 from continual_pt.checkpoint.refs import CheckpointRef, resolve
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_output
+from continual_pt.layout import EXIT_OK
 from continual_pt.model.causal_lm import DTYPES
 
 
@@ -69,4 +70,4 @@ def run_export(options: ExportOptions) -> int:
     ref = resolve(options.checkpoint)
     out = export_hf(ref, Path(options.out), options.dtype)
     print(f"exported {ref.path} (step {ref.step}) to {out}")
-    return 0
+    return EXIT_OK

@@ -22,6 +22,7 @@ from continual_pt.config.typed import (
     walk_keys,
 )
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import EXIT_OK
 from continual_pt.schedules import ScheduleConfig, check_config
 
 
@@ -41,7 +42,7 @@ class ConfigSource:
 def print_resolved(source: ConfigSource) -> int:
     """`cpt config`: print the resolved, validated config as YAML."""
     sys.stdout.write(dump(source.load()))
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- conversion

@@ -17,47 +17,23 @@ from typing import Any, Union
 
 import yaml
 
-from continual_pt.errors import UserError
+from continual_pt import errors
+from continual_pt.errors import InvalidInput
 from continual_pt.schedules.lengths import Length
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(InvalidInput, ValueError):
     """All problems found in one config, one per line, each naming the file and key."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+    def __init__(self, problems: list[str], what: str = "configuration"):
+        super().__init__(problems, what)
 
 
-class Problems:
-    """Collects problems, naming for each key where its value came from."""
+class Problems(errors.Problems):
+    """A config's problems: one per dotted key, each naming where its value came from."""
 
     def __init__(self, origins: dict[str, str] | None = None, default_origin: str = "defaults"):
-        self.items: list[str] = []
-        self.keys: set[str] = set()
-        self.origins = origins or {}
-        self.default_origin = default_origin
-
-    def origin(self, key: str) -> str:
-        # The most specific recorded origin of this key or of a parent of it.
-        parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            found = self.origins.get(".".join(parts[:n]))
-            if found:
-                return found
-        return self.default_origin
-
-    def add(self, key: str, message: str) -> None:
-        # One problem per key: a value that failed to convert is not judged again by range checks.
-        if key in self.keys:
-            return
-        self.keys.add(key)
-        self.items.append(f"{self.origin(key)}: {key}: {message}")
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ConfigError(self.items)
+        super().__init__("configuration", origins, default_origin, one_per_key=True, error=ConfigError)
 
 
 def parse_duration(value: str | int | float) -> float:

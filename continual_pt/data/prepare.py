@@ -39,7 +39,8 @@ from continual_pt import __version__
 from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, encode, output, sources
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
 from continual_pt.data.tokenizer import TOKENIZER_FILES, LoadedTokenizer, load_tokenizer
-from continual_pt.errors import UserError
+from continual_pt.errors import Problems, UserError
+from continual_pt.layout import EXIT_OK
 
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
@@ -82,21 +83,20 @@ class PrepareOptions:
 
     def check(self) -> None:
         """Raise one UserError listing every invalid option."""
-        problems = []
+        p = Problems("options")
         if not self.sources:
-            problems.append("no --source given")
+            p.add("", "no --source given")
         if not 0.0 <= self.val_fraction < 1.0:
-            problems.append(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+            p.add("", f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1:
-            problems.append(f"--shard-tokens must be >= 1, got {self.shard_tokens}")
+            p.add("", f"--shard-tokens must be >= 1, got {self.shard_tokens}")
         if self.dtype not in ("auto", *encode.DTYPES):
-            problems.append(f"--dtype {self.dtype!r} unknown; accepted: auto, {', '.join(encode.DTYPES)}")
+            p.add("", f"--dtype {self.dtype!r} unknown; accepted: auto, {', '.join(encode.DTYPES)}")
         if self.workers is not None and self.workers < 1:
-            problems.append(f"--workers must be >= 1, got {self.workers}")
+            p.add("", f"--workers must be >= 1, got {self.workers}")
         if not self.text_field:
-            problems.append("--text-field must not be empty")
-        if problems:
-            raise UserError("invalid options: " + "; ".join(problems))
+            p.add("", "--text-field must not be empty")
+        p.raise_if_any()
 
 
 def choose_dtype(requested: str, vocab_size: int, tokenizer: str) -> str:
@@ -248,4 +248,4 @@ def run_prepare(options: PrepareOptions) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0
+    return EXIT_OK

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from continual_pt.data import output, sources
 from continual_pt.data.tokenizer import EOS_TOKEN, TOKENIZER_FILES, LoadedTokenizer, train_bpe
+from continual_pt.layout import EXIT_OK
 
 TOKENIZER = output.OutputKind("a tokenizer", "tokenizer.json",
                               re.compile("|".join(map(re.escape, TOKENIZER_FILES))))
@@ -74,4 +75,4 @@ def train_tokenizer(options: TokenizerOptions) -> int:
     if not options.quiet:
         print(f"trained a byte-level BPE of {tokenizer.get_vocab_size(True)} tokens in "
               f"{time.perf_counter() - start:.1f} s -> {out}")
-    return 0
+    return EXIT_OK

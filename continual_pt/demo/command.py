@@ -31,6 +31,7 @@ from continual_pt.demo.upstream import FINAL, fit_tokenizer, pretrain, shipped, 
 from continual_pt.errors import UserError
 from continual_pt.evaluation.job import EvalOptions, run_eval
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import CHECKPOINTS, EXIT_OK
 from continual_pt.sweep.plan import SweepOptions, run_sweep
 from continual_pt.training.lock import RunLock
 
@@ -102,11 +103,11 @@ def _score(out: Path, model: Path, data: dict[str, Path], scale: Scale) -> None:
     runs_dir = out / SWEEP / "runs"
     sets = [f"{name}={path}" for name, path in data.items()]
     jobs = [([str(model / FINAL)], str(out / START_SCORES)),
-            (sorted(str(p) for p in runs_dir.iterdir() if (p / "checkpoints").is_dir()), None)]
+            (sorted(str(p) for p in runs_dir.iterdir() if (p / CHECKPOINTS).is_dir()), None)]
     for targets, store in jobs:
         status = run_eval(EvalOptions(targets=targets, sets=sets, tokens=scale.score_tokens, store=store,
                                       task_index="all"))
-        if status != 0:
+        if status != EXIT_OK:
             raise UserError(f"cpt eval of {', '.join(targets)} failed with exit {status}")
 
 
@@ -137,7 +138,7 @@ def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: 
         pretrain(scale, options.shift, out / "pretrain", data, model)
     grid = write_grid(out, scale, model, data, options.full)
     status = run_sweep(SweepOptions(grid=str(grid), local=True))
-    if status != 0:
+    if status != EXIT_OK:
         return status
     runs_dir = out / SWEEP / "runs"
     _score(out, model, data, scale)

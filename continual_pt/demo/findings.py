@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from continual_pt.evaluation.store import FILE as SCORES
 from continual_pt.evaluation.store import read_scores
+from continual_pt.layout import METRICS, SCORES
 from continual_pt.results.records import read_metrics
 
 UP, DOWN = "upstream", "downstream"
@@ -65,12 +65,12 @@ class Runs:
         self._scores: dict[str, list[dict[str, Any]]] = {}
 
     def has(self, *names: str) -> bool:
-        return all((self.dir / n / "metrics.jsonl").is_file() for n in names)
+        return all((self.dir / n / METRICS).is_file() for n in names)
 
     def curve(self, run: str, name: str) -> list[Number]:
         """In-loop evaluations of a set, by step."""
         if run not in self._evals:
-            self._evals[run] = [r for r in read_metrics(self.dir / run / "metrics.jsonl") if r.get("kind") == "eval"]
+            self._evals[run] = [r for r in read_metrics(self.dir / run / METRICS) if r.get("kind") == "eval"]
         return [Number(run, name, "eval", int(r["step"]), float(r["loss"])) for r in self._evals[run]
                 if r.get("set") == name]
 
@@ -93,7 +93,7 @@ class Runs:
         return max(early, key=lambda n: n.value)
 
 
-START_SCORES = "start-scores.jsonl"   # `cpt eval` of the start model (the final upstream checkpoint)
+START_SCORES = f"start-{SCORES}"   # `cpt eval` of the start model (the final upstream checkpoint)
 
 
 def start_scores(out: Path) -> dict[str, Number]:

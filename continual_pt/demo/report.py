@@ -16,6 +16,7 @@ from continual_pt.demo.findings import DOWN, UP, Finding, Runs, start_scores
 from continual_pt.demo.recipe import Scale
 from continual_pt.demo.upstream import read_provenance
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import METRICS
 from continual_pt.results.plots import plot_runs
 from continual_pt.results.report import load_runs
 
@@ -43,7 +44,7 @@ def figures(runs_dir: Path, out: Path) -> dict[str, Path]:
     """One PNG (and SVG) per group: held-out loss vs tokens per set, with the LR, from the in-loop evals."""
     made = {}
     for name, members in FIGURES.items():
-        present = [str(runs_dir / m) for m in members if (runs_dir / m / "metrics.jsonl").is_file()]
+        present = [str(runs_dir / m) for m in members if (runs_dir / m / METRICS).is_file()]
         if len(present) >= 2:
             made[name] = plot_runs(load_runs(present, source="metrics"), [UP, DOWN], out / name,
                                    title=f"cpt demo: {name}")[0]

@@ -31,6 +31,7 @@ from continual_pt.data.tokenizer_training import TokenizerOptions, train_tokeniz
 from continual_pt.demo.recipe import Scale, pretrain_config
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import CHECKPOINTS, EXIT_OK, METRICS
 from continual_pt.results.records import read_metrics
 from continual_pt.sweep.local import train_once
 
@@ -97,7 +98,7 @@ def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], ou
     print(f"pre-training the upstream model: {scale.pretrain_steps} steps of "
           f"{scale.pretrain_micro_batch * scale.seq_len:,} tokens ({config_path})", flush=True)
     status, error, _ = train_once(config_path)
-    if status != 0:
+    if status != EXIT_OK:
         raise UserError(f"upstream pre-training stopped with exit {status}" + (f": {error}" if error else "")
                         + f"; run the same command again to resume it ({run_dir})")
     _export(run_dir, scale, out)
@@ -106,7 +107,7 @@ def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], ou
 
 
 def _export(run_dir: Path, scale: Scale, out: Path) -> None:
-    committed = {ref.step: ref for ref in list_committed(run_dir / "checkpoints")}
+    committed = {ref.step: ref for ref in list_committed(run_dir / CHECKPOINTS)}
     for name, step in checkpoint_names(scale).items():
         if step not in committed:
             raise UserError(f"{run_dir}: no committed checkpoint at step {step}")
@@ -122,7 +123,7 @@ def _params(folder: Path) -> int:
 
 
 def _write_provenance(out: Path, run_dir: Path, cfg: dict[str, Any], scale: Scale, shift: str) -> None:
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / METRICS)
     train = [r for r in records if r.get("kind") == "train"]
     tokens = int(train[-1]["tokens"]) if train else 0
     final = {r["set"]: r["loss"] for r in records

@@ -27,8 +27,9 @@ from continual_pt.checkpoint.weights import load_model_from_checkpoint
 from continual_pt.data.dataset import PackedSequences
 from continual_pt.errors import UserError
 from continual_pt.evaluation.scoring import score_packed
-from continual_pt.evaluation.store import FILE, ScoreStore, score_key
+from continual_pt.evaluation.store import ScoreStore, score_key
 from continual_pt.evaluation.targets import EvalSet, Target, expand_targets, open_sets, pick_task, plan_target
+from continual_pt.layout import EXIT_OK, SCORES
 from continual_pt.model.causal_lm import DTYPES, CausalLMLoss
 from continual_pt.runtime import distributed, host_malloc
 from continual_pt.runtime.distributed import DistEnv
@@ -79,15 +80,15 @@ def _store_for(target: Target, store: str | None) -> ScoreStore:
     if store:
         path = Path(store)
         if path.is_dir():
-            return ScoreStore(path / FILE)
+            return ScoreStore(path / SCORES)
         if path.suffix != ".jsonl":
             raise UserError(f"--store {store}: expected a .jsonl file or an existing directory "
-                            f"(then {FILE} inside it)")
+                            f"(then {SCORES} inside it)")
         return ScoreStore(path)
     if target.run_dir is None:
         raise UserError(f"{target.identity} is not inside a run directory, so scores have no default home; "
                         "name one with --store PATH.jsonl")
-    return ScoreStore(target.run_dir / FILE)
+    return ScoreStore(target.run_dir / SCORES)
 
 
 def plan_jobs(options: EvalOptions, targets: list[Target], sets: list[EvalSet], warn) -> list[Job]:
@@ -183,7 +184,7 @@ def run_eval(options: EvalOptions) -> int:
     _check_options(options)
     targets = pick_task(expand_targets(options.targets, warn), options.task_index, listing=options.list_only)
     if options.list_only:
-        return 0
+        return EXIT_OK
     sets = open_sets(options.sets)
     jobs = plan_jobs(options, targets, sets, warn)
     if env.world_size > 1:
@@ -207,4 +208,4 @@ def run_eval(options: EvalOptions) -> int:
                 warn(f"{len(rows) - written} row(s) of {job.target.identity} were written meanwhile by another "
                      f"job; kept theirs in {job.store.path}")
     distributed.barrier()
-    return 0
+    return EXIT_OK

@@ -22,7 +22,6 @@ from typing import Any
 
 from continual_pt.files import atomic_write_text, json_line, open_append, read_json_lines
 
-FILE = "scores.jsonl"
 KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "seq_len", "dtype")
 """What makes two rows the same measurement; a row with an equal key is never scored again."""
 CSV_FIELDS = ("run", "checkpoint", "kind", "tag", "step", "tokens_seen", "set", "set_path", "split",

@@ -113,8 +113,8 @@ def _yaml(path: Path) -> dict[str, Any]:
 def checkpoint_target(ref) -> Target:
     """A committed checkpoint of ours: step and tokens from its commit marker, run from its config."""
     meta = ref.meta()
-    run_dir = ref.root.parent if ref.root.name == "checkpoints" else None
-    run_cfg = _yaml(ref.path / "run" / "config.yaml") or (_yaml(run_dir / "config.yaml") if run_dir else {})
+    run_dir = ref.root.parent if ref.root.name == layout.CHECKPOINTS else None
+    run_cfg = _yaml(ref.path / "run" / layout.RUN_CONFIG) or (_yaml(run_dir / layout.RUN_CONFIG) if run_dir else {})
     name = run_cfg.get("name") or (run_dir.name if run_dir else ref.root.name)
     return Target("checkpoint", str(ref.path.resolve()), str(name), ref.tag, ref.step, meta.get("tokens_seen"),
                   run_dir.resolve() if run_dir else None, ref, run_cfg, str(ref.path))
@@ -147,14 +147,14 @@ def _expand(spec: str, warn: Warn) -> list[Target]:
     if path.exists():
         if layout.step_of(path.name) is not None:
             return [checkpoint_target(refs.verify(path, checksums=False))]
-        if (path / "checkpoints").is_dir():
-            return _run_targets(path / "checkpoints", warn)
+        if (path / layout.CHECKPOINTS).is_dir():
+            return _run_targets(path / layout.CHECKPOINTS, warn)
         if refs.is_ours(path):
             return _run_targets(path, warn)
         if (path / "config.json").is_file():
             return [Target("hf", str(path.resolve()), path.resolve().name, path.resolve().name,
                            name_or_path=str(path))]
-        raise UserError(f"{spec}: not a run directory (no checkpoints/), a checkpoint folder (global_step<N>) "
+        raise UserError(f"{spec}: not a run directory (no checkpoints/), a checkpoint folder ({layout.TAG_PREFIX}<N>) "
                         "or a Hugging Face model folder (no config.json)")
     first = Path(spec.split("/")[0])
     if HUB_RE.match(spec) and not spec.startswith((".", "~")) and not first.is_dir():

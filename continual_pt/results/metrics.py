@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from continual_pt.config import LogConfig
 from continual_pt.files import atomic_write_text, json_line, open_append, parse_json_line
+from continual_pt.layout import METRICS
 
 
 def _redone(line: str, start_step: int) -> bool:
@@ -65,7 +66,7 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
-        self.file = os.fdopen(open_metrics(Path(run_dir) / "metrics.jsonl", start_step), "a", buffering=1,
+        self.file = os.fdopen(open_metrics(Path(run_dir) / METRICS, start_step), "a", buffering=1,
                               encoding="utf-8")
         if cfg.tensorboard:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)

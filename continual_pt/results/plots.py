@@ -14,6 +14,7 @@ from matplotlib.ticker import EngFormatter
 
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_output
+from continual_pt.layout import EXIT_OK
 from continual_pt.results.report import RunCurves, load_runs
 
 
@@ -135,4 +136,4 @@ def run_plot(options: PlotOptions) -> int:
                         f"known sets: {', '.join(known) or 'none (no eval records, no scores)'}")
     for path in plot_runs(runs, sets, options.out, options.title, options.log_x):
         print(f"wrote {path}")
-    return 0
+    return EXIT_OK

@@ -31,8 +31,9 @@ import yaml
 
 from continual_pt.config import Problems, ScheduleConfig, build_section
 from continual_pt.errors import UserError
-from continual_pt.evaluation.store import FILE, read_scores
+from continual_pt.evaluation.store import read_scores
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import EXIT_OK, METRICS, RUN_CONFIG, SCORES
 from continual_pt.results.records import read_metrics
 from continual_pt.results.sweep_dirs import expand
 from continual_pt.schedules import build, check_config, curve
@@ -107,7 +108,7 @@ def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml as plain data ({} when it has none)."""
-    path = run_dir / "config.yaml"
+    path = run_dir / RUN_CONFIG
     if not path.is_file():
         return {}
     try:
@@ -142,7 +143,7 @@ def schedule_lr(run_dir: Path, saved: dict[str, Any],
     max_steps, tps = _section(saved, "train").get("max_steps"), tokens_per_step(saved, records)
     if "schedule" not in saved or not isinstance(max_steps, int) or max_steps < 1 or not tps:
         return None
-    p = Problems(default_origin=str(run_dir / "config.yaml"))
+    p = Problems(default_origin=str(run_dir / RUN_CONFIG))
     cfg = build_section(ScheduleConfig, saved["schedule"], "schedule", p)
     if not p.items:
         check_config(cfg, p, max_steps)
@@ -160,9 +161,9 @@ def load_run(path: str | Path, source: str = "auto") -> RunCurves:
     run_dir = Path(path)
     if source not in SOURCES:
         raise UserError(f"--source {source!r}: accepted: {', '.join(SOURCES)}")
-    metrics_file, scores_file = run_dir / "metrics.jsonl", run_dir / FILE
+    metrics_file, scores_file = run_dir / METRICS, run_dir / SCORES
     if not metrics_file.is_file() and not scores_file.is_file():
-        raise UserError(f"{run_dir}: not a run directory with results (no metrics.jsonl, no {FILE})")
+        raise UserError(f"{run_dir}: not a run directory with results (no {METRICS}, no {SCORES})")
     records = read_metrics(metrics_file)
     from_metrics = _metrics_curves(records)
     from_scores = _scores_curves(read_scores(scores_file)) if source != "metrics" else {}
@@ -332,4 +333,4 @@ def run_report(options: ReportOptions) -> int:
         print(f"wrote {out}")
     else:
         print(table, end="")
-    return 0
+    return EXIT_OK

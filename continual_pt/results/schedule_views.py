@@ -8,6 +8,7 @@ from pathlib import Path
 
 from continual_pt.config import ScheduleConfig, load, load_schedule_spec
 from continual_pt.errors import UserError
+from continual_pt.layout import EXIT_OK
 from continual_pt.results.plots import plot_schedules
 from continual_pt.schedules import curve, lr_table
 
@@ -73,7 +74,7 @@ def show(options: ScheduleOptions) -> int:
     schedules = collect(options)
     for line in lr_table(schedules, _parse_steps(options.at) if options.at else None):
         print(line)
-    return 0
+    return EXIT_OK
 
 
 def plot(options: ScheduleOptions) -> int:
@@ -86,4 +87,4 @@ def plot(options: ScheduleOptions) -> int:
         curves[label] = curve(cfg, total)
     out = plot_schedules(curves, options.out, options.title)
     print(f"wrote {out}")
-    return 0
+    return EXIT_OK

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from continual_pt.errors import UserError
-from continual_pt.evaluation.store import FILE as SCORES_FILE
+from continual_pt.layout import METRICS, SCORES
 
 PLAN_FILE = "sweep.json"
 
@@ -67,7 +67,7 @@ def _run_dir(directory: Path, record: dict[str, Any]) -> Path:
 
 
 def has_results(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").is_file() or (run_dir / SCORES_FILE).is_file()
+    return (run_dir / METRICS).is_file() or (run_dir / SCORES).is_file()
 
 
 def sweep_members(directory: str | Path) -> list[Member]:
@@ -86,8 +86,8 @@ def sweep_members(directory: str | Path) -> list[Member]:
         else:
             waiting.append(record["name"])
     if not members:
-        raise UserError(f"{directory}: no run of sweep {name} has results yet (no metrics.jsonl, no "
-                        f"{SCORES_FILE}); train them first (cpt sweep --local or --submit)")
+        raise UserError(f"{directory}: no run of sweep {name} has results yet (no {METRICS}, no "
+                        f"{SCORES}); train them first (cpt sweep --local or --submit)")
     if waiting:
         print(f"note: sweep {name}: {len(waiting)} run(s) without results yet left out: {', '.join(waiting)}",
               file=sys.stderr)

@@ -36,7 +36,7 @@ import yaml
 from continual_pt.config import RunConfig
 from continual_pt.config.load import dump, load
 from continual_pt.config.typed import ConfigError, to_dict
-from continual_pt.errors import UserError
+from continual_pt.errors import Problems, UserError
 
 GRID_KEYS = ("sweep", "base", "out", "vars", "set", "grid", "grids", "runs", "labels")
 BLOCK_KEYS = ("set", "axes", "zip")
@@ -74,25 +74,10 @@ class Sweep:
     common_keys: list[str] = dataclasses.field(default_factory=list)   # set for every run alike
 
 
-class GridProblems(list):
-    """Problems of one grid file, each prefixed with the file."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
-
-    def add(self, where: str, message: str) -> None:
-        self.append(f"{self.path}: {where}: {message}")
-
-    def raise_if_any(self) -> None:
-        if self:
-            raise UserError(f"invalid sweep grid ({len(self)} problem(s)):\n" + "\n".join(f"  - {p}" for p in self))
-
-
 def load_sweep(grid_path: str | Path, variables: dict[str, str] | None = None) -> Sweep:
     """Read, expand and validate a grid file; raises UserError listing every problem."""
     path = Path(grid_path)
-    p = GridProblems(path)
+    p = Problems("sweep grid", default_origin=str(path))
     raw = _read(path, p)
     declared = raw.get("vars") if isinstance(raw.get("vars"), dict) else {}
     raw = _substitute(raw, _variables(raw.get("vars"), variables or {}, p), set(declared), p)
@@ -122,7 +107,7 @@ def load_sweep(grid_path: str | Path, variables: dict[str, str] | None = None) -
 # --------------------------------------------------------------------------- reading
 
 
-def _read(path: Path, p: GridProblems) -> dict[str, Any]:
+def _read(path: Path, p: Problems) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: grid file not found")
     try:
@@ -139,7 +124,7 @@ def _read(path: Path, p: GridProblems) -> dict[str, Any]:
     return raw
 
 
-def _variables(declared: Any, given: dict[str, str], p: GridProblems) -> dict[str, str]:
+def _variables(declared: Any, given: dict[str, str], p: Problems) -> dict[str, str]:
     """Each declared variable's value: --var, else the environment, else the grid's default."""
     if declared is None:
         declared = {}
@@ -159,7 +144,7 @@ def _variables(declared: Any, given: dict[str, str], p: GridProblems) -> dict[st
     return values
 
 
-def _substitute(node: Any, values: dict[str, str], declared: set[str], p: GridProblems) -> Any:
+def _substitute(node: Any, values: dict[str, str], declared: set[str], p: Problems) -> Any:
     if isinstance(node, dict):
         return {k: _substitute(v, values, declared, p) if k != "vars" else v for k, v in node.items()}
     if isinstance(node, list):
@@ -175,7 +160,7 @@ def _substitute(node: Any, values: dict[str, str], declared: set[str], p: GridPr
     return node
 
 
-def _base_path(base: Any, grid_path: Path, p: GridProblems) -> Path | None:
+def _base_path(base: Any, grid_path: Path, p: Problems) -> Path | None:
     if base is None:
         return None
     path = Path(str(base))
@@ -185,7 +170,7 @@ def _base_path(base: Any, grid_path: Path, p: GridProblems) -> Path | None:
     return path
 
 
-def _mapping(node: Any, where: str, p: GridProblems) -> dict[str, Any]:
+def _mapping(node: Any, where: str, p: Problems) -> dict[str, Any]:
     if node is None:
         return {}
     if not isinstance(node, dict):
@@ -194,7 +179,7 @@ def _mapping(node: Any, where: str, p: GridProblems) -> dict[str, Any]:
     return {str(k): v for k, v in node.items()}
 
 
-def _axis(key: str, spec: Any, where: str, p: GridProblems) -> Axis | None:
+def _axis(key: str, spec: Any, where: str, p: Problems) -> Axis | None:
     if isinstance(spec, dict):
         values = tuple((str(label), value) for label, value in spec.items())
     elif isinstance(spec, list):
@@ -211,7 +196,7 @@ def _axis(key: str, spec: Any, where: str, p: GridProblems) -> Axis | None:
     return Axis(key, values)
 
 
-def _blocks(raw: dict[str, Any], p: GridProblems) -> list[Block]:
+def _blocks(raw: dict[str, Any], p: Problems) -> list[Block]:
     specs = raw.get("grids", [raw["grid"]] if raw.get("grid") is not None else [])
     if not isinstance(specs, list):
         p.add("grids", "must be a list of blocks (each with set, axes, zip)")
@@ -245,7 +230,7 @@ def _blocks(raw: dict[str, Any], p: GridProblems) -> list[Block]:
 # --------------------------------------------------------------------------- expanding
 
 
-def _points(blocks: list[Block], common: dict[str, Any], extra: dict[str, Any], p: GridProblems):
+def _points(blocks: list[Block], common: dict[str, Any], extra: dict[str, Any], p: Problems):
     """(where, settings, own name or None) of every run: each block's cross product, then `runs`."""
     for b, block in enumerate(blocks):
         for combo in itertools.product(*(range(len(g[0].values)) for g in block.groups)):
@@ -262,14 +247,14 @@ def _points(blocks: list[Block], common: dict[str, Any], extra: dict[str, Any], 
 
 
 def _plan(where: str, settings: dict[str, Any], own_name: str | None, base: Path | None, directory: Path,
-          axis_keys: list[str], labels: dict[str, str], blocks: list[Block], p: GridProblems):
+          axis_keys: list[str], labels: dict[str, str], blocks: list[Block], p: Problems):
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}"
                  .removesuffix("\n...") for key, value in settings.items()]
     overrides += [f"out_dir={directory / 'runs'}", "name=planned"]
     try:
-        cfg = load(base, overrides, origin=f"{p.path}: {where}")
+        cfg = load(base, overrides, origin=f"{p.default_origin}: {where}")
     except ConfigError as exc:
-        p.extend(problem if problem.startswith(f"{p.path}: ") else f"{p.path}: {where}: {problem}"
+        p.extend(problem if problem.startswith(f"{p.default_origin}: ") else f"{p.default_origin}: {where}: {problem}"
                  for problem in exc.problems)
         return None
     flat = to_dict(cfg)
@@ -281,7 +266,7 @@ def _plan(where: str, settings: dict[str, Any], own_name: str | None, base: Path
     return PlannedRun(name, settings, varying, dataclasses.replace(cfg, name=name))
 
 
-def _add_unique(runs: dict[str, PlannedRun], run: PlannedRun, where: str, p: GridProblems) -> None:
+def _add_unique(runs: dict[str, PlannedRun], run: PlannedRun, where: str, p: Problems) -> None:
     seen = runs.get(run.name)
     if seen is None:
         runs[run.name] = run

@@ -22,8 +22,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from continual_pt.layout import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE
 from continual_pt.sweep.grid import PlannedRun, Sweep
-from continual_pt.sweep.runs import STOPPED_STATUS, exit_text, record_exit, run_state
+from continual_pt.sweep.runs import exit_text, record_exit, run_state
 
 PASSED_ON = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 ERROR_MARK = b": error: "
@@ -137,18 +138,18 @@ def run_local(sweep: Sweep) -> int:
         start = f"resuming from step {state.step}" if state.step is not None else "starting"
         print(f"[{i}/{total}] {run.name}: {start} ({_config(sweep, run)})", flush=True)
         status, error, interrupted = train_once(_config(sweep, run))
-        record_exit(run.config.run_dir, STOPPED_STATUS if interrupted and status != 0 else status, error)
-        if interrupted or status == STOPPED_STATUS:
+        record_exit(run.config.run_dir, EXIT_RESUMABLE if interrupted and status != EXIT_OK else status, error)
+        if interrupted or status == EXIT_RESUMABLE:
             print(f"{run.name}: stopped ({exit_text(status)}); the sweep stops here: run the same "
                   "command again to continue", flush=True)
             print(summary(sweep), flush=True)
-            return STOPPED_STATUS
-        if status != 0:
+            return EXIT_RESUMABLE
+        if status != EXIT_OK:
             failed.append(run.name)
             print(f"{run.name}: failed, {exit_text(status)}" + (f": {error}" if error else "")
                   + "; going on with the next run", flush=True)
     print(summary(sweep), flush=True)
     if failed:
         print(f"{len(failed)} of {total} run(s) failed: {', '.join(failed)}", flush=True)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

@@ -17,6 +17,7 @@ from continual_pt.config import RunConfig
 from continual_pt.config.load import dump
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import EXIT_OK, RUN_CONFIG
 from continual_pt.sweep import local, status, submit
 from continual_pt.sweep.grid import PlannedRun, Sweep, label_of, load_sweep
 from continual_pt.training.lock import RunLock
@@ -56,7 +57,7 @@ def run_sweep(opts: SweepOptions) -> int:
         return status.show_status(sweep)
     print(plan_text(sweep, opts.tokens_per_s))
     if opts.dry_run:
-        return 0
+        return EXIT_OK
     if opts.local:   # one local sweep at a time per sweep dir: a second would fail each run it meets live
         lock = RunLock(sweep.directory, LOCAL_LOCK, label="sweep dir", what="sweep")
         lock.acquire()
@@ -68,7 +69,7 @@ def run_sweep(opts: SweepOptions) -> int:
     _write(sweep)
     if opts.submit:
         return submit.submit_sweep(sweep, opts)
-    return 0
+    return EXIT_OK
 
 
 def _write(sweep: Sweep) -> None:
@@ -147,7 +148,7 @@ def write_plan(sweep: Sweep) -> None:
     changed = []
     for run in sweep.runs:
         path = config_path(sweep, run)
-        started = (run.config.run_dir / "config.yaml").exists()
+        started = (run.config.run_dir / RUN_CONFIG).exists()
         if started and path.exists() and path.read_text(encoding="utf-8") != dump(run.config):
             changed.append(f"  - {run.name}: {path} differs from what the grid now gives, and the run has "
                            f"started ({run.config.run_dir})")

@@ -12,7 +12,6 @@ further by hand afterwards is not reported failed from a stale record.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,17 @@ from typing import Any
 
 from continual_pt.config import RunConfig
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import (
+    CHECKPOINTS,
+    EXIT_MEANINGS,
+    EXIT_OK,
+    EXIT_RESUMABLE,
+    MARKER,
+    RUN_CONFIG,
+    step_of,
+)
 
 EXIT_FILE = "sweep-exit.json"
-MARKER = "COMMITTED.json"
-_TAG = re.compile(r"^global_step(\d+)$")
-STOPPED_STATUS = 75
-MEANINGS = {1: "non-finite loss", 2: "bad input"}
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,10 @@ class RunState:
 
 def committed_step(run_dir: Path) -> int | None:
     """The newest committed checkpoint's step under `run_dir/checkpoints`, None if none."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return None
-    steps = [int(m.group(1)) for p in root.iterdir()
-             if (m := _TAG.match(p.name)) and (p / MARKER).is_file()]
+    steps = [step for p in root.iterdir() if (step := step_of(p.name)) is not None and (p / MARKER).is_file()]
     return max(steps) if steps else None
 
 
@@ -49,7 +52,7 @@ def exit_text(status: int) -> str:
     """`exit 1 (non-finite loss)`, `killed by signal 9`, ..."""
     if status < 0:
         return f"killed by signal {-status}"
-    meaning = MEANINGS.get(status)
+    meaning = EXIT_MEANINGS.get(status)
     return f"exit {status}" + (f" ({meaning})" if meaning else "")
 
 
@@ -77,9 +80,9 @@ def run_state(cfg: RunConfig) -> RunState:
     if step is not None and step >= cfg.train.max_steps:
         return RunState("finished", step)
     record = read_exit(run_dir)
-    if record and record["status"] not in (0, STOPPED_STATUS) and record.get("step") == step:
+    if record and record["status"] not in (EXIT_OK, EXIT_RESUMABLE) and record.get("step") == step:
         error = str(record.get("error") or "")
         return RunState("failed", step, exit_text(record["status"]) + (f": {error}" if error else ""))
-    if step is not None or (run_dir / "config.yaml").is_file():
+    if step is not None or (run_dir / RUN_CONFIG).is_file():
         return RunState("stopped", step)
     return RunState("not started", None)

@@ -15,8 +15,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from continual_pt.layout import EXIT_OK, EXIT_RESUMABLE, METRICS
 from continual_pt.sweep.grid import PlannedRun, Sweep
-from continual_pt.sweep.runs import STOPPED_STATUS, exit_text, run_state
+from continual_pt.sweep.runs import exit_text, run_state
 from continual_pt.sweep.submit import Task, describe, live, query_jobs, read_jobs, recorded_ids, slurm_here
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT"}
@@ -24,7 +25,7 @@ RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT"}
 
 def last_logged_step(run_dir: Path) -> int | None:
     """The step of the newest training record in run_dir/metrics.jsonl (its tail only), None if none."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -71,7 +72,7 @@ def run_status(run: PlannedRun, entry: dict[str, Any] | None, queue: dict[str, l
         return f"failed: {state.detail}", step
     if state.state != "finished" and tasks and tasks[0].state == "FAILED":
         status = job_exit(train)
-        if status is not None and status != STOPPED_STATUS:
+        if status is not None and status != EXIT_RESUMABLE:
             return f"failed: job {train} {exit_text(status)}", step
     if state.state == "stopped":
         return "stopped (resumable)", step
@@ -108,4 +109,4 @@ def show_status(sweep: Sweep) -> int:
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     print(", ".join(f"{n} {state}" for state, n in counts.items()))
-    return 0
+    return EXIT_OK

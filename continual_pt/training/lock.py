@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 from continual_pt.errors import UserError
-
-LOCK_FILE = "run.lock"
+from continual_pt.layout import RUN_LOCK
 
 
 class RunLock:
     """The held lock of one run directory; `release()` (or the process's end) lets it go."""
 
-    def __init__(self, run_dir: Path, file_name: str = LOCK_FILE, label: str = "run dir", what: str = "run"):
+    def __init__(self, run_dir: Path, file_name: str = RUN_LOCK, label: str = "run dir", what: str = "run"):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / file_name
         self.label, self.what = label, what   # for the message: "<label> X is in use ... wait for that <what>"

@@ -11,6 +11,7 @@ import yaml
 from continual_pt.checkpoint import elastic, refs
 from continual_pt.config import RunConfig
 from continual_pt.errors import UserError
+from continual_pt.layout import RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class RunFinished(Exception):
 
 def saved_run_config(ref: refs.CheckpointRef) -> dict[str, Any] | None:
     """The resolved config a checkpoint was written under (its run/config.yaml), if it has one."""
-    path = ref.path / "run" / "config.yaml"
+    path = ref.path / "run" / RUN_CONFIG
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 

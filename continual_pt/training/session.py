@@ -30,6 +30,7 @@ from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_to
 from continual_pt.data.sampler import MixtureSampler
 from continual_pt.errors import UserError
 from continual_pt.evaluation.scoring import HeldOut
+from continual_pt.layout import CHECKPOINTS, RUN_CONFIG
 from continual_pt.model import causal_lm
 from continual_pt.model.causal_lm import default_peak_tflops
 from continual_pt.results.metrics import MetricsLogger
@@ -47,7 +48,7 @@ def plan_start(cfg: config.CheckpointConfig, run_dir: Path) -> Start:
     if cfg.resume not in ("auto", "never"):
         return Start("resume", refs.resolve(cfg.resume, what="checkpoint.resume"))
     if cfg.resume == "auto":
-        ref = refs.newest_committed(run_dir / "checkpoints")
+        ref = refs.newest_committed(run_dir / CHECKPOINTS)
         if ref is not None:
             return Start("resume", refs.verify(ref.path))
     if cfg.init:
@@ -67,7 +68,7 @@ def settle_start(cfg: config.CheckpointConfig, run_dir: Path, start: Start) -> N
     """Once every check of the start has passed: remove our leftover partial saves, and when an explicit
     checkpoint.resume names an older checkpoint of this run, move the newer ones aside (a branch)."""
     explicit = start.kind == "resume" and cfg.resume not in ("auto", "never")
-    branches.open_root(run_dir / "checkpoints", resume=start.ref if explicit else None)
+    branches.open_root(run_dir / CHECKPOINTS, resume=start.ref if explicit else None)
 
 
 def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str, PackedSequences], str]:
@@ -148,7 +149,7 @@ class CheckpointFiles:
 
         def write_config(path: Path) -> None:
             path.mkdir(parents=True, exist_ok=True)
-            (path / "config.yaml").write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
+            (path / RUN_CONFIG).write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
 
         return {"model": write_model, "tokenizer": write_tokenizer, "run": write_config}
 
@@ -180,7 +181,7 @@ class Session:
 def _write_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """Create the run dir and save the resolved config, keeping any earlier one it replaces."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
+    target = run_dir / RUN_CONFIG
     text = config.dump(cfg)
     if target.is_file() and target.read_text() != text:
         n = 1
@@ -304,7 +305,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     engine = build_engine(cfg, net, ds_cfg, lr_at)
     sampler = MixtureSampler(train_sets, {n: s.weight for n, s in cfg.data.train.items()}, cfg.data.seed,
                              cfg.train.micro_batch_size, env.rank, env.world_size)
-    checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
+    checkpointer = Checkpointer(cfg.run_dir / CHECKPOINTS, cfg.checkpoint.keep_last, env.rank,
                                            env.world_size, keep_every=cfg.checkpoint.keep_every)
     state = restore(cfg, start, engine, sampler, checkpointer, env.rank, universal)
     distributed.barrier()

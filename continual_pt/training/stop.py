@@ -22,10 +22,9 @@ from types import FrameType
 from typing import Any
 
 from continual_pt.files import atomic_write_text
+from continual_pt.layout import STOP, STOP_DONE
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-STOP_FILE = "STOP"
-DONE_FILE = "STOP.done"
 FILE_REQUEST = 256   # stands where a signal number would for a request made by the STOP file
 LAUNCHER_GONE = 257  # ... and for the death of the launcher process that started this rank
 POLL_SECONDS = 0.25  # how often rank 0 looks for the STOP file (one stat, at a step boundary)
@@ -34,7 +33,7 @@ POLL_SECONDS = 0.25  # how often rank 0 looks for the STOP file (one stat, at a 
 def describe(code: int) -> str:
     """The name of a stop request's cause: a signal's name, or the STOP file."""
     if code == FILE_REQUEST:
-        return f"a stop request ({STOP_FILE} in the run dir)"
+        return f"a stop request ({STOP} in the run dir)"
     if code == LAUNCHER_GONE:
         return "the launcher's exit (this rank's launcher process died)"
     return signal.Signals(code).name
@@ -145,7 +144,7 @@ def process_request() -> StopRequest:
 
 def request_stop(run_dir: Path, token: str, why: str) -> Path:
     """Ask the run in `run_dir` to save and exit resumably; `token` names this request in its answer."""
-    path = Path(run_dir) / STOP_FILE
+    path = Path(run_dir) / STOP
     record = {"token": token, "why": why, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
     atomic_write_text(path, json.dumps(record) + "\n")
     return path
@@ -164,12 +163,12 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 def answer(run_dir: Path, step: int | None, status: int) -> dict[str, Any] | None:
     """Rank 0, exiting cleanly: turn a pending STOP request into STOP.done (step, exit status) and drop it."""
-    request = read_record(Path(run_dir) / STOP_FILE)
+    request = read_record(Path(run_dir) / STOP)
     if request is None:
         return None
     done = {"request": request, "step": step, "exit": status, "time": time.time()}
-    atomic_write_text(Path(run_dir) / DONE_FILE, json.dumps(done) + "\n")
-    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+    atomic_write_text(Path(run_dir) / STOP_DONE, json.dumps(done) + "\n")
+    (Path(run_dir) / STOP).unlink(missing_ok=True)
     return done
 
 

@@ -32,10 +32,10 @@ from types import FrameType
 
 from continual_pt.config.load import ConfigSource
 from continual_pt.errors import UserError
+from continual_pt.layout import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE, RUN_CONFIG, RUN_LOCK, STOP, STOP_DONE
 from continual_pt.training import stop as stops
 from continual_pt.training.lock import RunLock
 
-EXIT_RESUMABLE = 75
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 TRAIN_MODULE = "continual_pt.train"
 PR_SET_CHILD_SUBREAPER = 36
@@ -72,8 +72,8 @@ class StopOptions:
 def request(opts: StopOptions) -> int:
     """`cpt stop RUN_DIR`: ask a run (on any node) to save a committed checkpoint and exit 75."""
     run_dir = Path(opts.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no {RUN_CONFIG})")
     lock = RunLock(run_dir)
     try:
         lock.acquire()
@@ -81,21 +81,21 @@ def request(opts: StopOptions) -> int:
         pass   # held: a run is live there, as it should be
     else:
         lock.release()
-        raise UserError(f"no run is running in {run_dir} (nothing holds its run.lock): nothing to stop")
+        raise UserError(f"no run is running in {run_dir} (nothing holds its {RUN_LOCK}): nothing to stop")
     token = _new_token()
     path = stops.request_stop(run_dir, token, "cpt stop")
     print(f"asked the run in {run_dir} to save a committed checkpoint and exit ({path})")
     deadline = time.monotonic() + opts.wait
     while time.monotonic() < deadline:
-        done = stops.read_record(run_dir / stops.DONE_FILE)
+        done = stops.read_record(run_dir / STOP_DONE)
         if done and isinstance(done.get("request"), dict) and done["request"].get("token") == token:
             print(f"the run exited with status {done.get('exit')} at step {done.get('step')}")
-            return 0
+            return EXIT_OK
         time.sleep(0.5)
     if opts.wait:
         print(f"no answer within {opts.wait:.0f} s; the request stays until the run sees it", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def config_source(command: list[str]) -> ConfigSource:
@@ -152,10 +152,10 @@ class Supervisor:
         lock = RunLock(self.run_dir)
         lock.acquire()
         try:
-            stale = stops.read_record(self.run_dir / stops.STOP_FILE)
+            stale = stops.read_record(self.run_dir / STOP)
             if stale is not None:
                 _say(f"removed a stop request left by an earlier start ({_origin(stale)})")
-            for name in (stops.STOP_FILE, stops.DONE_FILE):
+            for name in (STOP, STOP_DONE):
                 (self.run_dir / name).unlink(missing_ok=True)
         finally:
             lock.release()
@@ -213,18 +213,18 @@ class Supervisor:
 
     def _outcome(self, status: int) -> int:
         """The run's own answer to our request if it gave one, else the launcher's status."""
-        done = stops.read_record(self.run_dir / stops.DONE_FILE)
+        done = stops.read_record(self.run_dir / STOP_DONE)
         if done and isinstance(done.get("request"), dict) and done["request"].get("token") == self.token:
-            (self.run_dir / stops.DONE_FILE).unlink(missing_ok=True)
+            (self.run_dir / STOP_DONE).unlink(missing_ok=True)
             code = int(done.get("exit", status))
             where = f"a committed checkpoint at step {done['step']}" if done.get("step") is not None else "no step"
             _say(f"the run stopped with {where}; exit status {code}"
                  + (" (run the same command again to resume)" if code == EXIT_RESUMABLE else ""))
             return code
         if self.requested:
-            pending = stops.read_record(self.run_dir / stops.STOP_FILE)
+            pending = stops.read_record(self.run_dir / STOP)
             if pending and pending.get("token") == self.token:
-                (self.run_dir / stops.STOP_FILE).unlink(missing_ok=True)
+                (self.run_dir / STOP).unlink(missing_ok=True)
             _say(f"the launcher exited with status {status} before the run answered the stop request: no new "
                  "checkpoint was committed for it")
         return status
