@@ -77,3 +77,9 @@ command again to resume (BSD's EX_TEMPFAIL)."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C outside a training step (128 + SIGINT, as a shell reports it)."""
 EXIT_MEANINGS = {EXIT_FAILED: "non-finite loss", EXIT_USAGE: "bad input"}
+
+# --------------------------------------------------------------------------- precisions
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+"""Training precisions (train.precision, recorded in every commit marker and checked on resume) and
+the dtypes weights are scored or exported in (`cpt eval --dtype`, `cpt export --dtype`)."""

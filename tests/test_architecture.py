@@ -12,17 +12,19 @@ import json
 import subprocess
 import sys
 import typing
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
 
 from continual_pt import cli
+from continual_pt.options import declared, default_of, shows_default
 from tests.helpers import REPO
 
 PACKAGE = REPO / "continual_pt"
 HEAVY = ("torch", "deepspeed", "matplotlib")
 # Lowest first: a module may import from its own floor and the floors below it.
-FLOORS = (("errors", "files", "layout", "__init__"), ("schedules",), ("config",), ("data",), ("runtime",),
+FLOORS = (("errors", "files", "layout", "options", "__init__"), ("schedules",), ("config",), ("data",), ("runtime",),
           ("model",), ("checkpoint",), ("evaluation",), ("results",), ("training",), ("sweep",), ("demo",),
           ("cli", "train", "evaluate"))
 LAZY_ALLOWED = ("wandb", "mpi4py")   # optional packages that may be absent
@@ -216,6 +218,9 @@ def test_every_parsed_option_reaches_its_function():
         if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
             problems.append(f"{command}: {func.__qualname__} does not take one options dataclass")
             continue
+        if parser.get_default("options") is not options:
+            problems.append(f"{command}: parsed into {parser.get_default('options')}, but {func.__qualname__} "
+                            f"takes {options.__name__}")
         fields = dataclasses.fields(options)
         names = {f.name for f in fields}
         dropped = [d for d in dests if d not in names]
@@ -227,3 +232,42 @@ def test_every_parsed_option_reaches_its_function():
             problems.append(f"{command}: required field(s) {', '.join(unfilled)} are no option")
     assert {"cpt train", "cpt schedule plot", "cpt schedule show", "cpt tokenizer train"} <= set(found), found
     assert not problems, "\n".join(problems)
+
+
+def test_every_option_is_declared_once_and_the_parser_agrees_with_it():
+    """The parser is built from the options dataclasses: its defaults, types and choices are the fields'
+    own, and no help text spells a default the parser states itself."""
+    problems = []
+    for words, parser, _ in subcommands(cli.build_parser()):
+        command, cls = "cpt " + " ".join(words), parser.get_default("options")
+        actions = {a.dest: a for a in parser._actions}
+        for field in dataclasses.fields(cls):
+            opt, default = declared(field), default_of(field)
+            if opt is None:
+                problems.append(f"{command}: {cls.__name__}.{field.name} is not declared with option()")
+                continue
+            action = actions[field.name]
+            parsed = MISSING if action.required and default is MISSING else action.default
+            if parsed != default or (default is MISSING and not action.required):
+                problems.append(f"{command}: {field.name} defaults to {parsed!r} on the command line, "
+                                f"{default!r} in {cls.__name__}")
+            if tuple(action.choices or ()) != tuple(opt.choices or ()):
+                problems.append(f"{command}: {field.name} choices {action.choices} vs {opt.choices}")
+            kind = str(field.type).removesuffix(" | None")
+            if kind in ("int", "float") and action.type is not eval(kind):
+                problems.append(f"{command}: {field.name} is {kind} but parsed as {action.type}")
+            if shows_default(default) and "default" in opt.help:
+                problems.append(f"{command}: the help of {field.name} spells a default; the parser adds it")
+            if shows_default(default) and not opt.positional and f"(default: {default})" not in action.help:
+                problems.append(f"{command}: --help does not state {field.name}'s default {default!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_changed_dataclass_default_changes_the_command_line(monkeypatch):
+    """What the test above relies on: the parser reads the default from the field, at build time."""
+    from continual_pt.data.options import TokenizerOptions
+
+    field = next(f for f in dataclasses.fields(TokenizerOptions) if f.name == "vocab_size")
+    monkeypatch.setattr(field, "default", 1234)
+    args = cli.build_parser().parse_args(["tokenizer", "train", "--source", "x", "--out", "y"])
+    assert cli.options_from(args).vocab_size == 1234

@@ -12,7 +12,8 @@ import pytest
 
 from continual_pt import cli, layout
 from continual_pt.cli import main
-from continual_pt.sweep.plan import SweepOptions
+from continual_pt.config.load import load_source
+from continual_pt.sweep.options import SweepOptions
 from continual_pt.training import stop as stops
 from continual_pt.training.lock import RunLock
 from continual_pt.training.supervise import config_source
@@ -71,7 +72,7 @@ def test_the_run_dir_is_found_from_the_training_arguments_of_any_launcher(tmp_pa
                     ["torchrun", "--nproc_per_node", "2", "-m", "continual_pt.train", f"--config={cfg}", "name=x"],
                     ["mpirun", "-np", "2", "python", "-m", "continual_pt.train", "-c", str(cfg), "name=x"],
                     ["srun", "python", "/opt/site/continual_pt/train.py", "--config", str(cfg), "name=x"]):
-        assert config_source(command).load().run_dir == tmp_path / "runs" / "x", command
+        assert load_source(config_source(command)).run_dir == tmp_path / "runs" / "x", command
 
 
 def test_cpt_launch_refuses_a_command_without_training_or_without_a_command(capfd):

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from continual_pt.errors import UserError
+from continual_pt.layout import PRECISIONS
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-PRECISIONS = ("bf16", "fp16", "fp32")
 # Sections that `fill` and the readers below descend into: each must be a JSON object if present.
 OBJECT_SECTIONS = ("bf16", "fp16", "zero_optimization", "zero_optimization.offload_optimizer")
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +22,13 @@ from continual_pt.config.typed import (
 )
 from continual_pt.files import atomic_write_text
 from continual_pt.layout import EXIT_OK
+from continual_pt.options import ConfigSource
 from continual_pt.schedules import ScheduleConfig, check_config
-
-
-@dataclass
-class ConfigSource:
-    """Where a run config comes from: a YAML file (optional) and dotted overrides, applied in order."""
-
-    config: str | None = None
-    """Run config YAML."""
-    overrides: list[str] = field(default_factory=list)
-    """`key=value` overrides applied after the file, e.g. schedule.max_lr=6e-4."""
-
-    def load(self) -> RunConfig:
-        return load(self.config, self.overrides)
 
 
 def print_resolved(source: ConfigSource) -> int:
     """`cpt config`: print the resolved, validated config as YAML."""
-    sys.stdout.write(dump(source.load()))
+    sys.stdout.write(dump(load_source(source)))
     return EXIT_OK
 
 
@@ -57,6 +44,11 @@ def dump(cfg: RunConfig, path: str | Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def load_source(source: ConfigSource) -> RunConfig:
+    """The resolved, validated config a command's --config and overrides name."""
+    return load(source.config, source.overrides)
 
 
 def _parsed(texts: Iterable[str], origin: str, p: Problems) -> Iterator[tuple[str, Any]]:

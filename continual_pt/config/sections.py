@@ -14,6 +14,7 @@ from typing import Any
 
 from continual_pt.config import deepspeed
 from continual_pt.config.typed import Problems, parse_duration
+from continual_pt.layout import PRECISIONS
 from continual_pt.schedules import ScheduleConfig, check_config
 
 # --------------------------------------------------------------------------- sections
@@ -160,8 +161,8 @@ class TrainConfig:
                 p.add(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             p.add("train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            p.add("train.precision", f"unknown precision {self.precision!r}; accepted: bf16, fp16, fp32")
+        if self.precision not in PRECISIONS:
+            p.add("train.precision", f"unknown precision {self.precision!r}; accepted: {', '.join(PRECISIONS)}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             p.add("train.stop_after_steps", f"must be >= 1, got {self.stop_after_steps}")
         if self.max_nonfinite_skips < 0:

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from continual_pt.data.options import SHARD_DTYPES
 from continual_pt.errors import UserError
 
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+DTYPES = dict(zip(SHARD_DTYPES, (np.uint16, np.uint32), strict=True))
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 

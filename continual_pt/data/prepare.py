@@ -36,10 +36,11 @@ import tokenizers
 from tqdm import tqdm
 
 from continual_pt import __version__
-from continual_pt.data import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, encode, output, sources
+from continual_pt.data import encode, output, sources
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
+from continual_pt.data.options import PrepareOptions
 from continual_pt.data.tokenizer import TOKENIZER_FILES, LoadedTokenizer, load_tokenizer
-from continual_pt.errors import Problems, UserError
+from continual_pt.errors import UserError
 from continual_pt.layout import EXIT_OK
 
 TOKENIZER_DIR = "tokenizer"
@@ -56,47 +57,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-@dataclass
-class PrepareOptions:
-    """Everything `cpt prepare` needs; recorded in the manifest as the creation arguments."""
-
-    sources: list[str]
-    tokenizer: str
-    out: str
-    text_field: str = "text"
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    """Share of documents held out, chosen per document by a hash of its text."""
-    shard_tokens: int = DEFAULT_SHARD_TOKENS
-    dtype: str = "auto"
-    """uint16, uint32, or auto (uint16 when every token id fits)."""
-    workers: int | None = None
-    """Tokenizer processes; None = every available CPU; 1 = in this process."""
-    eos_token: str | None = None
-    hf_split: str = "train"
-    hf_config: str | None = None
-    overwrite: bool = False
-    skip_unknown: bool = False
-    """Skip files of unknown type in a directory or glob source instead of failing."""
-    quiet: bool = False
-
-    def check(self) -> None:
-        """Raise one UserError listing every invalid option."""
-        p = Problems("options")
-        if not self.sources:
-            p.add("", "no --source given")
-        if not 0.0 <= self.val_fraction < 1.0:
-            p.add("", f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.shard_tokens < 1:
-            p.add("", f"--shard-tokens must be >= 1, got {self.shard_tokens}")
-        if self.dtype not in ("auto", *encode.DTYPES):
-            p.add("", f"--dtype {self.dtype!r} unknown; accepted: auto, {', '.join(encode.DTYPES)}")
-        if self.workers is not None and self.workers < 1:
-            p.add("", f"--workers must be >= 1, got {self.workers}")
-        if not self.text_field:
-            p.add("", "--text-field must not be empty")
-        p.raise_if_any()
 
 
 def choose_dtype(requested: str, vocab_size: int, tokenizer: str) -> str:

@@ -12,10 +12,10 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from continual_pt.data import output, sources
+from continual_pt.data.options import TokenizerOptions
 from continual_pt.data.tokenizer import EOS_TOKEN, TOKENIZER_FILES, LoadedTokenizer, train_bpe
 from continual_pt.layout import EXIT_OK
 
@@ -30,28 +30,6 @@ def _limited(texts: Iterable[str], max_bytes: float | None) -> Iterator[str]:
             return
         seen += len(text)
         yield text
-
-
-@dataclass
-class TokenizerOptions:
-    """What `cpt tokenizer train` reads and writes."""
-
-    sources: list[str]
-    """Inputs, as for `cpt prepare --source`."""
-    out: str
-    """Tokenizer folder to write."""
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    """Merge only pairs seen at least this often."""
-    max_mb: float | None = None
-    """Train on at most this many MB of text from the start of the sources."""
-    text_field: str = "text"
-    hf_split: str = "train"
-    hf_config: str | None = None
-    overwrite: bool = False
-    skip_unknown: bool = False
-    """Skip files of unknown type in a directory or glob source instead of failing."""
-    quiet: bool = False
 
 
 def train_tokenizer(options: TokenizerOptions) -> int:

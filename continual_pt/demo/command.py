@@ -18,35 +18,30 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from continual_pt.data.prepare import PrepareOptions, prepare
+from continual_pt.data.options import PrepareOptions
+from continual_pt.data.prepare import prepare
 from continual_pt.demo import report
-from continual_pt.demo.corpora import SHIFTS, write_corpora
+from continual_pt.demo.corpora import write_corpora
 from continual_pt.demo.findings import START_SCORES, decide
 from continual_pt.demo.grid import SWEEP, write_grid
-from continual_pt.demo.recipe import SCALE, SCALES, Scale
+from continual_pt.demo.options import SCALES, SHIFTS, DemoOptions
+from continual_pt.demo.recipe import SCALE, Scale
 from continual_pt.demo.upstream import FINAL, fit_tokenizer, pretrain, shipped, verify
 from continual_pt.errors import UserError
-from continual_pt.evaluation.job import EvalOptions, run_eval
+from continual_pt.evaluation.job import run_eval
+from continual_pt.evaluation.options import EvalOptions
 from continual_pt.files import atomic_write_text
 from continual_pt.layout import CHECKPOINTS, EXIT_OK
-from continual_pt.sweep.plan import SweepOptions, run_sweep
+from continual_pt.sweep.options import SweepOptions
+from continual_pt.sweep.plan import run_sweep
 from continual_pt.training.lock import RunLock
 
 SETTINGS = "demo.json"
 LOCK = "demo.lock"
 VAL_FRACTION = 0.05
-
-
-@dataclass
-class DemoOptions:
-    out: str = "demo"
-    shift: str = "weak"
-    full: bool = False
-    pretrain: bool = False
-    scale: str = "demo"
 
 
 def _scale(options: DemoOptions) -> Scale:

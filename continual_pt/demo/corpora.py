@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from continual_pt.data.sources import _kjv_chapters, _stdlib_files, kjv_path
+from continual_pt.demo.options import SHIFTS
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
-
-SHIFTS = ("weak", "strong")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SCALES = ("demo", "tiny")
 EARLY_FRACTIONS = (0.07, 0.19)   # Pythia's 10k and 27k of 143k steps
 
 

@@ -27,7 +27,8 @@ from safetensors import safe_open
 from continual_pt import __version__
 from continual_pt.checkpoint.refs import list_committed
 from continual_pt.checkpoint.weights import export_hf
-from continual_pt.data.tokenizer_training import TokenizerOptions, train_tokenizer
+from continual_pt.data.options import TokenizerOptions
+from continual_pt.data.tokenizer_training import train_tokenizer
 from continual_pt.demo.recipe import Scale, pretrain_config
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text

@@ -26,6 +26,7 @@ from continual_pt.checkpoint.refs import verify
 from continual_pt.checkpoint.weights import load_model_from_checkpoint
 from continual_pt.data.dataset import PackedSequences
 from continual_pt.errors import UserError
+from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.scoring import score_packed
 from continual_pt.evaluation.store import ScoreStore, score_key
 from continual_pt.evaluation.targets import EvalSet, Target, expand_targets, open_sets, pick_task, plan_target
@@ -33,28 +34,6 @@ from continual_pt.layout import EXIT_OK, SCORES
 from continual_pt.model.causal_lm import DTYPES, CausalLMLoss
 from continual_pt.runtime import distributed, host_malloc
 from continual_pt.runtime.distributed import DistEnv
-
-
-@dataclass
-class EvalOptions:
-    """What `cpt eval` scores, on which sets, how, and where the rows go."""
-
-    targets: list[str]
-    """Run directories, checkpoint folders, Hugging Face folders or hub names."""
-    sets: list[str] = field(default_factory=list)
-    """Held-out sets NAME=PATH[:SPLIT]."""
-    tokens: int | None = None
-    """Token budget per set (default: every window)."""
-    seq_len: int | None = None
-    micro_batch_size: int | None = None
-    dtype: str = "fp32"
-    store: str | None = None
-    """scores.jsonl to append to (default: each checkpoint's run dir)."""
-    task_index: str | None = None
-    """One checkpoint of the list (default: $SLURM_ARRAY_TASK_ID); 'all' ignores it."""
-    list_only: bool = False
-    """Print the numbered checkpoint list and stop."""
-
 
 
 @dataclass

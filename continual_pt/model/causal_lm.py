@@ -21,13 +21,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from continual_pt.config import ConfigError, ModelConfig
 from continual_pt.errors import UserError
+from continual_pt.layout import PRECISIONS
 from continual_pt.model import fused_loss as fused
 from continual_pt.model.fused_loss import fused_head
 
 # What a transformers config refuses to build: its own checks raise any of these.
 CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 """Weight dtypes by the names the command line takes (export, eval)."""
 
 # Dense bf16 peak of one accelerator, TFLOP/s, for MFU when log.peak_tflops is unset.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,7 @@ from matplotlib.ticker import EngFormatter
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_output
 from continual_pt.layout import EXIT_OK
+from continual_pt.results.options import PlotOptions
 from continual_pt.results.report import RunCurves, load_runs
 
 
@@ -108,21 +108,6 @@ def plot_runs(runs: Sequence[RunCurves], sets: Sequence[str], out: str | Path, t
     _save(fig, png, "png")
     _save(fig, svg, "svg")
     return [png, svg]
-
-
-@dataclass
-class PlotOptions:
-    """`cpt plot`: which runs, which sets, where to."""
-
-    runs: list[str]
-    out: str
-    """Output path without suffix: OUT.png and OUT.svg are written."""
-    sets: str | None = None
-    """Comma-separated set names, one panel each (default: all)."""
-    source: str = "auto"
-    """metrics (in-loop evaluations), scores (cpt eval) or auto (scores where a run has any)."""
-    title: str | None = None
-    log_x: bool = False
 
 
 def run_plot(options: PlotOptions) -> int:

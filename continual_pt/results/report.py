@@ -34,6 +34,7 @@ from continual_pt.errors import UserError
 from continual_pt.evaluation.store import read_scores
 from continual_pt.files import atomic_write_text
 from continual_pt.layout import EXIT_OK, METRICS, RUN_CONFIG, SCORES
+from continual_pt.results.options import ReportOptions
 from continual_pt.results.records import read_metrics
 from continual_pt.results.sweep_dirs import expand
 from continual_pt.schedules import build, check_config, curve
@@ -295,22 +296,6 @@ def _check_set(runs: list[RunCurves], flag: str, name: str | None) -> str:
         raise UserError(f"{flag} {name!r}: no run has evaluations of that set; known sets: "
                         f"{', '.join(known) or 'none'}")
     return name
-
-
-@dataclass
-class ReportOptions:
-    """`cpt report`: which runs, which sets are upstream and downstream, against which baseline."""
-
-    runs: list[str]
-    upstream: str | None = None
-    """Name of the upstream (old data) set, e.g. pile."""
-    downstream: str | None = None
-    """Name of the downstream (new data) set, e.g. slimpajama."""
-    baseline: str | None = None
-    """Run directory to compare with (e.g. the constant-LR run)."""
-    source: str = "auto"
-    out: str | None = None
-    """Markdown file to write (default: print)."""
 
 
 def run_report(options: ReportOptions) -> int:

@@ -3,36 +3,14 @@ configs or inline specs, before anything is trained."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from continual_pt.config import ScheduleConfig, load, load_schedule_spec
 from continual_pt.errors import UserError
 from continual_pt.layout import EXIT_OK
+from continual_pt.results.options import ScheduleOptions, SchedulePlotOptions, ScheduleShowOptions
 from continual_pt.results.plots import plot_schedules
 from continual_pt.schedules import curve, lr_table
-
-
-@dataclass
-class ScheduleOptions:
-    """Which schedules to show, over how many steps."""
-
-    configs: list[str] = field(default_factory=list)
-    """Run config YAMLs, one schedule each."""
-    specs: list[str] = field(default_factory=list)
-    """Inline schedules 'name=wsd max_lr=3e-4 cooldown=0.2' (keys of the schedule section)."""
-    steps: int | None = None
-    """Run length in optimizer steps (default: each config's train.max_steps; required with specs)."""
-    labels: list[str] = field(default_factory=list)
-    """Legend label per schedule, in order."""
-    overrides: list[str] = field(default_factory=list)
-    """Overrides applied to every config."""
-    out: str = "schedule.png"
-    """PNG to write (plot)."""
-    title: str | None = None
-    """Figure title (plot)."""
-    at: str | None = None
-    """Comma-separated steps (show; default: the boundaries of every phase and a few between)."""
 
 
 def collect(options: ScheduleOptions) -> list[tuple[str, ScheduleConfig, int]]:
@@ -69,7 +47,7 @@ def _parse_steps(text: str) -> list[int]:
     return steps
 
 
-def show(options: ScheduleOptions) -> int:
+def show(options: ScheduleShowOptions) -> int:
     """`cpt schedule show`: a table of the LR of every schedule at chosen steps."""
     schedules = collect(options)
     for line in lr_table(schedules, _parse_steps(options.at) if options.at else None):
@@ -77,7 +55,7 @@ def show(options: ScheduleOptions) -> int:
     return EXIT_OK
 
 
-def plot(options: ScheduleOptions) -> int:
+def plot(options: SchedulePlotOptions) -> int:
     """`cpt schedule plot`: LR vs optimizer step of every schedule into one PNG."""
     schedules = collect(options)
     curves = {}

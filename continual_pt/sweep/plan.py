@@ -9,7 +9,6 @@ never given another config: a grid edit that would change it is refused, naming 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +19,11 @@ from continual_pt.files import atomic_write_text
 from continual_pt.layout import EXIT_OK, RUN_CONFIG
 from continual_pt.sweep import local, status, submit
 from continual_pt.sweep.grid import PlannedRun, Sweep, label_of, load_sweep
+from continual_pt.sweep.options import SweepOptions
 from continual_pt.training.lock import RunLock
 
 PLAN_FILE = "sweep.json"
 LOCAL_LOCK = "local.lock"   # held by `cpt sweep --local` in the sweep dir
-
-
-@dataclass
-class SweepOptions:
-    grid: str = ""
-    """The grid file."""
-    var: list[str] = field(default_factory=list)
-    """NAME=VALUE for the grid's variables (over the environment and the grid's defaults)."""
-    dry_run: bool = False
-    local: bool = False
-    submit: bool = False
-    status: bool = False
-    tokens_per_s: float | None = None
-    """Tokens per second per GPU, to estimate GPU-hours in the plan."""
-    scripts: str | None = None
-    """--submit: the folder holding train.sbatch and eval.sbatch (default: launch/slurm/ of the clone)."""
-    sbatch_args: list[str] = field(default_factory=list)
-    """--submit: sbatch options for every job (e.g. "--partition=gpu --account=proj")."""
-    train_sbatch_args: list[str] = field(default_factory=list)
-    """--submit: sbatch options for the training jobs only."""
-    eval_sbatch_args: list[str] = field(default_factory=list)
-    """--submit: sbatch options for the eval arrays only."""
 
 
 def run_sweep(opts: SweepOptions) -> int:

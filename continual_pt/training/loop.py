@@ -15,9 +15,10 @@ import torch
 
 from continual_pt.checkpoint.checkpointer import rng_state
 from continual_pt.config import RunConfig
-from continual_pt.config.load import ConfigSource
+from continual_pt.config.load import load_source
 from continual_pt.evaluation.scoring import ScoringStopped
 from continual_pt.layout import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE, STOP
+from continual_pt.options import ConfigSource
 from continual_pt.runtime import distributed
 from continual_pt.runtime.host_copy import HostCopy
 from continual_pt.training import stop as stops
@@ -262,7 +263,7 @@ class Trainer:
 
 def run_phase(source: ConfigSource) -> int:
     """`cpt train`: resolve the config, then train under whichever launcher started us."""
-    return run(source.load())
+    return run(load_source(source))
 
 
 def run(cfg: RunConfig) -> int:

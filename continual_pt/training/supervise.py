@@ -26,29 +26,20 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from continual_pt.config.load import ConfigSource
+from continual_pt.config.load import load_source
 from continual_pt.errors import UserError
 from continual_pt.layout import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE, RUN_CONFIG, RUN_LOCK, STOP, STOP_DONE
+from continual_pt.options import ConfigSource
 from continual_pt.training import stop as stops
 from continual_pt.training.lock import RunLock
+from continual_pt.training.options import LaunchOptions, StopOptions
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 TRAIN_MODULE = "continual_pt.train"
 PR_SET_CHILD_SUBREAPER = 36
-
-
-@dataclass
-class LaunchOptions:
-    command: list[str] = field(default_factory=list)
-    """The launcher command line, e.g. deepspeed --num_gpus 8 -m continual_pt.train --config run.yaml."""
-    run_dir: str | None = None
-    """The run directory (default: resolved from the command's --config and overrides)."""
-    grace: float = 600.0
-    """Seconds to wait, after the launcher exits, for the processes it left behind."""
 
 
 def launch(opts: LaunchOptions) -> int:
@@ -57,16 +48,8 @@ def launch(opts: LaunchOptions) -> int:
     if not command:
         raise UserError("no launcher command: cpt launch -- deepspeed --num_gpus 2 -m continual_pt.train "
                         "--config run.yaml")
-    run_dir = Path(opts.run_dir) if opts.run_dir else config_source(command).load().run_dir
+    run_dir = Path(opts.run_dir) if opts.run_dir else load_source(config_source(command)).run_dir
     return Supervisor(command, run_dir, opts.grace).run()
-
-
-@dataclass
-class StopOptions:
-    run_dir: str = ""
-    """The run directory of the run to stop."""
-    wait: float = 0.0
-    """Seconds to wait for the run's answer (0: do not wait)."""
 
 
 def request(opts: StopOptions) -> int:

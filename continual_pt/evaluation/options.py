@@ -1,0 +1,34 @@
+"""The options of `cpt eval` (see `continual_pt.options`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from continual_pt.layout import PRECISIONS, SCORES, TAG_PREFIX
+from continual_pt.options import option
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """What `cpt eval` scores, on which sets, how, and where the rows go."""
+
+    targets: list[str] = option(help=f"a run directory (all its committed checkpoints), a checkpoint folder "
+                                f"{TAG_PREFIX}<N>, a Hugging Face model folder, or a hub name such as "
+                                "EleutherAI/pythia-410m@step143000", positional=True, nargs="+", metavar="CHECKPOINT")
+    sets: list[str] = option([], help="a held-out set: a prepared dataset's val split (default) or, with :train, "
+                             "its whole training split; repeatable, e.g. --set pile=data/pile --set sp=data/sp",
+                             flags=("--set",), metavar="NAME=PATH[:SPLIT]")
+    tokens: int | None = option(None, help="token budget per set: the first ceil(N / seq_len) windows (default: "
+                                "every window)")
+    seq_len: int | None = option(None, help="tokens per window (default: the run's data.seq_len for our "
+                                 "checkpoints, else 2048 capped at the model's max_position_embeddings)")
+    micro_batch_size: int | None = option(None, help="sequences per forward pass per rank (default: the run's "
+                                          "eval/train micro batch, else 8)")
+    dtype: str = option("fp32", help="weights dtype", choices=PRECISIONS)
+    store: str | None = option(None, help=f"{SCORES} to append to (default: <run dir>/{SCORES} of each "
+                               "checkpoint's run; required for Hugging Face folders and hub names); scores.csv is "
+                               "written beside it")
+    task_index: str | None = option(None, help="score only checkpoint number N of the list, numbered from 0 in the "
+                                    "order --list prints (arguments as given, a run's checkpoints oldest first); "
+                                    "default: $SLURM_ARRAY_TASK_ID when set; 'all' ignores it")
+    list_only: bool = option(False, help="print the numbered checkpoint list and exit", flags=("--list",))
