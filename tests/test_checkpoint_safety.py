@@ -58,7 +58,7 @@ def names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
-# --------------------------------------------------------------------------- item 4: re-saving a step
+# --------------------------------------------------------------------------- re-saving a step
 
 
 def test_resaving_a_committed_step_replaces_it_whole(tmp_path):
@@ -98,7 +98,7 @@ def test_a_kill_between_retiring_and_committing_leaves_the_previous_state(tmp_pa
     assert (root / layout.LATEST).read_text() == "global_step2"
 
 
-# --------------------------------------------------------------------------- item 5: branching
+# --------------------------------------------------------------------------- branching
 
 
 def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_resuming_the_newest_or_another_runs_checkpoint_moves_nothing(tmp_path):
     assert names(root) == ["global_step2", "global_step4", "latest"]
 
 
-# --------------------------------------------------------------------------- item 15: checksums
+# --------------------------------------------------------------------------- checksums
 
 
 def flip_one_byte(file: Path, at: int = 3) -> None:
@@ -189,7 +189,7 @@ def test_a_marker_without_checksums_is_still_checked_by_size(tmp_path):
     assert refs.verify(path).step == 3
 
 
-# --------------------------------------------------------------------------- item 20: keep_every, export --out
+# --------------------------------------------------------------------------- keep_every, export --out
 
 
 def test_keep_every_keeps_multiples_besides_the_last(tmp_path):
@@ -226,7 +226,7 @@ def test_export_onto_an_existing_file_is_a_clear_error(tmp_path, capsys):
     assert target.read_bytes() == b"keep me"
 
 
-# --------------------------------------------------------------------------- item 8: a full disk
+# --------------------------------------------------------------------------- a full disk
 
 
 @contextlib.contextmanager

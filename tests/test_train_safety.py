@@ -45,7 +45,7 @@ def straight(world, tmp_path_factory) -> tuple[Path, Path]:
     return cfg, root / "runs" / "straight"
 
 
-# --------------------------------------------------------------------------- item 16: grad_norm
+# --------------------------------------------------------------------------- grad_norm
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_grad_norm_is_a_finite_number_under_zero0_fp32(straight):
         assert isinstance(r["grad_norm"], float) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0, r
 
 
-# --------------------------------------------------------------------------- items 5, 12: resume checks
+# --------------------------------------------------------------------------- resume checks
 
 
 def resume_case(straight, overrides: list[str], zero_stage: int = 0) -> None:
@@ -92,7 +92,7 @@ def test_a_checkpoint_beyond_max_steps_is_an_error_and_one_at_max_steps_is_finis
     assert {k: v for k, v in after.items() if k != "run.lock"} == {k: v for k, v in before.items() if k != "run.lock"}
 
 
-# --------------------------------------------------------------------------- item 13: short eval sets
+# --------------------------------------------------------------------------- short eval sets
 
 
 def test_an_eval_set_shorter_than_one_window_is_refused_at_start(world, tmp_path):
@@ -107,7 +107,7 @@ def test_an_eval_set_shorter_than_one_window_is_refused_at_start(world, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
-# --------------------------------------------------------------------------- item 1: the run-dir lock
+# --------------------------------------------------------------------------- the run-dir lock
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_a_second_start_on_a_running_run_dir_is_refused_naming_the_holder(world,
     assert [r["step"] for r in ts.train_records(run_dir)] == list(range(1, newest.step + 1))
 
 
-# --------------------------------------------------------------------------- items 2, 9: Ctrl-C, early signals
+# --------------------------------------------------------------------------- Ctrl-C, early signals
 
 
 @pytest.mark.slow
@@ -183,7 +183,7 @@ def test_a_sigterm_during_set_up_exits_75_once_set_up_ends(world, tmp_path):
     assert ts.train_records(run_dir) == []
 
 
-# --------------------------------------------------------------------------- item 3: a stop during an eval
+# --------------------------------------------------------------------------- a stop during an eval
 
 
 @pytest.mark.slow

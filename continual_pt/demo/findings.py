@@ -106,7 +106,7 @@ def _chain(numbers: list[Number]) -> str:
     return " → ".join(n.text() for n in numbers)
 
 
-def finding1(r: Runs, window: int) -> Finding:
+def rewarming_raises_both_losses_first(r: Runs, window: int) -> Finding:
     f = Finding("1", "Re-warming first raises the loss on both upstream and downstream data.",
                 f"in run rewarm, the highest in-loop loss of the first {window} steps exceeds the step-0 loss "
                 f"by more than {RISE} on both sets")
@@ -122,7 +122,7 @@ def finding1(r: Runs, window: int) -> Finding:
     return f
 
 
-def finding2(r: Runs, window: int) -> Finding:
+def warmup_length_has_no_lasting_effect(r: Runs, window: int) -> Finding:
     names = [n for n in ("warmup0", "warmup0.5", "rewarm", "warmup2") if r.has(n)]
     f = Finding("2", "Warmup length (0-2%) has no significant lasting effect; 0% gives a short initial spike.",
                 f"the final downstream losses of the warmup runs (0%, 0.5%, 1% = rewarm, 2%) lie within {SAME}; "
@@ -138,7 +138,7 @@ def finding2(r: Runs, window: int) -> Finding:
     return f
 
 
-def finding3(r: Runs) -> Finding:
+def higher_max_lr_learns_more_and_forgets_more(r: Runs) -> Finding:
     names = ("maxlr0.5x", "rewarm", "maxlr2x")
     f = Finding("3", "Higher max LR: lower final downstream loss, more forgetting upstream.",
                 "final downstream loss falls and final upstream loss rises from 0.5x to 1x to 2x the upstream max LR")
@@ -154,7 +154,7 @@ def finding3(r: Runs) -> Finding:
     return f
 
 
-def finding4(r: Runs, window: int) -> Finding:
+def constant_lr_leads_early_rewarming_wins_late(r: Runs, window: int) -> Finding:
     f = Finding("4", "Constant LR is best early; re-warm + re-decay wins at the end.",
                 f"downstream: the mean of the in-loop losses of the first {window} steps is lower for constant "
                 "than for rewarm, and rewarm ends below constant (cpt eval)")
@@ -170,7 +170,7 @@ def finding4(r: Runs, window: int) -> Finding:
     return f
 
 
-def finding5(r: Runs) -> Finding:
+def every_rewarmed_run_beats_scratch(r: Runs) -> Finding:
     f = Finding("5", "All re-warmed models beat training from scratch on both datasets.",
                 "every re-warmed run (rewarm, warmup*, maxlr*) ends below scratch on both sets (cpt eval)")
     names = [n for n in RE_WARMED if r.has(n)]
@@ -186,7 +186,7 @@ def finding5(r: Runs) -> Finding:
     return f
 
 
-def finding6(r: Runs, window: int) -> Finding:
+def rewarming_on_the_same_data_raises_the_loss(r: Runs, window: int) -> Finding:
     f = Finding("6", "Re-warming on the same (upstream) data also raises the loss.",
                 f"in run same-data, the highest in-loop upstream loss of the first {window} steps exceeds the "
                 f"step-0 loss by more than {RISE}")
@@ -198,7 +198,7 @@ def finding6(r: Runs, window: int) -> Finding:
     return f
 
 
-def finding7(r: Runs) -> Finding:
+def the_final_upstream_checkpoint_is_the_best_start(r: Runs) -> Finding:
     f = Finding("7", "Earlier upstream checkpoints do not learn the new data faster; the final one is best.",
                 "the run from the final upstream checkpoint (rewarm) ends with the lowest downstream loss of "
                 "the runs from 7%, 19% and 100% of pre-training (cpt eval)")
@@ -212,7 +212,7 @@ def finding7(r: Runs) -> Finding:
     return f
 
 
-def replay(r: Runs) -> Finding:
+def replay_cuts_forgetting_cheaply(r: Runs) -> Finding:
     f = Finding("replay", "5% replay of upstream data cuts forgetting at a small downstream cost (Ibrahim et al.).",
                 "replay5 ends below rewarm upstream, and its downstream loss rises by less than its upstream "
                 "loss falls (cpt eval)")
@@ -232,7 +232,12 @@ def decide(runs_dir: Path, steps: int) -> list[Finding]:
     r = Runs(runs_dir)
     window = max(1, steps // 4)
     checks: list[Callable[[], Finding]] = [
-        lambda: finding1(r, window), lambda: finding2(r, window), lambda: finding3(r),
-        lambda: finding4(r, window), lambda: finding5(r), lambda: finding6(r, window),
-        lambda: finding7(r), lambda: replay(r)]
+        lambda: rewarming_raises_both_losses_first(r, window),
+        lambda: warmup_length_has_no_lasting_effect(r, window),
+        lambda: higher_max_lr_learns_more_and_forgets_more(r),
+        lambda: constant_lr_leads_early_rewarming_wins_late(r, window),
+        lambda: every_rewarmed_run_beats_scratch(r),
+        lambda: rewarming_on_the_same_data_raises_the_loss(r, window),
+        lambda: the_final_upstream_checkpoint_is_the_best_start(r),
+        lambda: replay_cuts_forgetting_cheaply(r)]
     return [check() for check in checks]
