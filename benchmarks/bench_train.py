@@ -231,7 +231,7 @@ def cpt_loop(cfg, env) -> Callable:
         trainer.log_step = log_step_then_mark
         trainer.train()
 
-    engine = trainer.parts.engine
+    engine = trainer.session.engine
     loop.optimizer = f"{type(engine.optimizer).__name__} over {optimizer_name(engine.basic_optimizer)}"
     return loop
 

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures (data fixtures are prefixed `data_`)."""
+"""Shared pytest fixtures (data fixtures are prefixed `data_`), and how the suite is spread over its
+two xdist workers (pyproject.toml's addopts: `-n 2 --no-loadscope-reorder`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,46 @@ import random
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from tests import train_support as ts
 
 # One SLURM cluster per session: a fixture imported into two modules would be two session fixtures,
 # the second waiting on the first's lock.
 from tests.slurm_cluster import slurm_fixture  # noqa: F401  (the fixture `slurm`)
+
+# A module's tests run on one worker, so its module fixtures (reference runs) are built once; the
+# modules that use the SLURM cluster or the loopback sshd share one worker each, as they share the
+# daemons. Groups start longest first, so that no worker is left alone with a long one at the end.
+# (xdist's own `--dist loadgroup` marks groups in the node ids, which pytest 9.2 no longer lets it do.)
+SHARED_DAEMONS = {"test_slurm": "slurm", "test_sweep_submit": "slurm", "test_multinode": "sshd"}
+LONGEST_FIRST = ("test_train_resume", "test_elastic", "slurm", "test_launchers", "test_demo", "test_startup_ops",
+                 "test_train_start", "sshd", "test_checkpoint_runs", "test_train_safety", "test_sweep_local",
+                 "test_commit_protocol", "test_host_malloc", "test_shm_buffers", "test_evaluate")
+
+
+def work_group(nodeid: str) -> str:
+    """The group of a test: its module's name, or the daemons the module shares with others."""
+    module = nodeid.split("::")[0].rpartition("/")[2].removesuffix(".py")
+    return SHARED_DAEMONS.get(module, module)
+
+
+class ModuleGroups(LoadScopeScheduling):
+    """xdist's scope scheduling (a group runs on one worker, whole) with the groups above."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return work_group(nodeid)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    return ModuleGroups(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (order.get(work_group(item.nodeid), len(order)), position[id(item)]))
+
 
 _WORDS = ("the", "model", "forgets", "re-warming", "learning", "rate", "λόγος", "naïve", "数据", "🙂",
           "<|endoftext|>", "    ", "\n", "\n\n", "\t", "x = f(1);", "Ünïcödé", "tokens", "of", "a", "corpus")
@@ -87,3 +122,4 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+

@@ -24,12 +24,12 @@ from continual_pt.training.session import open_session
 cfg = config.load(sys.argv[1], sys.argv[2:])
 env = distributed.init()
 s = open_session(cfg, env)
-opt = s.parts.engine.optimizer
+opt = s.engine.optimizer
 state = getattr(opt, "optimizer", opt).state
-weights = {k: v.detach().float() for k, v in s.parts.engine.module.model.state_dict().items()}
+weights = {k: v.detach().float() for k, v in s.engine.module.model.state_dict().items()}
 torch.save(weights, cfg.run_dir / "start_weights.pt")
 print(json.dumps({"lr": [g["lr"] for g in opt.param_groups], "optimizer_state": len(state),
-                  "schedule_step": s.parts.engine.lr_scheduler.last_epoch, "start_step": s.start.step}))
+                  "schedule_step": s.engine.lr_scheduler.last_epoch, "start_step": s.start.step}))
 """
 
 

@@ -84,6 +84,9 @@ def env() -> dict[str, str]:
     e["MASTER_PORT"] = str(free_port())
     e["PYTHONPATH"] = str(REPO)
     e["PYTHONUNBUFFERED"] = "1"
+    # Tiny models train fastest on one thread, above all beside the suite's other worker; every run a
+    # test compares is trained alike (CPU float sums depend on the thread count).
+    e["OMP_NUM_THREADS"] = "1"
     return e
 
 
