@@ -17,11 +17,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 from continual_pt import __version__
-from continual_pt.checkpoint.options import ConvertOptions, ExportOptions, InfoOptions
-from continual_pt.data.options import PrepareOptions, TokenizerOptions
-from continual_pt.demo.options import DemoOptions
 from continual_pt.errors import UserError
-from continual_pt.evaluation.options import EvalOptions
 from continual_pt.layout import (
     CHECKPOINTS,
     EXIT_INTERRUPTED,
@@ -35,11 +31,7 @@ from continual_pt.layout import (
     TAG_PREFIX,
     UNIVERSAL,
 )
-from continual_pt.options import ConfigSource, Option, declared, default_of, shows_default
-from continual_pt.results.options import PlotOptions, ReportOptions, SchedulePlotOptions, ScheduleShowOptions
-from continual_pt.sweep.options import SweepOptions
-from continual_pt.training import stop as stops
-from continual_pt.training.options import LaunchOptions, StopOptions
+from continual_pt.options import Option, declared, default_of, shows_default
 
 EPILOG = """\
 The paper's experiment at laptop scale, offline, in about 10 minutes: cpt demo
@@ -56,31 +48,33 @@ Every subcommand has its own --help.
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its words, the "module:function" doing the work, the options it takes, its help."""
+    """One subcommand: its words, the "module:function" doing the work, the "module:Class" of the options
+    dataclass it takes, its help."""
 
     words: tuple[str, ...]
     target: str
-    options: type
+    options: str
     help: str
     description: str | None = None
     epilog: str | None = None
 
 
 COMMANDS = (
-    Command(("demo",), "continual_pt.demo.command:run_demo", DemoOptions,
+    Command(("demo",), "continual_pt.demo.command:run_demo", "continual_pt.demo.options:DemoOptions",
             "the paper's experiment at laptop scale, offline: a grid of runs and REPORT.md",
             "Continue a small GPT-NeoX pre-trained on an upstream corpus (shipped) on a downstream one, both "
             "built from offline sources, through a miniature of the paper's grid (`cpt sweep --local`); score "
             "every run (`cpt eval`), draw the paper's figures and write REPORT.md: holds / does not hold per "
             "finding. Run it again to continue a stopped demo."),
-    Command(("train",), "continual_pt.training.loop:run_phase", ConfigSource,
+    Command(("train",), "continual_pt.training.loop:run_phase", "continual_pt.options:ConfigSource",
             "run one continual pre-training phase on the DeepSpeed engine",
             "Train (or re-warm) a model on prepared data. Run it directly for one process, or under deepspeed, "
             "torchrun, srun or mpirun for several: `python -m continual_pt.train` takes the same arguments. "
             f"SIGTERM/SIGUSR1 and a first Ctrl-C save a committed checkpoint and exit {EXIT_RESUMABLE} (run the "
             "same command again to resume: checkpoint.resume=auto); a second Ctrl-C aborts at once. One run at a "
             "time per run directory."),
-    Command(("launch",), "continual_pt.training.supervise:launch", LaunchOptions,
+    Command(("launch",), "continual_pt.training.supervise:launch",
+            "continual_pt.training.options:LaunchOptions",
             "run a launcher command (deepspeed, torchrun, mpirun) so that a stop signal saves and exits "
             f"{EXIT_RESUMABLE}",
             "Run COMMAND (a launcher starting continual_pt.train) in a session of its own. SIGTERM, SIGUSR1, "
@@ -90,57 +84,64 @@ COMMANDS = (
             "(run the same command again to resume). Otherwise it exits with the launcher's status. A second "
             "Ctrl-C kills the launcher's processes at once.",
             "example: cpt launch -- deepspeed --hostfile launch/hostfile -m continual_pt.train --config run.yaml"),
-    Command(("stop",), "continual_pt.training.supervise:request", StopOptions,
+    Command(("stop",), "continual_pt.training.supervise:request", "continual_pt.training.options:StopOptions",
             f"ask a running run, on any node, to save a committed checkpoint and exit {EXIT_RESUMABLE}",
             f"Write <run dir>/{STOP}: rank 0 of the run sees it within a second, every rank saves at the same "
             f"step boundary and the run exits {EXIT_RESUMABLE} (resume by running it again). The run answers "
             f"in <run dir>/{STOP_DONE}."),
-    Command(("sweep",), "continual_pt.sweep.plan:run_sweep", SweepOptions,
+    Command(("sweep",), "continual_pt.sweep.plan:run_sweep", "continual_pt.sweep.options:SweepOptions",
             "expand a grid of runs (axes over any config key, baselines) into configs; run or submit them",
             "Expand GRID into one resolved, validated run config per run, with stable names, under the sweep "
             "directory (configs/<run>.yaml, sweep.json, runs/<run>/). Every problem of the grid is reported at "
             "once before anything is written. Without a mode, prints the plan and writes it.",
             "example: cpt sweep --grid configs/sweeps/small.yaml --dry-run"),
-    Command(("config",), "continual_pt.config.load:print_resolved", ConfigSource,
+    Command(("config",), "continual_pt.config.load:print_resolved", "continual_pt.options:ConfigSource",
             "print the resolved run config (defaults < file < overrides), validated",
             f"Resolve and validate a run config and print it as YAML; exits {EXIT_USAGE} listing every problem "
             "if it is invalid."),
-    Command(("schedule", "plot"), "continual_pt.results.schedule_views:plot", SchedulePlotOptions,
+    Command(("schedule", "plot"), "continual_pt.results.schedule_views:plot",
+            "continual_pt.results.options:SchedulePlotOptions",
             "draw LR vs step for one or several schedules into a PNG"),
-    Command(("schedule", "show"), "continual_pt.results.schedule_views:show", ScheduleShowOptions,
+    Command(("schedule", "show"), "continual_pt.results.schedule_views:show",
+            "continual_pt.results.options:ScheduleShowOptions",
             "print the LR at chosen steps"),
-    Command(("prepare",), "continual_pt.data.prepare:run_prepare", PrepareOptions,
+    Command(("prepare",), "continual_pt.data.prepare:run_prepare", "continual_pt.data.options:PrepareOptions",
             "tokenize raw text once into packed, memory-mappable token shards",
             "Tokenize documents into a dataset directory: uint16/uint32 token shards (EOS between documents), "
             "a hash-chosen validation split and manifest.json."),
-    Command(("tokenizer", "train"), "continual_pt.data.tokenizer_training:train_tokenizer", TokenizerOptions,
+    Command(("tokenizer", "train"), "continual_pt.data.tokenizer_training:train_tokenizer",
+            "continual_pt.data.options:TokenizerOptions",
             "train a byte-level BPE of a chosen vocabulary size",
             "Train a byte-level BPE with the `tokenizers` library and save it as a Hugging Face tokenizer folder."),
-    Command(("export",), "continual_pt.checkpoint.weights:run_export", ExportOptions,
+    Command(("export",), "continual_pt.checkpoint.weights:run_export",
+            "continual_pt.checkpoint.options:ExportOptions",
             "write a Hugging Face folder (model + tokenizer) from a committed checkpoint",
             "Convert a committed checkpoint into a folder that AutoModelForCausalLM.from_pretrained loads "
             "without DeepSpeed."),
-    Command(("checkpoint", "info"), "continual_pt.checkpoint.info:run_info", InfoOptions,
+    Command(("checkpoint", "info"), "continual_pt.checkpoint.info:run_info",
+            "continual_pt.checkpoint.options:InfoOptions",
             "step, tokens, world size, ZeRO stage, precision, committed or not, files",
             "What a checkpoint holds, checked against its commit marker: what to look at before resuming it on "
             "another allocation."),
-    Command(("checkpoint", "convert"), "continual_pt.checkpoint.info:run_convert", ConvertOptions,
+    Command(("checkpoint", "convert"), "continual_pt.checkpoint.info:run_convert",
+            "continual_pt.checkpoint.options:ConvertOptions",
             "convert a committed checkpoint to DeepSpeed's universal format ahead of time",
             f"Write {CHECKPOINTS}/{UNIVERSAL}/{TAG_PREFIX}<N> beside the checkpoint (which is only read), under "
             "the commit protocol. A resume with another world size or ZeRO stage (checkpoint.elastic: auto) "
             "makes and reuses the same conversion."),
-    Command(("eval",), "continual_pt.evaluation.job:run_eval", EvalOptions,
+    Command(("eval",), "continual_pt.evaluation.job:run_eval", "continual_pt.evaluation.options:EvalOptions",
             "score checkpoints on named held-out sets into an incremental results store",
             "Token-weighted loss and perplexity of checkpoints on held-out sets. Runs as one process or under "
             "deepspeed, torchrun, srun or mpirun (`python -m continual_pt.evaluate` takes the same arguments); "
             "the scores do not depend on the number of ranks. Rows already in the store (same checkpoint, set, "
             "budget, seq len, dtype) are skipped."),
-    Command(("plot",), "continual_pt.results.plots:run_plot", PlotOptions,
+    Command(("plot",), "continual_pt.results.plots:run_plot", "continual_pt.results.options:PlotOptions",
             "draw validation loss vs tokens per held-out set, one line per run, with the LR schedule",
             "The paper's figures: one panel of validation loss vs tokens per held-out set (in-loop evaluations "
             f"from {METRICS}, or cpt eval scores from {SCORES}), one line per run, and a panel of the learning "
             "rate vs tokens. Writes OUT.png and OUT.svg."),
-    Command(("report",), "continual_pt.results.report:run_report", ReportOptions,
+    Command(("report",), "continual_pt.results.report:run_report",
+            "continual_pt.results.options:ReportOptions",
             "a markdown table comparing runs: final/best loss, forgetting, gain over a baseline",
             "Per run: final and best loss and perplexity on the upstream and downstream sets, the forgetting "
             "(final upstream loss minus the step-0 upstream loss) and the gain over a baseline run (its final "
@@ -195,7 +196,9 @@ def add_options(parser: argparse.ArgumentParser, options: type) -> None:
         where.add_argument(*names, **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `cpt` parser. Only the subcommand `argv` names gets its arguments (and its options module
+    imported), so `cpt --help` and a subcommand start without declaring the rest; None: every one."""
     parser = argparse.ArgumentParser(
         prog="cpt",
         description="Continual pre-training of language models on DeepSpeed: prepare data, re-warm and "
@@ -204,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"continual-pt {__version__}")
     top = parser.add_subparsers(dest="command", required=True, metavar="command")
+    words = None if argv is None else [a for a in argv if not a.startswith("-")][:2]
     families: dict[str, Any] = {}
     for command in COMMANDS:
         where, word = top, command.words[0]
@@ -215,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
             where, word = families[word], command.words[1]
         sub = where.add_parser(word, help=command.help, description=command.description or command.help,
                                epilog=command.epilog)
-        add_options(sub, command.options)
-        sub.set_defaults(target=command.target, options=command.options)
+        if words is None or list(command.words) == words[:len(command.words)]:
+            options = load(command.options)
+            add_options(sub, options)
+            sub.set_defaults(target=command.target, options=options)
     return parser
 
 
@@ -226,10 +232,15 @@ def options_from(args: argparse.Namespace) -> Any:
     return args.options(**{f.name: given[f.name] for f in dataclasses.fields(args.options)})
 
 
+def load(reference: str) -> Any:
+    """What a "module:name" reference names, its module imported now (the only lazy imports)."""
+    module_name, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def target_function(target: str) -> Callable[..., Any]:
-    """Import the module of a subcommand's "module:function" target (the only lazy import)."""
-    module_name, _, func_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), func_name)
+    """The function a subcommand's "module:function" target names."""
+    return load(target)
 
 
 def launched_main(command: str, argv: list[str] | None = None) -> int:
@@ -241,9 +252,10 @@ def launched_main(command: str, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        stops.process_request()  # before the heavy imports: a stop during set-up is remembered, not fatal
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    if args.command == "train":   # before the heavy imports: a stop during set-up is remembered, not fatal
+        load("continual_pt.training.stop:process_request")()
     func = target_function(args.target)
     try:
         return int(func(options_from(args)) or EXIT_OK)
