@@ -24,7 +24,7 @@ def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
     assert sorted(p.name for p in clone.parent.iterdir()) == ["continual-pt"]
     env = {**os.environ, "PYTHONPATH": str(clone)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-m", "not slow",
                            *FIXTURE_TESTS], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     # pytest's last line counts the outcomes (the slowest-tests list above it names tests, not outcomes)
