@@ -45,11 +45,13 @@ def test_stop_and_resume_is_bitwise_identical(world, tmp_path, zero, precision, 
                                 "seq_len": 16},
                           train={"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "precision": precision,
                                  "ds_config": zero, "log_every": 1})
-    straight = ts.train_in_background(cfg, ["name=straight"], world_size)   # alongside the stopped run
-    ts.train(cfg, ["name=stopped", "train.stop_after_steps=6"], world_size, expect=75)
+    # One rank runs at torch's own thread count (a launcher of two sets one per rank).
+    threads = None if world_size == 1 else 1
+    straight = ts.train_in_background(cfg, ["name=straight"], world_size, threads=threads)   # alongside the stopped run
+    ts.train(cfg, ["name=stopped", "train.stop_after_steps=6"], world_size, expect=75, threads=threads)
     stopped = tmp_path / "runs" / "stopped"
     assert [r.step for r in refs.list_committed(stopped / "checkpoints")] == [6]
-    ts.train(cfg, ["name=stopped"], world_size)
+    ts.train(cfg, ["name=stopped"], world_size, threads=threads)
     straight.result()
     assert_same_run(tmp_path / "runs" / "straight", stopped)
 

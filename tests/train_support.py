@@ -77,7 +77,8 @@ def write_config(path: Path, world: dict[str, Path], out_dir: Path, **sections) 
     return path
 
 
-def env() -> dict[str, str]:
+def env(threads: int | None = 1) -> dict[str, str]:
+    """The environment of a training process; `threads` None leaves torch its own thread count."""
     e = dict(os.environ)
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
@@ -86,7 +87,10 @@ def env() -> dict[str, str]:
     e["PYTHONUNBUFFERED"] = "1"
     # Tiny models train fastest on one thread, above all beside the suite's other worker; every run a
     # test compares is trained alike (CPU float sums depend on the thread count).
-    e["OMP_NUM_THREADS"] = "1"
+    if threads is None:
+        e.pop("OMP_NUM_THREADS", None)
+    else:
+        e["OMP_NUM_THREADS"] = str(threads)
     return e
 
 
@@ -106,10 +110,10 @@ def train_command(config: Path, overrides: list[str], world_size: int = 1, launc
 
 
 def train(config: Path, overrides: list[str] = (), world_size: int = 1, launcher: str = "deepspeed",
-          expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+          expect: int = 0, timeout: int = 300, threads: int | None = 1) -> subprocess.CompletedProcess:
     """Run `python -m continual_pt.train` (under a launcher when world_size > 1) and check its status."""
     bin_dir = str(Path(sys.executable).parent)
-    e = env()
+    e = env(threads)
     e["PATH"] = bin_dir + os.pathsep + e.get("PATH", "")
     proc = subprocess.run(train_command(config, list(overrides), world_size, launcher), env=e,
                           capture_output=True, text=True, timeout=timeout)
@@ -186,10 +190,10 @@ def continual_experiment(root: Path, world: dict[str, Path], rewarm: bool = True
 
 
 def train_in_background(config: Path, overrides: list[str] = (), world_size: int = 1, launcher: str = "deepspeed",
-                        expect: int = 0, timeout: int = 300) -> Future:
+                        expect: int = 0, timeout: int = 300, threads: int | None = 1) -> Future:
     """`train`, started now in a thread of its own so that its run shares the cores with the caller's next one
     (a lone tiny run leaves a core of two idle). `.result()` waits for it and returns or raises what `train` would."""
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(train, config, list(overrides), world_size, launcher, expect, timeout)
+    future = pool.submit(train, config, list(overrides), world_size, launcher, expect, timeout, threads)
     pool.shutdown(wait=False)
     return future
