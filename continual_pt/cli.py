@@ -206,7 +206,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "upstream and downstream data.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"continual-pt {__version__}")
-    top = parser.add_subparsers(dest="command", required=True, metavar="command")
+    # "cpt_command", not "command": the dest of an option of the same name (cpt launch's) would overwrite it.
+    top = parser.add_subparsers(dest="cpt_command", required=True, metavar="command")
     words = None if argv is None else [a for a in argv if not a.startswith("-")][:2]
     families: dict[str, Any] = {}
     for command in COMMANDS:
@@ -215,7 +216,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             if word not in families:
                 help_text, description = FAMILIES[word]
                 family = top.add_parser(word, help=help_text, description=description)
-                families[word] = family.add_subparsers(dest=f"{word}_command", required=True)
+                words_of = sorted(c.words[1] for c in COMMANDS if c.words[0] == word)
+                families[word] = family.add_subparsers(dest=f"{word}_command", required=True,
+                                                       metavar="{" + ",".join(words_of) + "}")
             where, word = families[word], command.words[1]
         sub = where.add_parser(word, help=command.help, description=command.description or command.help,
                                epilog=command.epilog)
@@ -254,17 +257,17 @@ def launched_main(command: str, argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    if args.command == "train":   # before the heavy imports: a stop during set-up is remembered, not fatal
+    if args.cpt_command == "train":   # before the heavy imports: a stop during set-up is remembered, not fatal
         load("continual_pt.training.stop:process_request")()
     func = target_function(args.target)
     try:
         return int(func(options_from(args)) or EXIT_OK)
     except UserError as exc:
-        print(f"cpt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cpt {args.cpt_command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         # Work in progress was left as each command promises (atomic outputs, committed checkpoints).
-        print(f"cpt {args.command}: interrupted", file=sys.stderr)
+        print(f"cpt {args.cpt_command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

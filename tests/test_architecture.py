@@ -198,7 +198,7 @@ def test_functions_stay_short():
 def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = (), dests: tuple[str, ...] = ()):
     """(words, parser, its dests and those of its parent subcommands) for every subcommand with a target."""
     own = [a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)]
-    dests = dests + tuple(a.dest for a in own if path and a.dest not in ("help", "command", "target"))
+    dests = dests + tuple(a.dest for a in own if path and a.dest not in ("help", "target"))
     if parser.get_default("target"):
         yield path, parser, dests
     for action in parser._actions:

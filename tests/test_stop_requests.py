@@ -82,6 +82,13 @@ def test_cpt_launch_refuses_a_command_without_training_or_without_a_command(capf
     assert "no launcher command" in capfd.readouterr().err
 
 
+def test_an_error_of_cpt_launch_names_the_subcommand_not_the_launcher_command(capfd):
+    """The launcher command's words are an option of cpt launch: they never stand for the subcommand."""
+    assert main(["launch", "--", "sleep", "1"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("cpt launch: error: cannot find continual_pt.train in the command 'sleep 1'"), err
+
+
 def test_cpt_launch_clears_a_stale_request_and_exits_with_the_commands_status(tmp_path, capfd):
     """In this process, beside a child of its own that outlives the command: only the launcher's processes
     are waited for."""
