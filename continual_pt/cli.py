@@ -261,14 +261,24 @@ def main(argv: list[str] | None = None) -> int:
         load("continual_pt.training.stop:process_request")()
     func = target_function(args.target)
     try:
-        return int(func(options_from(args)) or EXIT_OK)
+        status = int(func(options_from(args)) or EXIT_OK)
     except UserError as exc:
         print(f"cpt {args.cpt_command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        status = EXIT_USAGE
     except KeyboardInterrupt:
         # Work in progress was left as each command promises (atomic outputs, committed checkpoints).
         print(f"cpt {args.cpt_command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        status = EXIT_INTERRUPTED
+    return ended(status)
+
+
+def ended(status: int) -> int:
+    """`status`; a process that joined a process group (a rank of cpt train or eval) ends here instead,
+    without the interpreter's teardown (see `runtime.distributed.end_process`)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        load("continual_pt.runtime.distributed:end_process")(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import subprocess
+import sys
 
+import pytest
+import torch.distributed as dist
+
+from continual_pt import cli
 from continual_pt.runtime import distributed
 from continual_pt.runtime.distributed import first_host, slurm_port
+from tests.helpers import REPO, free_port
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "DS_ACCELERATOR",
                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID",
@@ -64,3 +71,25 @@ def test_two_steps_of_one_job_get_different_ports_and_reserved_ports_win():
     assert len(ports) == 4 and all(1024 < p < 65536 for p in ports)
     assert slurm_port({"SLURM_JOB_ID": "77", "SLURM_STEP_RESV_PORTS": "12011-12015"}) == 12011
     assert slurm_port({"SLURM_JOB_ID": "77", "SLURM_STEP_RESV_PORTS": "12020"}) == 12020
+
+
+# A rank that has joined a process group ends without the interpreter's teardown (a gloo worker
+# releasing its last collective's tensors then aborted the process after its last commit).
+ENDED = ("import atexit, os, sys, torch, torch.distributed as dist\n"
+         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1], RANK='0', WORLD_SIZE='1')\n"
+         "dist.init_process_group('gloo')\n"
+         "dist.all_reduce(torch.ones(2))\n"
+         "atexit.register(lambda: print(' exit functions ran', flush=True))\n"
+         "from continual_pt.cli import ended\n"
+         "sys.stdout.write('buffered')\n"
+         "ended(75)\n"
+         "print('never reached')\n")
+
+
+def test_a_rank_ends_with_its_status_after_its_exit_functions_and_with_its_output_flushed():
+    proc = subprocess.run([sys.executable, "-c", ENDED, str(free_port())], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    # (DeepSpeed's import may print a line of its own in between)
+    assert proc.stdout.startswith("buffered") and proc.stdout.endswith(" exit functions ran\n"), proc.stdout
+    assert not dist.is_initialized() and cli.ended(3) == 3   # no process group here: an ordinary return

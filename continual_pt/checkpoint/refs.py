@@ -14,7 +14,7 @@ from typing import Any
 
 from continual_pt.checkpoint import commit, integrity
 from continual_pt.errors import UserError
-from continual_pt.layout import CHECKPOINTS, LATEST, MARKER, step_of, tag_for  # noqa: F401  (re-exported)
+from continual_pt.layout import CHECKPOINTS, LATEST, MARKER, step_of, tag_for
 
 
 @dataclass(frozen=True)

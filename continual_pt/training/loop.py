@@ -271,24 +271,28 @@ def run(cfg: RunConfig) -> int:
     stop = stops.process_request()
     try:
         env = distributed.init()
-        try:
-            session = open_session(cfg, env)
-        except RunFinished as done:
-            if env.is_main:
-                print(f"{cfg.name}: {done}", file=sys.stderr)
-                stops.answer(cfg.run_dir, None, EXIT_OK)
-            return EXIT_OK
-        try:
-            trainer = Trainer(cfg, session, stop)
-            status = trainer.train()
-            if env.is_main:   # a clean exit answers a pending STOP request (cpt launch waits for it)
-                stops.answer(cfg.run_dir, trainer.state.step, status)
-            return status
-        except NonFiniteLoss as exc:
-            session.logger.message(f"error: {exc}")
-            return EXIT_FAILED
-        finally:
-            session.release()
+        return _run_session(cfg, env, stop)
     finally:
         stop.uninstall()
 
+
+def _run_session(cfg: RunConfig, env: distributed.DistEnv, stop: StopRequest) -> int:
+    """Open the session (or learn that the run is finished), train, answer a pending stop request."""
+    try:
+        session = open_session(cfg, env)
+    except RunFinished as done:
+        if env.is_main:
+            print(f"{cfg.name}: {done}", file=sys.stderr)
+            stops.answer(cfg.run_dir, None, EXIT_OK)
+        return EXIT_OK
+    try:
+        trainer = Trainer(cfg, session, stop)
+        status = trainer.train()
+        if env.is_main:   # a clean exit answers a pending STOP request (cpt launch waits for it)
+            stops.answer(cfg.run_dir, trainer.state.step, status)
+        return status
+    except NonFiniteLoss as exc:
+        session.logger.message(f"error: {exc}")
+        return EXIT_FAILED
+    finally:
+        session.release()
