@@ -14,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from continual_pt import __version__
 from continual_pt.errors import UserError
@@ -247,11 +247,17 @@ def target_function(target: str) -> Callable[..., Any]:
 
 
 def launched_main(command: str, argv: list[str] | None = None) -> int:
-    """`python -m continual_pt.<module>` under a launcher: the arguments of one `cpt` subcommand."""
+    """`python -m continual_pt.<module>` under a launcher: the arguments of one `cpt` subcommand, and
+    the process's end (see `ended`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    return main([command, *argv])
+    return ended(main([command, *argv]))
+
+
+def program() -> NoReturn:
+    """The `cpt` program (the console script, `python -m continual_pt.cli`): `main`, then the end."""
+    sys.exit(ended(main()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         # Work in progress was left as each command promises (atomic outputs, committed checkpoints).
         print(f"cpt {args.cpt_command}: interrupted", file=sys.stderr)
         status = EXIT_INTERRUPTED
-    return ended(status)
+    return status
 
 
 def ended(status: int) -> int:
-    """`status`; a process that joined a process group (a rank of cpt train or eval) ends here instead,
-    without the interpreter's teardown (see `runtime.distributed.end_process`)."""
+    """`status`, for a program about to exit with it; a process that joined a process group (a rank of
+    cpt train or eval) ends here instead, without the interpreter's teardown (see
+    `runtime.distributed.end_process`). Only the program's entries call it: `main` called in a
+    process of the caller's (a notebook, a test) returns."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         load("continual_pt.runtime.distributed:end_process")(status)
@@ -282,4 +290,4 @@ def ended(status: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -80,8 +80,9 @@ ENDED = ("import atexit, os, sys, torch, torch.distributed as dist\n"
          "dist.init_process_group('gloo')\n"
          "dist.all_reduce(torch.ones(2))\n"
          "atexit.register(lambda: print(' exit functions ran', flush=True))\n"
-         "from continual_pt.cli import ended\n"
-         "sys.stdout.write('buffered')\n"
+         "from continual_pt.cli import ended, main\n"
+         "status = main(['schedule', 'show', '--spec', 'name=constant max_lr=1e-3', '--steps', '4'])\n"
+         "sys.stdout.write(f'main returned {status}; buffered')\n"   # main in a process of the caller's returns
          "ended(75)\n"
          "print('never reached')\n")
 
@@ -91,5 +92,5 @@ def test_a_rank_ends_with_its_status_after_its_exit_functions_and_with_its_outpu
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 75, proc.stderr[-3000:]
     # (DeepSpeed's import may print a line of its own in between)
-    assert proc.stdout.startswith("buffered") and proc.stdout.endswith(" exit functions ran\n"), proc.stdout
+    assert "main returned 0; buffered" in proc.stdout and proc.stdout.endswith(" exit functions ran\n"), proc.stdout
     assert not dist.is_initialized() and cli.ended(3) == 3   # no process group here: an ordinary return

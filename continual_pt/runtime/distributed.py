@@ -183,6 +183,9 @@ def end_process(status: int) -> NoReturn:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")   # under mpirun: a rank that ends without MPI_Finalize is "abnormal"
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
