@@ -82,6 +82,16 @@ def test_cpt_launch_refuses_a_command_without_training_or_without_a_command(capf
     assert "no launcher command" in capfd.readouterr().err
 
 
+def test_a_launcher_that_is_not_there_is_named_and_nothing_starts(tmp_path, capfd):
+    run_dir = tmp_path / "runs" / "x"
+    assert main(["launch", "--run-dir", str(run_dir), "--", "no-such-launcher", "-m", "continual_pt.train"]) == 2
+    err = capfd.readouterr().err
+    assert err == ("cpt launch: error: cannot run the launcher command: 'no-such-launcher' is not an executable "
+                   "file nor a command on PATH (e.g. deepspeed, torchrun, mpirun; activate the environment that "
+                   "has it)\n"), err
+    assert not run_dir.exists()
+
+
 def test_an_error_of_cpt_launch_names_the_subcommand_not_the_launcher_command(capfd):
     """The launcher command's words are an option of cpt launch: they never stand for the subcommand."""
     assert main(["launch", "--", "sleep", "1"]) == 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +49,9 @@ def launch(opts: LaunchOptions) -> int:
     if not command:
         raise UserError("no launcher command: cpt launch -- deepspeed --num_gpus 2 -m continual_pt.train "
                         "--config run.yaml")
+    if shutil.which(command[0]) is None:
+        raise UserError(f"cannot run the launcher command: {command[0]!r} is not an executable file nor a "
+                        "command on PATH (e.g. deepspeed, torchrun, mpirun; activate the environment that has it)")
     run_dir = Path(opts.run_dir) if opts.run_dir else load_source(config_source(command)).run_dir
     return Supervisor(command, run_dir, opts.grace).run()
 
