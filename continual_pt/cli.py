@@ -28,6 +28,7 @@ from continual_pt.layout import (
     SCORES,
     STOP,
     STOP_DONE,
+    SWEEP_PLAN,
     TAG_PREFIX,
     UNIVERSAL,
 )
@@ -92,7 +93,7 @@ COMMANDS = (
     Command(("sweep",), "continual_pt.sweep.plan:run_sweep", "continual_pt.sweep.options:SweepOptions",
             "expand a grid of runs (axes over any config key, baselines) into configs; run or submit them",
             "Expand GRID into one resolved, validated run config per run, with stable names, under the sweep "
-            "directory (configs/<run>.yaml, sweep.json, runs/<run>/). Every problem of the grid is reported at "
+            f"directory (configs/<run>.yaml, {SWEEP_PLAN}, runs/<run>/). Every problem of the grid is reported at "
             "once before anything is written. Without a mode, prints the plan and writes it.",
             "example: cpt sweep --grid configs/sweeps/small.yaml --dry-run"),
     Command(("config",), "continual_pt.config.load:print_resolved", "continual_pt.options:ConfigSource",

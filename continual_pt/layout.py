@@ -35,6 +35,8 @@ STOP = "STOP"
 STOP_DONE = "STOP.done"
 """The run's answer to a stop request: the step it committed and its exit status."""
 CHECKPOINTS = "checkpoints"
+SWEEP_PLAN = "sweep.json"
+"""A sweep directory's plan (every run's name, config and run dir), which `cpt sweep` writes."""
 
 # --------------------------------------------------------------------------- a checkpoints folder
 

@@ -11,8 +11,9 @@ import yaml
 from continual_pt.cli import main
 from continual_pt.config.load import load
 from continual_pt.errors import UserError
+from continual_pt.layout import SWEEP_PLAN
 from continual_pt.sweep.grid import load_sweep
-from continual_pt.sweep.plan import PLAN_FILE, plan_text, write_plan
+from continual_pt.sweep.plan import plan_text, write_plan
 
 BASE = {"name": "base", "model": {"config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}},
         "data": {"train": {"new": {"path": "data/new", "weight": 0.95}, "old": {"path": "data/old", "weight": 0.05}},
@@ -66,7 +67,7 @@ def test_adding_a_value_renames_nothing_and_the_same_grid_writes_the_same_files(
     wider["grids"][0]["axes"]["schedule.max_lr"].append(1.2e-3)
     names = [r.name for r in load_sweep(write_grid(tmp_path, wider)).runs]
     assert {p.stem for p in files} < set(names) and "lr0.0012_warmup0.01_inits143k" in names
-    plan = json.loads((tmp_path / "sweep" / PLAN_FILE).read_text())
+    plan = json.loads((tmp_path / "sweep" / SWEEP_PLAN).read_text())
     assert [r["name"] for r in plan["runs"]][:3] == names[:3] and plan["axes"] == ["schedule.max_lr",
                                                                                    "schedule.warmup",
                                                                                    "checkpoint.init"]
@@ -161,3 +162,15 @@ def test_the_dry_run_plan_shows_steps_tokens_axes_and_gpu_hours_and_writes_nothi
     assert lines[-1] == "total: 51.2k tokens; at 2 tokens/s per GPU: 7 GPU-hours"
     assert not (tmp_path / "sweep").exists()
     assert plan_text(load_sweep(grid)).splitlines()[-1] == "total: 51.2k tokens"
+
+
+def test_a_directory_given_as_the_grid_is_named_as_such(tmp_path, capsys):
+    grid = write_grid(tmp_path, {"grid": {"axes": {"schedule.max_lr": [3.0e-4]}}})
+    write_plan(load_sweep(grid))
+    sweep_dir = tmp_path / "sweep"
+    assert main(["sweep", "--grid", str(sweep_dir), "--status"]) == 2
+    assert capsys.readouterr().err == (f"cpt sweep: error: {sweep_dir} is a directory, not a grid file: a sweep "
+                                       f"directory, expanded from the grid {grid} (pass --grid {grid})\n")
+    assert main(["sweep", "--grid", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"cpt sweep: error: {tmp_path} is a directory, not a grid file (pass the "
+                                       "grid's YAML file, e.g. configs/sweeps/small.yaml)\n")

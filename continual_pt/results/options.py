@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from continual_pt.layout import SWEEP_PLAN
 from continual_pt.options import option
 
 SOURCES = ("auto", "metrics", "scores")
 """Where a run's losses are read from: in-loop evaluations (metrics), `cpt eval` scores (scores), or per
 set, scores when the run has any and metrics otherwise (auto)."""
-RUNS_HELP = "run directories, or sweep directories (with sweep.json) standing for all their runs"
+RUNS_HELP = f"run directories, or sweep directories (with {SWEEP_PLAN}) standing for all their runs"
 
 
 @dataclass(kw_only=True)

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from continual_pt.errors import UserError
-from continual_pt.layout import METRICS, SCORES
-
-PLAN_FILE = "sweep.json"
+from continual_pt.layout import METRICS, SCORES, SWEEP_PLAN
 
 
 @dataclass(frozen=True)
@@ -33,11 +31,11 @@ class Member:
 
 
 def is_sweep_dir(path: str | Path) -> bool:
-    return (Path(path) / PLAN_FILE).is_file()
+    return (Path(path) / SWEEP_PLAN).is_file()
 
 
 def _plan(directory: Path) -> dict[str, Any]:
-    path = directory / PLAN_FILE
+    path = directory / SWEEP_PLAN
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

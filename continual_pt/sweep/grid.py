@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from continual_pt.config import RunConfig
 from continual_pt.config.load import dump, load
 from continual_pt.config.typed import ConfigError, to_dict
 from continual_pt.errors import Problems, UserError
+from continual_pt.layout import SWEEP_PLAN
 
 GRID_KEYS = ("sweep", "base", "out", "vars", "set", "grid", "grids", "runs", "labels")
 BLOCK_KEYS = ("set", "axes", "zip")
@@ -107,7 +109,22 @@ def load_sweep(grid_path: str | Path, variables: dict[str, str] | None = None) -
 # --------------------------------------------------------------------------- reading
 
 
+def _grid_of(plan: Path) -> str | None:
+    """The grid file a sweep directory's plan says it was expanded from, if it says."""
+    try:
+        grid = json.loads(plan.read_text(encoding="utf-8")).get("grid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return grid if isinstance(grid, str) else None
+
+
 def _read(path: Path, p: Problems) -> dict[str, Any]:
+    if path.is_dir():
+        plan = path / SWEEP_PLAN
+        written_from = _grid_of(plan) if plan.is_file() else None
+        raise UserError(f"{path} is a directory, not a grid file" + (
+            f": a sweep directory, expanded from the grid {written_from} (pass --grid {written_from})"
+            if written_from else " (pass the grid's YAML file, e.g. configs/sweeps/small.yaml)"))
     if not path.is_file():
         raise UserError(f"{path}: grid file not found")
     try:

@@ -16,13 +16,12 @@ from continual_pt.config import RunConfig
 from continual_pt.config.load import dump
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
-from continual_pt.layout import EXIT_OK, RUN_CONFIG
+from continual_pt.layout import EXIT_OK, RUN_CONFIG, SWEEP_PLAN
 from continual_pt.sweep import local, status, submit
 from continual_pt.sweep.grid import PlannedRun, Sweep, label_of, load_sweep
 from continual_pt.sweep.options import SweepOptions
 from continual_pt.training.lock import RunLock
 
-PLAN_FILE = "sweep.json"
 LOCAL_LOCK = "local.lock"   # held by `cpt sweep --local` in the sweep dir
 
 
@@ -52,7 +51,7 @@ def run_sweep(opts: SweepOptions) -> int:
 
 def _write(sweep: Sweep) -> None:
     write_plan(sweep)
-    print(f"wrote {len(sweep.runs)} run config(s) and {PLAN_FILE} under {sweep.directory}")
+    print(f"wrote {len(sweep.runs)} run config(s) and {SWEEP_PLAN} under {sweep.directory}")
 
 
 def parse_vars(items: list[str]) -> dict[str, str]:
@@ -139,15 +138,15 @@ def write_plan(sweep: Sweep) -> None:
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, text)
-    atomic_write_text(sweep.directory / PLAN_FILE, json.dumps(plan_record(sweep), indent=1, default=str) + "\n")
+    atomic_write_text(sweep.directory / SWEEP_PLAN, json.dumps(plan_record(sweep), indent=1, default=str) + "\n")
 
 
 def read_plan(directory: str | Path) -> dict[str, Any]:
     """A sweep directory's sweep.json (for cpt plot, cpt report and --status)."""
-    path = Path(directory) / PLAN_FILE
+    path = Path(directory) / SWEEP_PLAN
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{directory} is not a sweep directory (it has no {PLAN_FILE})") from None
+        raise UserError(f"{directory} is not a sweep directory (it has no {SWEEP_PLAN})") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the sweep plan: {exc}") from None
