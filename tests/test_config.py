@@ -142,6 +142,17 @@ def test_missing_architecture_and_data():
     assert {"model", "data.train"} <= keys
 
 
+def test_an_empty_file_is_named_and_so_is_every_key_it_leaves_unset(tmp_path):
+    empty = tmp_path / "run.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as info:
+        config.load(empty)
+    assert info.value.problems[0] == (f"{empty}: the file is empty (a run needs at least data.train, "
+                                      "train.max_steps and a model: see configs/)")
+    assert {p.partition(": ")[0] for p in info.value.problems[1:]} == {f"{empty} (not set there)"}
+    assert len(info.value.problems) == 4
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         config.load(tmp_path / "nope.yaml")

@@ -78,7 +78,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-        if loaded is None:
+        if loaded is None or loaded == {}:
+            early.items.append(f"{path}: the file is empty (a run needs at least data.train, train.max_steps "
+                               "and a model: see configs/)")
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
@@ -92,7 +94,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         error = set_dotted(raw, key, value)
         if error:
             early.items.append(f"{origin}: {error}")
-    p = Problems(origins)
+    # A key the file leaves unset is the file's problem, not the defaults'.
+    p = Problems(origins, default_origin=f"{path} (not set there)" if path is not None else "defaults")
     p.items.extend(early.items)
     return _validated(raw, p)
 
