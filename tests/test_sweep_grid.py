@@ -174,3 +174,11 @@ def test_a_directory_given_as_the_grid_is_named_as_such(tmp_path, capsys):
     assert main(["sweep", "--grid", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"cpt sweep: error: {tmp_path} is a directory, not a grid file (pass the "
                                        "grid's YAML file, e.g. configs/sweeps/small.yaml)\n")
+
+
+def test_a_second_expansion_says_that_it_changed_no_run_config(tmp_path, capsys):
+    grid = write_grid(tmp_path, {"grid": {"axes": {"schedule.max_lr": [1.5e-4, 3.0e-4]}}})
+    assert main(["sweep", "--grid", str(grid)]) == 0
+    assert f"wrote 2 run config(s) and sweep.json under {tmp_path / 'sweep'}" in capsys.readouterr().out
+    assert main(["sweep", "--grid", str(grid)]) == 0
+    assert f"wrote 0 run config(s) (2 unchanged) and sweep.json under {tmp_path / 'sweep'}" in capsys.readouterr().out

@@ -50,8 +50,10 @@ def run_sweep(opts: SweepOptions) -> int:
 
 
 def _write(sweep: Sweep) -> None:
-    write_plan(sweep)
-    print(f"wrote {len(sweep.runs)} run config(s) and {SWEEP_PLAN} under {sweep.directory}")
+    written = write_plan(sweep)
+    same = len(sweep.runs) - written
+    print(f"wrote {written} run config(s)" + (f" ({same} unchanged)" if same else "")
+          + f" and {SWEEP_PLAN} under {sweep.directory}")
 
 
 def parse_vars(items: list[str]) -> dict[str, str]:
@@ -120,8 +122,9 @@ def plan_record(sweep: Sweep) -> dict[str, Any]:
                       "tokens": run_tokens(r.config)[0]} for r in sweep.runs]}
 
 
-def write_plan(sweep: Sweep) -> None:
-    """Write every run's config and sweep.json; refuse first if a started run's config would change."""
+def write_plan(sweep: Sweep) -> int:
+    """Write every run's config and sweep.json; refuse first if a started run's config would change.
+    Returns how many run configs were new or changed (the others are left as they are)."""
     changed = []
     for run in sweep.runs:
         path = config_path(sweep, run)
@@ -132,13 +135,16 @@ def write_plan(sweep: Sweep) -> None:
     if changed:
         raise UserError("the grid would change the config of started runs (give the changed runs new names, "
                         "or a new sweep directory with `out`):\n" + "\n".join(changed))
+    written = 0
     for run in sweep.runs:
         path = config_path(sweep, run)
         text = dump(run.config)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, text)
+            written += 1
     atomic_write_text(sweep.directory / SWEEP_PLAN, json.dumps(plan_record(sweep), indent=1, default=str) + "\n")
+    return written
 
 
 def read_plan(directory: str | Path) -> dict[str, Any]:
