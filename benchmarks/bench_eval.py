@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHIA = REPO.parent / "shared" / "fixtures" / "pythia-tokenizer"
+PYTHIA = REPO / "tests" / "fixtures" / "pythia-tokenizer"   # shipped with the repo (see its README.md)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHIA = REPO.parent / "shared" / "fixtures" / "pythia-tokenizer"
+PYTHIA = REPO / "tests" / "fixtures" / "pythia-tokenizer"   # shipped with the repo (see its README.md)
 
 HF_RECIPE = r"""
 import json, sys, time

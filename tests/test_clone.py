@@ -32,6 +32,34 @@ def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
     assert re.fullmatch(r"=* ?\d+ passed(, \d+ warnings?)? in [\d.]+s( \([\d:]+\))? ?=*", summary), proc.stdout[-4000:]
 
 
+# Each benchmark's arguments parse (--help) and the fixtures it defaults to are in the clone.
+BENCHMARKS = ("import runpy, sys\nfrom pathlib import Path\n"
+              "for path in sorted(Path('benchmarks').glob('*.py')):\n"
+              "    sys.argv = [str(path), '--help']\n"
+              "    try:\n"
+              "        found = runpy.run_path(str(path), run_name='__main__')\n"
+              "    except SystemExit as exc:\n"
+              "        assert exc.code in (0, None), (path, exc.code)\n"
+              "    found = runpy.run_path(str(path))\n"
+              "    missing = [str(v) for k, v in found.items() if k.isupper() and isinstance(v, Path) and not v.exists()]\n"
+              "    assert not missing, (path, missing)\n"
+              "    print('ok', path.name)\n")
+
+
+@pytest.mark.slow
+def test_the_benchmarks_parse_their_arguments_and_find_their_fixtures_in_a_clone_alone(tmp_path):
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: nothing to clone")
+    clone = tmp_path / "alone" / "continual-pt"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(clone)}
+    proc = subprocess.run([sys.executable, "-c", BENCHMARKS], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")] == names
+
+
 def test_no_test_reads_outside_the_repository():
     """What the clone test cannot reach: no test module names a folder beside the repository."""
     beside = re.compile(r"\.\./shared|parents?\b.*[\"']shared[\"']|/ [\"']shared[\"']|REPO\.parent")
