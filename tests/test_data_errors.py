@@ -45,6 +45,18 @@ def test_empty_inputs(tmp_path, data_tokenizer):
     expect_error("matches no files", [tmp_path / "*.parquet"], data_tokenizer, tmp_path / "o")
 
 
+def test_an_empty_compressed_file_in_a_directory_is_refused_as_a_lone_one_is(tmp_path, data_tokenizer):
+    import zstandard
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = jsonl(tmp_path / "good.jsonl", ["a document", "another one"]).read_bytes()
+    (folder / "part-0.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(good))
+    (folder / "part-1.jsonl.zst").write_bytes(b"")
+    msg = expect_error("an empty file", [folder], data_tokenizer, tmp_path / "o")
+    assert msg.startswith(f"{folder / 'part-1.jsonl.zst'}: an empty file (0 bytes)"), msg
+
+
 def test_missing_path_and_unknown_type(tmp_path, data_tokenizer):
     msg = expect_error("no such file", [tmp_path / "nope.jsonl"], data_tokenizer, tmp_path / "o")
     assert "python-stdlib" in msg and "hf:NAME" in msg

@@ -278,10 +278,22 @@ def resolve_sources(specs: list[str], text_field: str, hf_split: str = "train",
     """Resolve and probe every source; raises before anything is read in full."""
     sources = [resolve_source(s, hf_split, hf_config, skip_unknown) for s in specs]
     for source in sources:
-        if isinstance(source, FileSource) and all(p.stat().st_size == 0 for p in source.files):
-            raise UserError(f"{source.spec}: empty input (every file is empty)")
+        if isinstance(source, FileSource):
+            _check_sizes(source)
         source.probe(text_field)
     return sources
+
+
+def _check_sizes(source: FileSource) -> None:
+    """Refuse a source whose files are all empty, and any compressed or parquet file of 0 bytes (none can
+    be: an interrupted download or copy), wherever it lies."""
+    if all(p.stat().st_size == 0 for p in source.files):
+        raise UserError(f"{source.spec}: empty input (every file is empty)")
+    broken = [p for p in source.files if p.stat().st_size == 0 and p.name.endswith((".zst", ".gz", ".parquet"))]
+    if broken:
+        more = f" ({len(broken) - 1} more such file(s) in {source.spec})" if len(broken) > 1 else ""
+        raise UserError(f"{broken[0]}: an empty file (0 bytes), which no .zst, .gz or .parquet file can be: an "
+                        f"interrupted download or copy{more}; fetch it again, or remove it")
 
 
 def skipped_notes(sources: list[Source]) -> list[str]:
