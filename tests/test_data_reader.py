@@ -146,3 +146,13 @@ def test_eval_windows_fixed_and_split_across_ranks(data_dataset, budget, size, e
     assert sorted(i for s in shares for i in s) == list(range(expected))
     assert all(i % size == r for r, s in enumerate(shares) for i in s)
     assert shares == [eval_windows(packed, budget, r, size) for r in range(size)]
+
+
+def test_a_tokenizer_copy_other_than_the_one_prepared_with_is_refused(data_dataset, data_copy):
+    assert PreparedDataset(data_dataset).verified_tokenizer_dir() == data_dataset / "tokenizer"
+    shutil.copy(PYTHIA_TOKENIZER / "tokenizer.json", data_copy / "tokenizer" / "tokenizer.json")
+    with pytest.raises(UserError, match=r"the dataset's tokenizer copy is not the tokenizer it was prepared with"):
+        PreparedDataset(data_copy).verified_tokenizer_dir()
+    (data_copy / "tokenizer" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"the dataset's tokenizer copy cannot be read"):
+        PreparedDataset(data_copy).verified_tokenizer_dir()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from continual_pt.data.output import is_temp_dir
-from continual_pt.data.tokenizer import tokenizer_sha256
+from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
 from continual_pt.errors import UserError
 
 FORMAT_VERSION = 1  # of manifest.json, written by prepare and checked here
@@ -103,6 +103,20 @@ class PreparedDataset:
             raise UserError(f"{where}: eos_id {self.eos_id} is outside the vocabulary (size {self.vocab_size})")
         if not (self.tokenizer_dir / "tokenizer.json").is_file():
             raise UserError(f"{self.tokenizer_dir}: the dataset's tokenizer copy is missing (tokenizer.json)")
+
+    def verified_tokenizer_dir(self) -> Path:
+        """The dataset's tokenizer copy, once it is checked to be the tokenizer the dataset was prepared
+        with (the manifest's sha256): a run ships it in every checkpoint and `cpt export`."""
+        file = self.tokenizer_dir / "tokenizer.json"
+        try:
+            found = canonical_sha256(file.read_text(encoding="utf-8"))
+        except Exception as exc:   # noqa: BLE001  (a missing file, bad JSON, or the tokenizers library's own)
+            raise UserError(f"{file}: the dataset's tokenizer copy cannot be read ({exc})") from None
+        if found != self.tokenizer_sha256:
+            raise UserError(f"{file}: the dataset's tokenizer copy is not the tokenizer it was prepared with (sha256 "
+                            f"{found[:16]}, the manifest says {self.tokenizer_sha256[:16]}); put back the copy "
+                            f"{self.tokenizer_name!r} or prepare the dataset again")
+        return self.tokenizer_dir
 
     def _check_files(self) -> None:
         for shard in self.shards:

@@ -88,7 +88,7 @@ def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str,
         opened[f"eval.sets.{name}"] = ds
         evals[name] = PackedSequences(ds, cfg.data.seq_len)
     check_tokenizer(opened, cfg.data.tokenizer)
-    return train, evals, str(next(iter(opened.values())).tokenizer_dir)
+    return train, evals, str(next(iter(opened.values())).verified_tokenizer_dir())
 
 
 def build_model(cfg: RunConfig, start: Start, vocab_size: int) -> torch.nn.Module:
