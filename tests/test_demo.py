@@ -186,3 +186,28 @@ def test_a_second_demo_on_a_live_demo_folder_is_refused_before_writing(tmp_path,
     err = capsys.readouterr().err
     assert f"demo folder {out} is in use: pid {os.getpid()}" in err and "wait for that demo to end" in err
     assert [p.name for p in out.iterdir()] == [LOCK]
+
+
+def test_a_stopped_upstream_pretraining_ends_the_demo_with_75_and_exports_nothing(tmp_path, monkeypatch):
+    from continual_pt.demo import upstream
+
+    monkeypatch.setattr(upstream, "train_once", lambda config: (75, "", True))   # Ctrl-C: committed, stopped
+    out = tmp_path / "upstream"
+    data = {"upstream": tmp_path / "up", "downstream": tmp_path / "down"}
+    assert upstream.pretrain(SCALE["tiny"], "weak", tmp_path / "work", data, out) == 75
+    assert not out.exists()
+
+
+def test_ctrl_c_at_any_step_of_the_demo_exits_75_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    from continual_pt.cli import main
+    from continual_pt.demo import command
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "_steps", interrupted)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 75
+    assert f"cpt demo: stopped; what is done is kept in {out}: run the same command again" in capsys.readouterr().out
+    monkeypatch.setattr(command, "_steps", lambda *args: 0)
+    assert main(["demo", "--out", str(out)]) == 0   # the same settings, the lock released

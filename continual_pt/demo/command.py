@@ -34,7 +34,7 @@ from continual_pt.errors import UserError
 from continual_pt.evaluation.job import run_eval
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.files import atomic_write_text
-from continual_pt.layout import CHECKPOINTS, EXIT_OK
+from continual_pt.layout import CHECKPOINTS, EXIT_OK, EXIT_RESUMABLE
 from continual_pt.sweep.options import SweepOptions
 from continual_pt.sweep.plan import run_sweep
 from continual_pt.training.lock import RunLock
@@ -117,6 +117,11 @@ def run_demo(options: DemoOptions) -> int:
     try:
         _claim(out, options)
         return _steps(out, options, scale, model, started)
+    except KeyboardInterrupt:
+        # Every step's output is whole or absent, and a run stops with a committed checkpoint.
+        print(f"cpt demo: stopped; what is done is kept in {out}: run the same command again to continue",
+              flush=True)
+        return EXIT_RESUMABLE
     finally:
         lock.release()
 
@@ -130,7 +135,9 @@ def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: 
         if options.pretrain else model / FINAL
     data = _datasets(out, tokenizer)
     if options.pretrain and not (model / "provenance.json").is_file():
-        pretrain(scale, options.shift, out / "pretrain", data, model)
+        status = pretrain(scale, options.shift, out / "pretrain", data, model)
+        if status != EXIT_OK:
+            return status
     grid = write_grid(out, scale, model, data, options.full)
     status = run_sweep(SweepOptions(grid=str(grid), local=True))
     if status != EXIT_OK:
@@ -145,7 +152,7 @@ def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: 
     path = report.write(out, options, scale, model, sizes, findings, figures, spent)
     holding = sum(f.holds is True for f in findings)
     print(f"{holding} of {len(findings)} findings hold at this scale; report: {path}", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _remember(out: Path, key: str, value) -> None:

@@ -32,7 +32,7 @@ from continual_pt.data.tokenizer_training import train_tokenizer
 from continual_pt.demo.recipe import Scale, pretrain_config
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
-from continual_pt.layout import CHECKPOINTS, EXIT_OK, METRICS
+from continual_pt.layout import CHECKPOINTS, EXIT_OK, EXIT_RESUMABLE, METRICS
 from continual_pt.results.records import read_metrics
 from continual_pt.sweep.local import train_once
 
@@ -89,8 +89,9 @@ def fit_tokenizer(corpus: Path, scale: Scale, out: Path) -> Path:
     return out
 
 
-def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], out: Path) -> Path:
-    """Train the upstream model in `work` (resuming if it was stopped), export it to `out`."""
+def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], out: Path) -> int:
+    """Train the upstream model in `work` (resuming if it was stopped) and export it to `out`: EXIT_OK, or
+    EXIT_RESUMABLE when a stop (Ctrl-C, SIGTERM) ended the training with a committed checkpoint."""
     cfg = pretrain_config(scale, f"upstream-{shift}", str(work), str(datasets["upstream"]),
                           str(datasets["downstream"]))
     config_path = work / f"upstream-{shift}.yaml"
@@ -99,12 +100,16 @@ def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], ou
     print(f"pre-training the upstream model: {scale.pretrain_steps} steps of "
           f"{scale.pretrain_micro_batch * scale.seq_len:,} tokens ({config_path})", flush=True)
     status, error, _ = train_once(config_path)
+    if status == EXIT_RESUMABLE:
+        print(f"the upstream pre-training stopped with a committed checkpoint ({run_dir}); run the same command "
+              "again to resume it", flush=True)
+        return EXIT_RESUMABLE
     if status != EXIT_OK:
-        raise UserError(f"upstream pre-training stopped with exit {status}" + (f": {error}" if error else "")
-                        + f"; run the same command again to resume it ({run_dir})")
+        raise UserError(f"upstream pre-training failed with exit {status}" + (f": {error}" if error else "")
+                        + f"; its run is {run_dir}")
     _export(run_dir, scale, out)
     _write_provenance(out, run_dir, cfg, scale, shift)
-    return out
+    return EXIT_OK
 
 
 def _export(run_dir: Path, scale: Scale, out: Path) -> None:
