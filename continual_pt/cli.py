@@ -9,6 +9,7 @@ modules of their own), so `cpt --help` answers without importing torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import sys
@@ -266,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     if args.cpt_command == "train":   # before the heavy imports: a stop during set-up is remembered, not fatal
         load("continual_pt.training.stop:process_request")()
-    func = target_function(args.target)
+    # What a library prints while it is imported (DeepSpeed: "Setting accelerator to CPU") goes to stderr,
+    # and so does whatever its loggers, made then, print later: stdout is the command's own (--list, --status).
+    with contextlib.redirect_stdout(sys.stderr):
+        func = target_function(args.target)
     try:
         status = int(func(options_from(args)) or EXIT_OK)
     except UserError as exc:

@@ -295,3 +295,15 @@ def test_listing_checks_sizes_and_only_the_scored_checkpoint_is_hashed(world, ru
                   needles=["global_step8", "mp_rank_00_model_states.pt", "checksum"])
     assert "is corrupt" in err
     assert [r["step"] for r in read_scores(store)] == [4]
+
+
+def test_a_listing_on_stdout_holds_the_list_only(tmp_path):
+    """Scripts parse `--list`: a library's chatter (DeepSpeed's accelerator line) goes to stderr."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    proc = subprocess.run([sys.executable, "-m", "continual_pt.cli", "eval", str(folder), "--list", "--store",
+                           str(tmp_path / "scores.jsonl")], capture_output=True, text=True, timeout=300,
+                          env={**ts.env(), "PYTHONPATH": str(ts.REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == f"0\t{folder}\n1 checkpoint(s): use --task-index 0..0 (sbatch --array=0-0)\n"
