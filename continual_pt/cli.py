@@ -131,7 +131,7 @@ COMMANDS = (
             f"Write {CHECKPOINTS}/{UNIVERSAL}/{TAG_PREFIX}<N> beside the checkpoint (which is only read), under "
             "the commit protocol. A resume with another world size or ZeRO stage (checkpoint.elastic: auto) "
             "makes and reuses the same conversion."),
-    Command(("eval",), "continual_pt.evaluation.job:run_eval", "continual_pt.evaluation.options:EvalOptions",
+    Command(("eval",), "continual_pt.evaluation.command:run_eval", "continual_pt.evaluation.options:EvalOptions",
             "score checkpoints on named held-out sets into an incremental results store",
             "Token-weighted loss and perplexity of checkpoints on held-out sets. Runs as one process or under "
             "deepspeed, torchrun, srun or mpirun (`python -m continual_pt.evaluate` takes the same arguments); "

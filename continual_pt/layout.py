@@ -22,6 +22,7 @@ launchers' supervisor) read the same names as the training loop that writes them
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # --------------------------------------------------------------------------- the run directory
 
@@ -63,6 +64,20 @@ def step_of(name: str) -> int | None:
     """The step of a checkpoint folder name (`global_step<N>`), None for any other name."""
     match = TAG_PATTERN.match(name)
     return int(match.group(1)) if match else None
+
+
+def list_tags(root: Path) -> list[Path]:
+    """Every checkpoint folder under a checkpoints/ folder, committed or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None),
+                  key=lambda p: step_of(p.name))
+
+
+def is_committed(tag_dir: Path) -> bool:
+    """Whether a checkpoint folder holds its commit marker (a save that finished)."""
+    return (Path(tag_dir) / MARKER).is_file()
 
 
 # --------------------------------------------------------------------------- exit statuses

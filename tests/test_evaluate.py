@@ -15,6 +15,8 @@ import torch
 from continual_pt.checkpoint import integrity
 from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
+from continual_pt.evaluation import job
+from continual_pt.evaluation.claims import Claim
 from continual_pt.evaluation.store import read_scores, score_key
 from tests import train_support as ts
 from tests.helpers import free_port
@@ -92,7 +94,7 @@ def test_scores_equal_in_loop_eval_and_the_hugging_face_export(world, run, tmp_p
 def test_a_run_scored_twice_does_no_work_the_second_time(world, run, tmp_path, capsys, monkeypatch):
     store = tmp_path / "scores.jsonl"
     devices = []   # the job keeps freed host memory for the next batch on a CPU (test_host_malloc.py)
-    monkeypatch.setattr("continual_pt.evaluation.job.host_malloc.for_device", devices.append)
+    monkeypatch.setattr("continual_pt.evaluation.command.host_malloc.for_device", devices.append)
     assert eval_cli(run, *sets(world), "--tokens", SMALL, "--store", store) == 0
     assert "6 to score, 0 already scored" in capsys.readouterr().err
     assert [d.type for d in devices] == ["cpu"]
@@ -307,3 +309,111 @@ def test_a_listing_on_stdout_holds_the_list_only(tmp_path):
                           env={**ts.env(), "PYTHONPATH": str(ts.REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == f"0\t{folder}\n1 checkpoint(s): use --task-index 0..0 (sbatch --array=0-0)\n"
+
+
+# --------------------------------------------------------------------------- --claim, and pruned checkpoints
+
+
+def claim_args(run, world, store) -> list:
+    return [run, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--claim"]
+
+
+def tag_path(run, step: int) -> str:
+    return str((run / "checkpoints" / f"global_step{step}").resolve())
+
+
+def test_claiming_jobs_leave_a_held_checkpoint_to_its_holder_and_drain_the_rest(world, run, tmp_path, capsys):
+    store = tmp_path / "scores.jsonl"
+    held = Claim.take(store, tag_path(run, 4))          # another job is scoring step 4
+    assert eval_cli(*claim_args(run, world, store)) == 0
+    out = capsys.readouterr().out
+    assert [r["step"] for r in read_scores(store)] == [8, 12]
+    for step in (8, 12):
+        assert f"claimed {tag_path(run, step)} (step {step}): scoring 1 set(s)" in out, out
+        assert f"stored 1 row(s) of {tag_path(run, step)} in {store}" in out, out
+    assert "this job scored 2 checkpoint(s)" in out and tag_path(run, 4) not in out
+    assert Claim.take(store, tag_path(run, 4)) is None   # still the other job's
+    held.release()
+    assert eval_cli(*claim_args(run, world, store)) == 0
+    assert [r["step"] for r in read_scores(store)] == [8, 12, 4]
+    before = store.read_bytes()
+    assert eval_cli(*claim_args(run, world, store)) == 0
+    assert "this job scored 0 checkpoint(s)" in capsys.readouterr().out
+    assert store.read_bytes() == before
+    assert eval_cli(run, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--claim", "--task-index", 1) == 2
+
+
+def test_a_claim_ends_with_the_process_that_held_it(tmp_path):
+    store = tmp_path / "scores.jsonl"
+    code = ("import sys, time; from continual_pt.evaluation.claims import Claim; "
+            f"c = Claim.take(__import__('pathlib').Path({str(store)!r}), 'x'); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ts.env())
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert Claim.take(store, "x") is None
+        assert Claim.take(store, "y") is not None       # another checkpoint is free
+    finally:
+        holder.kill()
+        holder.wait()
+    claim = Claim.take(store, "x")
+    assert claim is not None                             # SIGKILL left nothing behind
+    claim.release()
+
+
+def test_concurrent_claiming_jobs_score_each_checkpoint_once(world, run, tmp_path):
+    store = tmp_path / "scores.jsonl"
+    procs = [subprocess.Popen(eval_command(*claim_args(run, world, store)), env=eval_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+        outs.append(out)
+    stored = [line.split(" of ")[1].split(" in ")[0] for out in outs for line in out.splitlines()
+              if line.startswith("cpt eval: stored ")]
+    assert sorted(stored) == sorted(tag_path(run, s) for s in (4, 8, 12)), outs   # each by one job only
+    assert sorted(r["step"] for r in read_scores(store)) == [4, 8, 12]
+
+
+@pytest.mark.parametrize("when", ["before it is opened", "while its weights are read"])
+@pytest.mark.parametrize("mode", [[], ["--claim"]])
+def test_a_checkpoint_pruned_before_it_is_loaded_is_skipped_with_one_line(world, run, tmp_path, capsys, monkeypatch,
+                                                                          when, mode):
+    """`cpt eval RUN` beside a run whose keep_last prunes: the pruned checkpoint is skipped, the rest scored."""
+    copy = tmp_path / "pre"
+    shutil.copytree(run, copy)
+    victim = copy / "checkpoints" / "global_step8"
+    if when == "before it is opened":
+        real = job.verify
+        monkeypatch.setattr(job, "verify", lambda path, **kw: (shutil.rmtree(victim) if path == victim else None)
+                            or real(path, **kw))
+    else:
+        real = job.load_model_from_checkpoint
+
+        def pruning(ref):   # the run's rmtree has removed the weights but not yet the marker
+            if ref.path == victim:
+                (victim / "mp_rank_00_model_states.pt").unlink()
+            return real(ref)
+
+        monkeypatch.setattr(job, "load_model_from_checkpoint", pruning)
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(copy, *sets(world, "code"), "--tokens", SMALL, "--store", store, *mode) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert out.count("global_step8") == (2 if mode else 1), out     # claimed, then skipped
+    assert "pre global_step8: skipped: its run pruned it (checkpoint.keep_last) before it could be loaded" in out
+    assert sorted(r["step"] for r in read_scores(store)) == [4, 12]
+
+
+def test_a_listing_with_sets_says_which_checkpoints_are_unscored(world, run, tmp_path, capsys):
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(run, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--task-index", 1) == 0
+    capsys.readouterr()
+    assert eval_cli(run, *sets(world, "code"), "--tokens", SMALL, "--store", store, "--list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"0\t{tag_path(run, 4)}\tunscored", f"1\t{tag_path(run, 8)}\tscored",
+                     f"2\t{tag_path(run, 12)}\tunscored",
+                     "3 checkpoint(s): use --task-index 0..2 (sbatch --array=0-2); 2 not yet scored on every --set"]
+    assert eval_cli(run, *sets(world, "code"), "--store", store, "--list") == 0   # another budget: none scored
+    assert capsys.readouterr().out.splitlines()[-1].endswith("; 3 not yet scored on every --set")

@@ -14,7 +14,7 @@ from typing import Any
 
 from continual_pt.checkpoint import commit, integrity
 from continual_pt.errors import UserError
-from continual_pt.layout import CHECKPOINTS, LATEST, MARKER, step_of, tag_for
+from continual_pt.layout import CHECKPOINTS, LATEST, MARKER, is_committed, list_tags, step_of, tag_for
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,6 @@ class CheckpointRef:
 
     def meta(self) -> dict[str, Any]:
         return json.loads((self.path / MARKER).read_text())
-
-
-def is_committed(tag_dir: Path) -> bool:
-    return (tag_dir / MARKER).is_file()
 
 
 def verify(tag_dir: Path, *, hint: bool = True, checksums: bool = True) -> CheckpointRef:
@@ -85,13 +81,14 @@ def _intact_hint(tag_dir: Path) -> str:
     return f"; no older intact checkpoint under {tag_dir.parent}"
 
 
-def list_tags(root: Path) -> list[Path]:
-    """Every checkpoint folder under a checkpoints/ folder, committed or not, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None),
-                  key=lambda p: step_of(p.name))
+def removed(tag_dir: Path) -> bool:
+    """Whether a checkpoint listed as committed has since lost its marker or a file it lists: its run
+    pruned it (keep_last), which removes the folder file by file."""
+    try:
+        files = json.loads((Path(tag_dir) / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return any(not (Path(tag_dir) / name).exists() for name in files)
 
 
 def list_committed(root: Path) -> list[CheckpointRef]:

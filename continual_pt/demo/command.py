@@ -31,7 +31,7 @@ from continual_pt.demo.options import SCALES, SHIFTS, DemoOptions
 from continual_pt.demo.recipe import SCALE, Scale
 from continual_pt.demo.upstream import FINAL, fit_tokenizer, pretrain, shipped, verify
 from continual_pt.errors import UserError
-from continual_pt.evaluation.job import run_eval
+from continual_pt.evaluation.command import run_eval
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.files import atomic_write_text
 from continual_pt.layout import CHECKPOINTS, EXIT_OK, EXIT_RESUMABLE

@@ -29,6 +29,11 @@ class EvalOptions:
                                "checkpoint's run; required for Hugging Face folders and hub names); scores.csv is "
                                "written beside it")
     task_index: str | None = option(None, help="score only checkpoint number N of the list, numbered from 0 in the "
-                                    "order --list prints (arguments as given, a run's checkpoints oldest first); "
-                                    "default: $SLURM_ARRAY_TASK_ID when set; 'all' ignores it")
-    list_only: bool = option(False, help="print the numbered checkpoint list and exit", flags=("--list",))
+                                    "order --list prints (arguments as given, a run's checkpoints oldest first; the "
+                                    "numbers shift when a run prunes or adds one: --claim does not); default: "
+                                    "$SLURM_ARRAY_TASK_ID when set; 'all' ignores it")
+    list_only: bool = option(False, help="print the numbered checkpoint list (with --set: which are not yet scored) "
+                             "and exit", flags=("--list",))
+    claim: bool = option(False, help="score the oldest committed checkpoint that lacks a row and no other job is "
+                         "scoring, then the next, until none is left: any number of concurrent jobs (a job array's "
+                         "tasks) drains the run, each checkpoint scored once (eval.sbatch uses it)")

@@ -11,8 +11,6 @@ A target is one of:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -24,63 +22,16 @@ import yaml
 
 from continual_pt import layout
 from continual_pt.checkpoint import refs
-from continual_pt.data.dataset import PreparedDataset
 from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
 from continual_pt.errors import UserError
+from continual_pt.evaluation.sets import EvalSet
 from continual_pt.model.causal_lm import check_vocab, load_hf_config, split_revision
 
 HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-SPLITS = ("val", "train")
 DEFAULT_SEQ_LEN = 2048  # Pythia's context, for models without a run config
 DEFAULT_MICRO_BATCH = 8
 
 Warn = Callable[[str], None]
-
-
-@dataclass
-class EvalSet:
-    """A named held-out set: one split of a prepared dataset, opened and fingerprinted."""
-
-    name: str
-    path: Path
-    split: str
-    dataset: PreparedDataset | None = None
-    fingerprint: str = ""
-
-
-def parse_set(spec: str) -> EvalSet:
-    """NAME=PATH (its val split) or NAME=PATH:SPLIT with SPLIT in val, train (the whole train split)."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not name.strip() or not rest:
-        raise UserError(f"--set {spec!r}: expected NAME=PATH or NAME=PATH:SPLIT (split val, the default, "
-                        "or train), e.g. --set pile=data/pile or --set sp=data/sp:train")
-    path, split = rest, "val"
-    head, colon, tail = rest.rpartition(":")
-    if colon and tail in SPLITS:
-        path, split = head, tail
-    elif colon and "/" not in tail and not Path(rest).exists():
-        raise UserError(f"--set {spec!r}: unknown split {tail!r}; accepted: {', '.join(SPLITS)}")
-    return EvalSet(name.strip(), Path(path), split)
-
-
-def fingerprint(ds: PreparedDataset) -> str:
-    """Content identity of a split: its tokenizer and the sha256 of each shard (not the prepare time)."""
-    ident = {"tokenizer": ds.tokenizer_sha256, "split": ds.split,
-             "shards": [[s.get("sha256"), int(s["num_tokens"])] for s in ds.shards]}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def open_sets(specs: list[str]) -> list[EvalSet]:
-    """Parse and open every --set (UserError on a missing dataset, split or a repeated name)."""
-    sets: list[EvalSet] = []
-    for spec in specs:
-        s = parse_set(spec)
-        if any(o.name == s.name for o in sets):
-            raise UserError(f"--set {spec!r}: the name {s.name!r} is given twice; names must differ")
-        s.dataset = PreparedDataset(s.path, split=s.split)
-        s.fingerprint = fingerprint(s.dataset)
-        sets.append(s)
-    return sets
 
 
 @dataclass
@@ -128,7 +79,11 @@ def _run_targets(root: Path, warn: Warn) -> list[Target]:
             continue
         try:
             targets.append(checkpoint_target(refs.verify(path, checksums=False)))
-        except UserError as exc:
+        except (UserError, OSError) as exc:
+            if not path.exists():
+                continue   # pruned by its run (keep_last) since the folder was listed
+            if not isinstance(exc, UserError) and not refs.removed(path):
+                raise
             warn(f"skipping: {exc}")
     if not targets:
         warn(f"{root}: no committed checkpoint")
@@ -187,13 +142,18 @@ def task_index(value: str | None) -> int | None:
         raise UserError(f"{source}={value!r}: expected an integer index or 'all'") from None
 
 
-def pick_task(targets: list[Target], value: str | None, listing: bool = False) -> list[Target]:
-    """The one target of a job-array task (or all); with `listing`, print the numbered list."""
-    if listing:
-        for i, t in enumerate(targets):
-            print(f"{i}\t{t.identity}")
-        print(f"{len(targets)} checkpoint(s): use --task-index 0..{len(targets) - 1} "
-              f"(sbatch --array=0-{len(targets) - 1})")
+def print_listing(targets: list[Target], unscored: list[bool] | None = None) -> None:
+    """The numbered list a job array indexes (`--list`); with `unscored`, which still lack a row."""
+    for i, t in enumerate(targets):
+        mark = "" if unscored is None else ("\tunscored" if unscored[i] else "\tscored")
+        print(f"{i}\t{t.identity}{mark}")
+    left = "" if unscored is None else f"; {sum(unscored)} not yet scored on every --set"
+    print(f"{len(targets)} checkpoint(s): use --task-index 0..{len(targets) - 1} "
+          f"(sbatch --array=0-{len(targets) - 1}){left}")
+
+
+def pick_task(targets: list[Target], value: str | None) -> list[Target]:
+    """The one target of a job-array task, or all of them."""
     index = task_index(value)
     if index is None:
         return targets
