@@ -16,7 +16,9 @@ import yaml
 
 from continual_pt.cli import main
 from continual_pt.config import load
-from continual_pt.sweep.submit import checkpoint_count
+from continual_pt.evaluation.sets import measurement, open_sets
+from continual_pt.evaluation.store import ScoreStore
+from continual_pt.sweep.scoring import checkpoint_count
 from tests import train_support as ts
 from tests.helpers import REPO
 
@@ -256,8 +258,8 @@ def test_status_reads_the_queue_and_the_run_dirs(fake_slurm, tmp_path, capsys, m
 
     set_queue(fake_slurm, ["100|100|RUNNING|None", "101|101_[0-1]|PENDING|Dependency",
                            "102|102|PENDING|Priority", "103|103_[0-1]|PENDING|Dependency"])
-    assert status()[2:] == [[RUNS[0], "running", "7", "100", "RUNNING", "101", "PENDING", "(Dependency)"],
-                            [RUNS[1], "queued", "102", "PENDING", "(Priority)", "103", "PENDING", "(Dependency)"],
+    assert status()[2:] == [[RUNS[0], "running", "7", "-", "100", "RUNNING", "101", "PENDING", "(Dependency)"],
+                            [RUNS[1], "queued", "-", "102", "PENDING", "(Priority)", "103", "PENDING", "(Dependency)"],
                             ["1", "running,", "1", "queued"]]
     # Both jobs failed: the first stopped resumably past its requeue cap (exit 75), the second on bad input.
     step = runs / RUNS[0] / "checkpoints" / "global_step6"
@@ -272,8 +274,45 @@ def test_status_reads_the_queue_and_the_run_dirs(fake_slurm, tmp_path, capsys, m
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
     rows = status()
     assert rows[0] == "no SLURM here (squeue not found): states from the run dirs only".split()
-    assert rows[2:] == [["run", "state", "step"], [RUNS[0], "stopped", "(resumable)", "6"],
-                        [RUNS[1], "not", "started"], ["1", "stopped", "(resumable),", "1", "not", "started"]]
+    assert rows[2:] == [["run", "state", "step", "unscored"], [RUNS[0], "stopped", "(resumable)", "6", "-"],
+                        [RUNS[1], "not", "started", "-"], ["1", "stopped", "(resumable),", "1", "not", "started"]]
+
+
+def test_a_finished_run_with_unscored_checkpoints_gets_an_eval_array_of_its_own(fake_slurm, world, tmp_path,
+                                                                               capsys):
+    """Its chained array was cancelled, failed, or ended before the run's last checkpoints: --status
+    counts them and --submit scores them; once all are scored the run is left alone."""
+    grid = write_sweep(tmp_path, world)
+    submit(grid, capsys)
+    set_queue(fake_slurm, ["100|100|COMPLETED|None", "101|101_[0-1]|CANCELLED|None",
+                           "102|102|RUNNING|None", "103|103_[0-1]|PENDING|Dependency"])
+    run_dir = tmp_path / "sweep" / "runs" / RUNS[0]
+    for step in (6, 9, 12):            # 9: a stop the plan did not foresee
+        (run_dir / "checkpoints" / f"global_step{step}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"global_step{step}" / "COMMITTED.json").write_text("{}")
+    assert main(["sweep", "--grid", str(grid), "--status"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[2][:7] == [RUNS[0], "finished", "12", "3", "of", "3", "100"], rows
+    assert submit(grid, capsys) == [
+        f"{RUNS[0]}: finished with 3 committed checkpoint(s) unscored: submitted eval array 104 (2 task(s))",
+        f"{RUNS[1]}: not submitted: train job 102 RUNNING",
+        f"submitted 0 of 2 run(s) and 1 eval array(s) for finished runs; job ids in {tmp_path / 'sweep' / 'jobs.json'}"]
+    eval_call = calls(fake_slurm)[-1]["args"]
+    assert "--array=0-1" in eval_call and not any(a.startswith("--dependency") for a in eval_call)
+    assert eval_call[-7:] == [str(run_dir), "--set", f"code={world['code']}:val", "--set",
+                              f"prose={world['prose']}:val", "--tokens", "256"]
+    assert [(e["train"], e["eval"]) for e in jobs_json(tmp_path)[RUNS[0]]] == [("100", "101"), (None, "104")]
+    set_queue(fake_slurm, ["104|104_[0-1]|RUNNING|None"])
+    assert submit(grid, capsys)[0] == f"{RUNS[0]}: not submitted: finished at step 12; eval job 104 RUNNING"
+    # Its array scored them all: nothing more to submit.
+    set_queue(fake_slurm, [])
+    sets = open_sets([f"{name}={world[name]}:val" for name in ("code", "prose")])
+    ScoreStore(run_dir / "scores.jsonl").append(
+        [measurement(str((run_dir / "checkpoints" / f"global_step{step}").resolve()), s, 256, 16, "fp32")
+         for step in (6, 9, 12) for s in sets])
+    assert submit(grid, capsys)[0] == f"{RUNS[0]}: not submitted: finished at step 12"
+    assert main(["sweep", "--grid", str(grid), "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[3:6] == ["0", "of", "3"]
 
 
 def test_submit_names_the_missing_batch_scripts(fake_slurm, tmp_path, capsys):
@@ -291,7 +330,7 @@ def test_submit_names_the_missing_batch_scripts(fake_slurm, tmp_path, capsys):
     (100, 10, 2, 20, 6),       # 90, 100 and 20, 40, 60, 80
     (131296, 1000, 2, 10000, 15),   # the paper's base: 131000, 131296 and 10000 ... 130000
 ])
-def test_an_eval_array_has_a_task_per_checkpoint_the_run_keeps(steps, every, keep_last, keep_every, count):
+def test_an_eval_array_has_a_task_per_checkpoint_the_run_plans_to_keep(steps, every, keep_last, keep_every, count):
     cfg = load(None, ["model.config={hidden_size: 8}", "data.train.a.path=x", f"train.max_steps={steps}",
                       f"checkpoint.every_steps={every}", f"checkpoint.keep_last={keep_last}",
                       f"checkpoint.keep_every={keep_every}"])

@@ -4,7 +4,8 @@ From the run dir (`runs.run_state`: not started, stopped, finished, failed) and,
 installed, the jobs `--submit` recorded in jobs.json (`squeue`): a run whose training job is
 pending is queued, one whose job runs is running (at the step its metrics last logged); a job
 that failed other than by a resumable stop (exit 75) marks the run failed. Without SLURM the
-run dirs alone answer, and the table says so once.
+run dirs alone answer, and the table says so once. `unscored` counts the committed checkpoints
+that still lack a row on the run's eval.sets (as its eval array scores them), of all committed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from continual_pt.layout import EXIT_OK, EXIT_RESUMABLE, METRICS
 from continual_pt.sweep.grid import PlannedRun, Sweep
 from continual_pt.sweep.runs import exit_text, run_state
+from continual_pt.sweep.scoring import scoring_state
 from continual_pt.sweep.submit import Task, describe, live, query_jobs, read_jobs, recorded_ids, slurm_here
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT"}
@@ -57,10 +59,9 @@ def job_exit(job: str) -> int | None:
     return None
 
 
-def run_status(run: PlannedRun, entry: dict[str, Any] | None, queue: dict[str, list[Task]]) -> tuple[str, str]:
+def run_status(run: PlannedRun, train: str, queue: dict[str, list[Task]]) -> tuple[str, str]:
     """(state, step) of one run: not started, queued, running, stopped (resumable), finished or failed."""
     state = run_state(run.config)
-    train = str((entry or {}).get("train") or "")
     tasks = queue.get(train, [])
     step = "" if state.step is None else str(state.step)
     if state.state != "finished" and live(tasks):
@@ -79,29 +80,38 @@ def run_status(run: PlannedRun, entry: dict[str, Any] | None, queue: dict[str, l
     return state.state, step
 
 
-def jobs_text(entry: dict[str, Any] | None, queue: dict[str, list[Task]]) -> tuple[str, str]:
+def latest(entries: list[dict[str, Any]], kind: str) -> str:
+    """The newest recorded job of a kind (train, eval) of a run, '' if none."""
+    return next((str(e[kind]) for e in reversed(entries) if e.get(kind)), "")
+
+
+def jobs_text(entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> tuple[str, str]:
     """The latest training job and eval array of a run as squeue shows them."""
-    if not entry:
-        return "-", "-"
     out = []
     for kind in ("train", "eval"):
-        job = str(entry.get(kind) or "")
+        job = latest(entries, kind)
         out.append(describe(job, queue.get(job, [])) if job else "-")
     return out[0], out[1]
 
 
+def unscored_text(run: PlannedRun) -> str:
+    """`<unscored> of <committed>` checkpoints on the run's eval.sets; `-` without sets."""
+    state = scoring_state(run.config)
+    return "-" if state is None else f"{state[1]} of {state[0]}"
+
+
 def show_status(sweep: Sweep) -> int:
-    """Print each run's state, step and jobs, then how many runs are in each state."""
+    """Print each run's state, step, unscored checkpoints and jobs, then how many runs are in each state."""
     jobs = read_jobs(sweep)
     here = slurm_here()
     queue = query_jobs(recorded_ids(jobs)) if here else {}
-    header = ["run", "state", "step", "train job", "eval array"] if here else ["run", "state", "step"]
+    header = ["run", "state", "step", "unscored", *(("train job", "eval array") if here else ())]
     rows, counts = [], {}
     for run in sweep.runs:
-        entry = (jobs.get(run.name) or [None])[-1]
-        state, step = run_status(run, entry, queue)
+        entries = jobs.get(run.name) or []
+        state, step = run_status(run, latest(entries, "train"), queue)
         counts[state.partition(":")[0]] = counts.get(state.partition(":")[0], 0) + 1
-        rows.append([run.name, state, step, *(jobs_text(entry, queue) if here else ())])
+        rows.append([run.name, state, step, unscored_text(run), *(jobs_text(entries, queue) if here else ())])
     if not here:
         print("no SLURM here (squeue not found): states from the run dirs only")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

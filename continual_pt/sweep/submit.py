@@ -2,15 +2,19 @@
 
 Per run: `sbatch train.sbatch` (CONFIG, OUT_DIR and NAME from the sweep, PYTHON this interpreter
 unless PYTHON is set), then, if the run has held-out sets, `sbatch --array=0-<N-1>
---dependency=afterok:<train job> --kill-on-invalid-dep=yes eval.sbatch <run dir> --set ...`,
-N the committed checkpoints the run will have at its end (max_steps / every_steps, capped by
-keep_last, plus the keep_every ones). A train job that stops and requeues itself keeps its id, so
-the array still waits for it; one that fails cancels the array.
+--dependency=afterok:<train job> --kill-on-invalid-dep=yes eval.sbatch <run dir> --set ...`.
+The array's tasks claim the run's unscored checkpoints one at a time (`cpt eval --claim`) until
+none is left, so they score every checkpoint the run kept, the ones its stops wrote included; N,
+the checkpoints the run plans to keep (max_steps / every_steps, capped by keep_last, plus the
+keep_every ones), is only how many run at once. A train job that stops and requeues itself keeps
+its id, so the array still waits for it; one that fails cancels the array.
 
 The job ids go to `<sweep dir>/jobs.json` (written atomically after each run, under a lock, so
 two submits at once cannot both submit a run). A run is submitted again only when it is not
 finished and none of its recorded jobs is live (pending, running, requeued: anything `squeue`
-does not show in a final state); a stale eval array that can never start is cancelled first.
+does not show in a final state); a stale eval array that can never start is cancelled first. A
+finished run whose committed checkpoints are not all scored (its array was cancelled or failed)
+gets an eval array of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
 from continual_pt.sweep.grid import PlannedRun, Sweep
 from continual_pt.sweep.runs import run_state
+from continual_pt.sweep.scoring import checkpoint_count, eval_arguments, scoring_state
 
 JOBS_FILE = "jobs.json"
 SCRIPTS = ("train.sbatch", "eval.sbatch")
@@ -169,27 +174,6 @@ def find_scripts(folder: str | None) -> tuple[Path, Path]:
     raise UserError(f"no {' and '.join(SCRIPTS)} in {where}{hint}")
 
 
-def checkpoint_count(cfg: RunConfig) -> int:
-    """Committed checkpoints the run holds at its end, the ones an eval array scores (one task each)."""
-    steps, every = cfg.train.max_steps, cfg.checkpoint.every_steps
-    saved = list(range(every, steps + 1, every)) if every else []
-    if not saved or saved[-1] != steps:
-        saved.append(steps)
-    keep_every = cfg.checkpoint.keep_every
-    kept = set(saved[-cfg.checkpoint.keep_last:]) | {s for s in saved if keep_every and s % keep_every == 0}
-    return len(kept)
-
-
-def eval_arguments(cfg: RunConfig) -> list[str]:
-    """`cpt eval` options scoring the run's eval.sets with its budget (the run dir comes first)."""
-    args = [str(Path(cfg.run_dir).resolve())]
-    for name, spec in cfg.eval.sets.items():
-        args += ["--set", f"{name}={spec.path}:{spec.split}"]
-    if cfg.eval.tokens is not None:
-        args += ["--tokens", str(cfg.eval.tokens)]
-    return args
-
-
 def split_args(values: list[str] | None) -> list[str]:
     """Pass-through sbatch options: each value split as a shell would (`--partition=gpu --account=x`)."""
     out: list[str] = []
@@ -231,42 +215,56 @@ class Submitter:
     def submit(self, run: PlannedRun, entries: list[dict[str, Any]], save: Callable[[], None]) -> dict[str, Any]:
         """Submit the run's training job, add its entry to `entries` and `save` them (so a failed eval
         submission cannot lose the training job's id), then its eval array; the entry."""
-        directory = self.sweep.directory.resolve()
-        logs = directory / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        cfg = run.config
-        # sbatch exports this environment to the job: a launcher's variables left in it (a rendezvous port
-        # in use here) must not reach the job's ranks, which take theirs from the allocation.
-        inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-        env = {**inherited, "CONFIG": str(directory / "configs" / f"{run.name}.yaml"),
-               "OUT_DIR": str(Path(cfg.out_dir).resolve()), "NAME": run.name,
-               "PYTHON": os.environ.get("PYTHON", sys.executable)}
-        train = sbatch([f"--job-name=cpt-train-{run.name}", f"--output={logs}/%x-%j.log", *self.train_options,
-                        str(self.train_script)], env)
+        env = self._env(run)
+        train = sbatch([f"--job-name=cpt-train-{run.name}", f"--output={self._logs()}/%x-%j.log",
+                        *self.train_options, str(self.train_script)], env)
         entry: dict[str, Any] = {"train": train, "eval": None, "eval_tasks": 0,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         entries.append(entry)
         save()
-        if cfg.eval.sets:
-            tasks = checkpoint_count(cfg)
+        if run.config.eval.sets:
             try:
-                entry["eval"] = sbatch([f"--job-name=cpt-eval-{run.name}", f"--output={logs}/%x-%A_%a.log",
-                                        f"--array=0-{tasks - 1}", f"--dependency=afterok:{train}",
-                                        "--kill-on-invalid-dep=yes", *self.eval_options, str(self.eval_script),
-                                        *eval_arguments(cfg)], env)
+                self._eval_array(run, entry, checkpoint_count(run.config), env, after=train)
             except UserError as exc:
                 raise UserError(f"{run.name}: training job {train} is submitted (and recorded) but its eval "
                                 f"array is not: {exc}") from None
-            entry["eval_tasks"] = tasks
             save()
         return entry
 
+    def submit_eval(self, run: PlannedRun, entries: list[dict[str, Any]], save: Callable[[], None],
+                    tasks: int) -> dict[str, Any]:
+        """An eval array alone, for a finished run whose committed checkpoints are not all scored."""
+        entry: dict[str, Any] = {"train": None, "eval": None, "eval_tasks": 0,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._eval_array(run, entry, tasks, self._env(run))
+        entries.append(entry)
+        save()
+        return entry
 
-def blocker(run: PlannedRun, entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> str | None:
-    """Why the run is not submitted (finished, or a live job), else None."""
-    state = run_state(run.config)
-    if state.state == "finished":
-        return f"finished at step {state.step}"
+    def _eval_array(self, run: PlannedRun, entry: dict[str, Any], tasks: int, env: dict[str, str],
+                    after: str | None = None) -> None:
+        chain = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+        entry["eval"] = sbatch([f"--job-name=cpt-eval-{run.name}", f"--output={self._logs()}/%x-%A_%a.log",
+                                f"--array=0-{tasks - 1}", *chain, *self.eval_options, str(self.eval_script),
+                                *eval_arguments(run.config)], env)
+        entry["eval_tasks"] = tasks
+
+    def _logs(self) -> Path:
+        logs = self.sweep.directory.resolve() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return logs
+
+    def _env(self, run: PlannedRun) -> dict[str, str]:
+        # sbatch exports this environment to the job: a launcher's variables left in it (a rendezvous port
+        # in use here) must not reach the job's ranks, which take theirs from the allocation.
+        inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        return {**inherited, "CONFIG": str(self.sweep.directory.resolve() / "configs" / f"{run.name}.yaml"),
+                "OUT_DIR": str(Path(run.config.out_dir).resolve()), "NAME": run.name,
+                "PYTHON": os.environ.get("PYTHON", sys.executable)}
+
+
+def live_job(entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> str | None:
+    """The run's latest submission's job that is still live, described; None if none is."""
     if entries:
         last = entries[-1]
         for kind in ("train", "eval"):
@@ -274,6 +272,24 @@ def blocker(run: PlannedRun, entries: list[dict[str, Any]], queue: dict[str, lis
             if job and live(queue.get(job, [])):
                 return f"{kind} job {describe(job, queue[job])}"
     return None
+
+
+def blocker(run: PlannedRun, entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> str | None:
+    """Why the run is not submitted (finished, or a live job), else None."""
+    state = run_state(run.config)
+    job = live_job(entries, queue)
+    if state.state == "finished":
+        return f"finished at step {state.step}" + (f"; {job}" if job else "")
+    return job
+
+
+def unscored_left(run: PlannedRun, entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> int:
+    """Committed checkpoints a finished run with no live job has left unscored (its eval array ended before
+    them, failed, or was never submitted): the ones a new eval array must score; 0 otherwise."""
+    if run_state(run.config).state != "finished" or live_job(entries, queue):
+        return 0
+    state = scoring_state(run.config)
+    return state[1] if state else 0
 
 
 def stale_arrays(entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> list[str]:
@@ -291,12 +307,20 @@ def submit_sweep(sweep: Sweep, opts: Any) -> int:
     submitter = Submitter(sweep, train_script, eval_script,
                           common + split_args(opts.train_sbatch_args),
                           common + split_args(opts.eval_sbatch_args))
-    submitted = 0
+    submitted = arrays = 0
     with _locked(sweep):
         runs = read_jobs(sweep)
         queue = query_jobs(recorded_ids(runs))
         for run in sweep.runs:
             entries = runs.setdefault(run.name, [])
+            save = lambda: write_jobs(sweep, {k: v for k, v in runs.items() if v})   # noqa: E731
+            missing = unscored_left(run, entries, queue)
+            if missing:
+                entry = submitter.submit_eval(run, entries, save, min(missing, checkpoint_count(run.config)))
+                print(f"{run.name}: finished with {missing} committed checkpoint(s) unscored: submitted eval array "
+                      f"{entry['eval']} ({entry['eval_tasks']} task(s))")
+                arrays += 1
+                continue
             why = blocker(run, entries, queue)
             if why:
                 print(f"{run.name}: not submitted: {why}")
@@ -304,10 +328,11 @@ def submit_sweep(sweep: Sweep, opts: Any) -> int:
             stale = stale_arrays(entries, queue)
             if stale:
                 subprocess.run(["scancel", *stale], capture_output=True, timeout=120)
-            entry = submitter.submit(run, entries, lambda: write_jobs(sweep, {k: v for k, v in runs.items() if v}))
+            entry = submitter.submit(run, entries, save)
             submitted += 1
             chained = (f", eval array {entry['eval']} ({entry['eval_tasks']} task(s), after {entry['train']})"
                        if entry["eval"] else ", no eval array (the run has no eval.sets)")
             print(f"{run.name}: submitted train job {entry['train']}{chained}")
-    print(f"submitted {submitted} of {len(sweep.runs)} run(s); job ids in {jobs_path(sweep)}")
+    rescored = f" and {arrays} eval array(s) for finished runs" if arrays else ""
+    print(f"submitted {submitted} of {len(sweep.runs)} run(s){rescored}; job ids in {jobs_path(sweep)}")
     return 0
