@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_tokenizer, eval_windows
+from continual_pt.data.dataset import PackedSequences, PreparedDataset, Setting, check_tokenizer, eval_windows
 from continual_pt.errors import UserError
 from tests.helpers import PYTHIA_TOKENIZER
 
@@ -103,6 +103,39 @@ def test_manifest_problems(data_copy):
         PreparedDataset(data_copy)
     with pytest.raises(UserError, match="no prepared dataset here"):
         PreparedDataset(data_copy / "nope")
+
+
+SETTING = Setting("run.yaml: data.train.down.path", "set data.train.down.path to that folder", "data/tok")
+
+
+def not_a_dataset(path: Path) -> str:
+    with pytest.raises(UserError) as caught:
+        PreparedDataset(path, setting=SETTING)
+    return str(caught.value)
+
+
+def test_raw_text_is_named_with_the_key_that_gave_it_and_how_to_prepare_it(tmp_path, data_copy):
+    """A raw .jsonl file or a folder of raw files is no interrupted `cpt prepare`, nor a place for its --out."""
+    raw = tmp_path / "down.jsonl"
+    raw.write_text('{"text": "a"}\n')
+    folder = tmp_path / "corpus"
+    (folder / "tokenizer").mkdir(parents=True)    # a tokenizer beside raw files makes no dataset of them
+    for name in ("a.jsonl", "b.jsonl", "part.txt"):
+        shutil.copy(raw, folder / name)
+    advice = ("not a prepared dataset; prepare it with `cpt prepare --source {} --out <a new folder> --tokenizer "
+              "data/tok`, then set data.train.down.path to that folder")
+    assert not_a_dataset(raw) == f"run.yaml: data.train.down.path: {raw} is raw text (a .jsonl file), " \
+        + advice.format(raw)
+    assert not_a_dataset(folder) == (f"run.yaml: data.train.down.path: {folder} is raw text (a folder holding "
+                                     f"3 raw files: 2 *.jsonl, 1 *.txt), " + advice.format(folder))
+    # Shards without a manifest are what an interrupted prepare leaves: they keep their own message.
+    (data_copy / "manifest.json").unlink()
+    shutil.copy(raw, data_copy / "notes.jsonl")
+    assert not_a_dataset(data_copy) == (f"run.yaml: data.train.down.path: {data_copy}: not a complete prepared "
+                                        "dataset (no manifest.json); an interrupted `cpt prepare` never writes one: "
+                                        "run it again")
+    (tmp_path / "empty").mkdir()
+    assert "empty is a folder with no manifest.json, shards or raw text files in it" in not_a_dataset(tmp_path / "empty")
 
 
 def test_manifest_with_a_missing_tokenizer_copy(data_copy):

@@ -10,32 +10,88 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import OrderedDict
+import shlex
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from continual_pt.data.options import file_format
 from continual_pt.data.output import is_temp_dir
 from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
 from continual_pt.errors import UserError
 
 FORMAT_VERSION = 1  # of manifest.json, written by prepare and checked here
 MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 OPEN_SHARDS = 64  # memmaps kept open per dataset: each holds a file descriptor
 
 
-def _load_manifest(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise UserError(f"{path}: no prepared dataset here (write one with `cpt prepare --out {path}`)")
-    if is_temp_dir(path):
-        raise UserError(f"{path}: the temporary directory of an unfinished `cpt prepare`, not a dataset; "
-                        "run cpt prepare again")
+@dataclass(frozen=True)
+class Setting:
+    """Where a user gave a dataset's path, so that a message about the path names that place."""
+
+    where: str
+    """The prefix of a message: `run.yaml: data.train.sp.path`, `--set 'sp=data/sp.jsonl'`."""
+    repoint: str
+    """What to do with a dataset prepared into a new folder: `set data.train.sp.path to that folder`."""
+    tokenizer: str = "<the model's tokenizer>"
+    """The `cpt prepare --tokenizer` of the advice to prepare raw text."""
+
+
+def _has_shards(folder: Path) -> bool:
+    return any(f.is_file() for split in SPLITS for f in folder.glob(f"{split}/[0-9]*.bin"))
+
+
+def _has_prepare_folders(folder: Path) -> bool:
+    """The folders `cpt prepare` makes before its first shard: the tokenizer copy's and one per split."""
+    return all((folder / name).is_dir() for name in ("tokenizer", *SPLITS))
+
+
+def _raw_text(path: Path) -> str | None:
+    """What raw text (the input of `cpt prepare`) `path` is: a file of an accepted type, or a folder of them."""
+    if path.is_file():
+        return f"a {file_format(path)} file" if file_format(path) else None
+    kinds = Counter(file_format(f) for f in path.rglob("*") if f.is_file() and file_format(f))
+    if not kinds:
+        return None
+    count = sum(kinds.values())
+    listing = ", ".join(f"{n} *{suffix}" for suffix, n in sorted(kinds.items()))
+    return f"a folder holding {count} raw file{'s' if count > 1 else ''}: {listing}"
+
+
+def _not_a_dataset(path: Path, setting: Setting | None) -> str | None:
+    """Why `path` cannot be a prepared dataset, and what to do; None if it has a manifest."""
+    if not path.exists():
+        return f"{path}: no prepared dataset here (write one with `cpt prepare --out {path}`)"
+    if path.is_dir() and is_temp_dir(path):
+        return f"{path}: the temporary directory of an unfinished `cpt prepare`, not a dataset; run cpt prepare again"
+    if (path / MANIFEST).is_file():
+        return None
+    interrupted = (f"{path}: not a complete prepared dataset (no {MANIFEST}); an interrupted `cpt prepare` never "
+                   "writes one: run it again")
+    if path.is_dir() and _has_shards(path):
+        return interrupted
+    raw = _raw_text(path)
+    if raw is not None:
+        tokenizer = setting.tokenizer if setting else Setting.tokenizer
+        then = setting.repoint if setting else "read that folder"
+        return (f"{path} is raw text ({raw}), not a prepared dataset; prepare it with `cpt prepare --source "
+                f"{shlex.quote(str(path))} --out <a new folder> --tokenizer {tokenizer}`, then {then}")
+    if path.is_dir() and _has_prepare_folders(path):
+        return interrupted
+    what = "a file" if path.is_file() else f"a folder with no {MANIFEST}, shards or raw text files in it"
+    return f"{path} is {what}, not a prepared dataset (a folder written by `cpt prepare`)"
+
+
+def _load_manifest(path: Path, setting: Setting | None = None) -> dict[str, Any]:
+    problem = _not_a_dataset(path, setting)
+    if problem is not None:
+        raise UserError(f"{setting.where}: {problem}" if setting else problem)
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{path}: not a complete prepared dataset (no {MANIFEST}); an interrupted "
-                        "`cpt prepare` never writes one: run it again")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -60,10 +116,13 @@ def _field(manifest: dict[str, Any], key: str, where: Path) -> Any:
 class PreparedDataset:
     """One split of a directory written by `cpt prepare`, validated on open, read through memmaps."""
 
-    def __init__(self, path: str | Path, split: str = "train", *, verify: bool = False):
+    def __init__(self, path: str | Path, split: str = "train", *, verify: bool = False,
+                 setting: Setting | None = None):
+        """`setting`: where the user gave `path` (a config key, an option), named by every message that
+        `path` is no prepared dataset."""
         self.path = Path(path)
         self.split = split
-        self.manifest = _load_manifest(self.path)
+        self.manifest = _load_manifest(self.path, setting)
         where = self.path / MANIFEST
         self.dtype = self._dtype(where)
         self.vocab_size = int(_field(self.manifest, "vocab_size", where))

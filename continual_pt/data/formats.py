@@ -17,16 +17,10 @@ import pyarrow.parquet as pq
 import zstandard
 
 from continual_pt.data.encode import Chunk, chunk_texts
+from continual_pt.data.options import FILE_SUFFIXES, file_format  # noqa: F401  (FILE_SUFFIXES: read from here)
 from continual_pt.errors import UserError
 
 CHUNK_BYTES = 1 << 20
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.zst", ".jsonl.gz", ".parquet", ".txt")
-
-
-def file_format(path: Path) -> str | None:
-    """The suffix in FILE_SUFFIXES that `path` ends with, or None."""
-    name = path.name.lower()
-    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
 def _truncated(path: Path, how: str) -> UserError:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from continual_pt.errors import Problems
 from continual_pt.options import option
 
 SHARD_DTYPES = ("uint16", "uint32")
 """The token dtypes a shard may have (`--dtype auto` picks uint16 when every token id fits)."""
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.zst", ".jsonl.gz", ".parquet", ".txt")
+"""The raw text files a --source reads (each format's reader is in formats.py)."""
+
+
+def file_format(path: Path) -> str | None:
+    """The suffix in FILE_SUFFIXES that `path` ends with, or None."""
+    name = path.name.lower()
+    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
 
 SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is one "
                "document), a glob or a directory of them, a Hugging Face dataset saved with save_to_disk, hf:NAME "
