@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from continual_pt import config
 from continual_pt.checkpoint import refs, weights
@@ -178,13 +179,24 @@ def train_data_missing(tmp_path, request):
     return [f"data.train.code.path={tmp_path / 'missing'}"], [str(tmp_path / "missing")]
 
 
+def train_data_raw_text(tmp_path, request):
+    raw = request.getfixturevalue("world")["tokenizer"].parent / "a.jsonl"   # what 'code' was prepared from
+    cfg = tmp_path / "run.yaml"
+    run = yaml.safe_load(cfg.read_text())
+    run["data"]["train"]["code"]["path"] = str(raw)
+    cfg.write_text(yaml.safe_dump(run))
+    return [], [f"{cfg}: data.train.code.path: {raw} is raw text (a .jsonl file), not a prepared dataset; prepare it "
+                f"with `cpt prepare --source {raw} --out <a new folder> --tokenizer <the model's tokenizer>`, then set "
+                "data.train.code.path to that folder"]
+
+
 def eval_set_of_another_tokenizer(tmp_path, request):
     other_tok = ts.make_world(tmp_path / "other", vocab_size=280)
     return [f"eval.sets.prose={other_tok['prose']}"], ["tokenizer"]
 
 
 BAD_INPUTS = [resume_path_missing, resume_path_partial, resume_and_init_together, model_vocabulary_mismatch,
-              train_data_missing, eval_set_of_another_tokenizer]
+              train_data_missing, train_data_raw_text, eval_set_of_another_tokenizer]
 
 
 @pytest.mark.parametrize("bad_input", BAD_INPUTS, ids=[f.__name__ for f in BAD_INPUTS])

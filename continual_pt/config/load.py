@@ -106,6 +106,11 @@ def _validated(raw: dict[str, Any], p: Problems) -> RunConfig:
     p.raise_if_any()
     # model.config is checked against the model's config class where the model is built.
     cfg.model.origins = {key: p.origin(f"model.config.{key}") for key in cfg.model.config}
+    # Dataset paths are checked where the datasets are opened.
+    for name, src in cfg.data.train.items():
+        src.origin = p.origin(f"data.train.{name}.path")
+    for name, spec in cfg.eval.sets.items():
+        spec.origin = p.origin(f"eval.sets.{name}.path")
     return cfg
 
 

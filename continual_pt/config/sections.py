@@ -70,6 +70,8 @@ class SourceConfig:
     """Share of every batch drawn from this source (weights are normalised)."""
     split: str = "train"
     """Which split of the prepared dataset to train on."""
+    origin: str = field(default="", repr=False, compare=False, metadata={"internal": True})
+    """Where `path` came from (a file or "command line"), for messages; never dumped."""
 
 
 @dataclass
@@ -187,6 +189,8 @@ class EvalSetConfig:
     """Directory written by `cpt prepare`."""
     split: str = "val"
     """val (the held-out split) or train (the whole prepared dataset's training split)."""
+    origin: str = field(default="", repr=False, compare=False, metadata={"internal": True})
+    """Where `path` came from (a file or "command line"), for messages; never dumped."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ before the run directory is touched.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from continual_pt.checkpoint import branches, commit, elastic, refs, weights
 from continual_pt.checkpoint.checkpointer import Checkpointer, set_rng_state
 from continual_pt.config import RunConfig
 from continual_pt.config import deepspeed as ds_config
-from continual_pt.data.dataset import PackedSequences, PreparedDataset, check_tokenizer
+from continual_pt.data.dataset import PackedSequences, PreparedDataset, Setting, check_tokenizer
 from continual_pt.data.sampler import MixtureSampler
 from continual_pt.errors import UserError
 from continual_pt.evaluation.scoring import HeldOut
@@ -71,16 +72,24 @@ def settle_start(cfg: config.CheckpointConfig, run_dir: Path, start: Start) -> N
     branches.open_root(run_dir / CHECKPOINTS, resume=start.ref if explicit else None)
 
 
+def _setting(cfg: RunConfig, key: str, origin: str) -> Setting:
+    """How messages about the dataset path of config key `key` (set in `origin`) name it."""
+    tokenizer = shlex.quote(cfg.data.tokenizer) if cfg.data.tokenizer else Setting.tokenizer
+    return Setting(f"{origin}: {key}" if origin else key, f"set {key} to that folder", tokenizer)
+
+
 def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str, PackedSequences], str]:
     """Training sources and eval sets as packed sequences; all must share one tokenizer."""
     opened: dict[str, PreparedDataset] = {}
     train, evals = {}, {}
     for name, src in cfg.data.train.items():
-        ds = PreparedDataset(src.path, split=src.split)
+        setting = _setting(cfg, f"data.train.{name}.path", src.origin)
+        ds = PreparedDataset(src.path, split=src.split, setting=setting)
         opened[f"data.train.{name}"] = ds
         train[name] = PackedSequences(ds, cfg.data.seq_len)
     for name, spec in cfg.eval.sets.items():
-        ds = PreparedDataset(spec.path, split=spec.split)
+        setting = _setting(cfg, f"eval.sets.{name}.path", spec.origin)
+        ds = PreparedDataset(spec.path, split=spec.split, setting=setting)
         if ds.num_tokens < cfg.data.seq_len + 1:
             raise UserError(f"eval.sets.{name} ({spec.path}, split {spec.split}) has {ds.num_tokens} tokens, fewer "
                             f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}; lower data.seq_len "
