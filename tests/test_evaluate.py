@@ -250,6 +250,14 @@ def test_bad_arguments_are_named(world, run, tmp_path, capsys):
     failing(capsys, run, "--set", f"code={world['code']}:test", needles=["unknown split 'test'", "val, train"])
     failing(capsys, run, "--set", f"a={world['code']}", "--set", f"a={world['prose']}", needles=["given twice"])
     failing(capsys, run, "--set", f"a={tmp_path / 'none'}", needles=[str(tmp_path / "none")])
+    raw = tmp_path / "raw"   # the text a set is prepared from, not a set
+    raw.mkdir()
+    shutil.copy(world["tokenizer"].parent / "a.jsonl", raw)
+    (raw / "b.txt").write_text("a document")
+    failing(capsys, run, "--set", f"sp={raw}", needles=[
+        f"--set 'sp={raw}': {raw} is raw text (a folder holding 2 raw files: 1 *.jsonl, 1 *.txt), not a prepared "
+        f"dataset; prepare it with `cpt prepare --source {raw} --out <a new folder> --tokenizer <the model's "
+        "tokenizer>`, then pass --set sp=<that folder>"])
     failing(capsys, run, needles=["--set NAME=PATH"])
     failing(capsys, tmp_path / "nowhere", *sets(world), needles=["nowhere does not exist"])
     failing(capsys, tmp_path, *sets(world), needles=["not a run directory"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual_pt.data.dataset import PreparedDataset
+from continual_pt.data.dataset import PreparedDataset, Setting
 from continual_pt.errors import UserError
 
 SPLITS = ("val", "train")
@@ -57,7 +57,8 @@ def open_sets(specs: list[str]) -> list[EvalSet]:
         s = parse_set(spec)
         if any(o.name == s.name for o in sets):
             raise UserError(f"--set {spec!r}: the name {s.name!r} is given twice; names must differ")
-        s.dataset = PreparedDataset(s.path, split=s.split)
+        setting = Setting(f"--set {spec!r}", f"pass --set {s.name}=<that folder>")
+        s.dataset = PreparedDataset(s.path, split=s.split, setting=setting)
         s.fingerprint = fingerprint(s.dataset)
         sets.append(s)
     return sets
