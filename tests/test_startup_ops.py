@@ -4,6 +4,7 @@ locks are removed, live ones are waited on out loud, and every wait ends in an e
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,12 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import deepspeed
 import pytest
+import torch
 from torch.utils import cpp_extension
 
 from continual_pt.errors import UserError
 from continual_pt.runtime import ops
 from tests import train_support as ts
+from tests.helpers import free_port
 
 OP = "deepspeed_shm_comm"
 HOLD_FLOCK = ("import fcntl, sys, time\n"
@@ -30,9 +34,12 @@ INIT = ("from continual_pt.runtime import distributed\n"
         "print('initialised', flush=True)\n")
 
 
-def _env(ext: Path) -> dict[str, str]:
+def _env(ext: Path | None) -> dict[str, str]:
+    """A start's environment, building in `ext` (None: where cpt decides)."""
     e = ts.env()
-    e["TORCH_EXTENSIONS_DIR"] = str(ext)
+    e.pop("TORCH_EXTENSIONS_DIR", None)
+    if ext is not None:
+        e["TORCH_EXTENSIONS_DIR"] = str(ext)
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")   # as ts.train runs it
     e["OMP_NUM_THREADS"] = "1"
     return e
@@ -45,12 +52,48 @@ def quick(monkeypatch):
     monkeypatch.setattr(ops, "POLL_S", 0.05)
 
 
-def test_extensions_root_is_where_torch_builds(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    # The op's folder exists once DeepSpeed has run here, so asking torch creates nothing new.
-    assert ops.extensions_root() / OP == Path(cpp_extension._get_build_directory(OP, False))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    assert ops.extensions_root() / OP == Path(cpp_extension._get_build_directory(OP, False))
+@pytest.fixture
+def torch_root(tmp_path, monkeypatch) -> Path:
+    """Torch's default build root in `tmp_path`, and TORCH_EXTENSIONS_DIR unset (restored after)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(ops.ROOT_ENV, "")
+    monkeypatch.delenv(ops.ROOT_ENV)
+    return Path(cpp_extension.get_default_build_root())
+
+
+ELSEWHERE = {"an interpreter prefix": (sys, "prefix", "/other/venv"),
+             "a torch version": (torch, "__version__", "2.99.0+cpu"),
+             "a torch install": (torch, "__file__", "/other/lib/torch/__init__.py"),
+             "a DeepSpeed version": (deepspeed, "__version__", "0.99.0"),
+             "a DeepSpeed install": (deepspeed, "__file__", "/other/lib/deepspeed/__init__.py")}
+
+
+@pytest.mark.parametrize("other", ELSEWHERE.values(), ids=ELSEWHERE.keys())
+def test_each_environment_builds_its_ops_in_a_folder_of_its_own(torch_root, monkeypatch, other):
+    here = ops.extensions_root()
+    python = re.escape(f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}")
+    versions = re.escape(f"torch{torch.__version__.replace('+', '_')}-ds{deepspeed.__version__}")
+    assert re.fullmatch(rf"{python}_(cpu|cu\d+|rocm\d+)-{versions}-[0-9a-f]{{10}}", here.name), here.name
+    assert here.parent == torch_root
+    assert ops.extensions_root() == here   # the same environment: the same folder, every time
+    monkeypatch.setattr(*other)
+    elsewhere = ops.extensions_root()
+    assert elsewhere.parent == torch_root and elsewhere != here
+
+
+def test_torch_builds_where_the_environment_root_is_set(torch_root):
+    root = ops.use_environment_root()
+    assert os.environ[ops.ROOT_ENV] == str(root)
+    assert Path(cpp_extension._get_build_directory(OP, False)) == root / OP
+    assert list(torch_root.iterdir()) == [root]
+
+
+def test_a_torch_extensions_dir_the_user_set_is_used_as_is(torch_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(ops.ROOT_ENV, str(tmp_path / "ext"))
+    monkeypatch.setattr(sys, "prefix", "/other/venv")
+    assert ops.use_environment_root() == tmp_path / "ext"
+    assert os.environ[ops.ROOT_ENV] == str(tmp_path / "ext")
+    assert Path(cpp_extension._get_build_directory(OP, False)) == tmp_path / "ext" / OP
 
 
 def test_a_lock_left_by_a_killed_build_is_removed_and_named(tmp_path, quick):
@@ -137,6 +180,29 @@ def test_start_after_a_killed_build_does_not_wait_on_its_lock(built_ext, tmp_pat
     assert proc.stdout.splitlines()[-1] == "initialised"
     assert f"cpt: removed {baton}: a build was killed holding it (no live process has it open)" in proc.stderr
     assert not baton.exists()
+
+
+RANK_ROOT = ("import os\n"
+             "from continual_pt.runtime import distributed\n"
+             "env = distributed.init()\n"
+             "print('rank', env.rank, os.environ['TORCH_EXTENSIONS_DIR'], flush=True)\n"
+             "distributed.end_process(0)\n")
+
+
+def test_every_rank_builds_and_loads_in_the_environment_folder(built_ext, torch_root, tmp_path):
+    root = ops.extensions_root()
+    shutil.copytree(built_ext / OP, root / OP)   # this environment's op, built: no rank builds it
+    script = tmp_path / "rank_root.py"
+    script.write_text(RANK_ROOT)
+    e = _env(None)   # XDG_CACHE_HOME as torch_root set it
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)],
+                          env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank ")) == \
+        [f"rank 0 {root}", f"rank 1 {root}"]
+    assert "building DeepSpeed op" not in proc.stderr
+    assert list(torch_root.iterdir()) == [root]   # nothing in torch's own py3X_cpu
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float, log: Path) -> None:

@@ -157,6 +157,7 @@ def device_for(local_rank: int) -> torch.device:
 def init(env: DistEnv | None = None) -> DistEnv:
     """Start the process group for this launcher (idempotent)."""
     env = env or detect()
+    ops.use_environment_root()   # before anything DeepSpeed builds, in every rank alike
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     if not dist.is_initialized():

@@ -11,12 +11,23 @@ Here the ops a start needs are built before DeepSpeed asks for them, under an fl
 a torch `lock` that no live process holds open is a leftover and is removed, whichever op it
 guarded. Every wait says what it waits on within seconds and ends, after `CPT_OP_BUILD_TIMEOUT`
 seconds (default 900), in an error naming the lock file.
+
+Torch keys its default build folder by the Python version and the accelerator only
+(`py311_cpu`), and rebuilds an op whose build commands changed. Two environments sharing a home
+directory (two virtualenvs, or one home on a cluster's nodes) compile the op against their own torch
+and DeepSpeed install paths, so each one's build was stale to the other and every start after a start
+of the other environment rebuilt it (a minute or two). Each environment builds in a folder of its
+own, `<python>_<accelerator>-<torch and DeepSpeed versions>-<hash of the environment>` under torch's
+root, unless `TORCH_EXTENSIONS_DIR` says where; `use_environment_root` puts it in this process's
+environment, so torch, DeepSpeed and the compilers they start all use it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import re
 import socket
 import sys
 import time
@@ -33,6 +44,7 @@ from torch.utils.cpp_extension import get_default_build_root
 from continual_pt.errors import UserError
 
 LOCK_NAME = "cpt-ops.lock"
+ROOT_ENV = "TORCH_EXTENSIONS_DIR"
 TIMEOUT_ENV = "CPT_OP_BUILD_TIMEOUT"
 DEFAULT_TIMEOUT_S = 900.0
 NOTICE_AFTER_S = 3.0
@@ -48,9 +60,26 @@ def say_stderr(message: str) -> None:
     print(f"cpt: {message}", file=sys.stderr, flush=True)
 
 
+def environment_key() -> str:
+    """This Python environment, in a folder name: torch's and DeepSpeed's versions, readable, and a
+    hash of what an op's build depends on (the interpreter prefix, their versions and install paths).
+
+    It is the same in every process of an environment (every rank of a run, on every node that sees
+    the environment at the same path) and differs between environments."""
+    identity = [sys.prefix, torch.__version__, os.path.dirname(torch.__file__),
+                deepspeed.__version__, os.path.dirname(deepspeed.__file__)]
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:10]
+    return "-".join([_tag(f"torch{torch.__version__}"), _tag(f"ds{deepspeed.__version__}"), digest])
+
+
+def _tag(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text)
+
+
 def extensions_root() -> Path:
-    """Where torch builds its extensions, one folder per op (torch's own rule, without creating it)."""
-    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    """Where this environment's ops are built, one folder per op (without creating it):
+    TORCH_EXTENSIONS_DIR as set, else a folder of this environment's own under torch's root."""
+    explicit = os.environ.get(ROOT_ENV)
     if explicit is not None:
         return Path(explicit)
     if torch.version.hip is not None:
@@ -60,7 +89,15 @@ def extensions_root() -> Path:
     else:
         accelerator = "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}-{environment_key()}"
+
+
+def use_environment_root() -> Path:
+    """Set TORCH_EXTENSIONS_DIR to `extensions_root()` where the user has not set it, so that torch,
+    DeepSpeed and the processes they start build and load this environment's ops there."""
+    root = extensions_root()
+    os.environ[ROOT_ENV] = str(root)
+    return root
 
 
 def timeout_s() -> float:
@@ -226,8 +263,8 @@ def _builders(names: tuple[str, ...]) -> list:
 def prepare(names: tuple[str, ...] = STARTUP_OPS, timeout: float | None = None, say: Say = say_stderr) -> None:
     """Clear killed builds' locks and build or load the ops `names` under our lock, before DeepSpeed does."""
     timeout = timeout_s() if timeout is None else timeout
+    root = use_environment_root()
     builders = _builders(names)
-    root = extensions_root()
     if not builders and not root.is_dir():
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -235,6 +272,7 @@ def prepare(names: tuple[str, ...] = STARTUP_OPS, timeout: float | None = None, 
         settle_batons(root, timeout, say)
         for builder in builders:
             if not (root / builder.name / f"{builder.name}.so").exists():
-                say(f"building DeepSpeed op {builder.name} in {root / builder.name} (once per machine)")
+                say(f"building DeepSpeed op {builder.name} in {root / builder.name} "
+                    "(once per environment and machine)")
             # Loaded here, DeepSpeed's own load later returns this module without touching torch's lock.
             builder.load(verbose=False)
