@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from continual_pt import __version__
 from continual_pt.errors import UserError
+from continual_pt.files import environment_fault
 from continual_pt.layout import (
     CHECKPOINTS,
     EXIT_INTERRUPTED,
@@ -275,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         status = int(func(options_from(args)) or EXIT_OK)
     except UserError as exc:
         print(f"cpt {args.cpt_command}: error: {exc}", file=sys.stderr)
+        status = EXIT_USAGE
+    except OSError as exc:
+        # A file the environment refused mid-way (remounted read-only, permissions, a full disk), said
+        # like a UserError; any other OSError is a bug and keeps its traceback.
+        fault = environment_fault(exc)
+        if fault is None:
+            raise
+        print(f"cpt {args.cpt_command}: error: {fault}", file=sys.stderr)
         status = EXIT_USAGE
     except KeyboardInterrupt:
         # Work in progress was left as each command promises (atomic outputs, committed checkpoints).

@@ -1,6 +1,7 @@
 """Files that are never seen half-written: write a hidden temporary beside the target, flush it
 to disk, rename it over the target, flush the directory. Also JSON lines: without NaN, appended
-on a line boundary, read back past a torn line.
+on a line boundary, read back past a torn line. And the check, before any work, that an output
+can be written at all.
 
 A reader sees the old content or the new, never a mix: `os.replace` is atomic within one
 filesystem, which is why the temporary lives in the target's directory. Its name carries the
@@ -10,6 +11,7 @@ other threads, other hosts on a shared filesystem where process ids repeat) neve
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -22,7 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from continual_pt.errors import UserError
+
 _calls = itertools.count()
+ENVIRONMENT_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+"""What the file system, not the program, refused: a read-only mount, permissions, a full disk or quota."""
 
 
 def temp_path_for(path: str | Path) -> Path:
@@ -161,3 +167,82 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
                 print(f"warning: {path}:{number}: unreadable row skipped (a line torn by a writer that "
                       "was killed mid-write?)", file=sys.stderr)
     return records
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's reason in a message's words: "read-only file system", "permission denied"."""
+    text = os.strerror(exc.errno) if exc.errno else str(exc)
+    return text[:1].lower() + text[1:]
+
+
+def _try_writing(path: Path, file: bool) -> str | None:
+    """Why `path` cannot be written, or None: a file is opened for appending (nothing is written), a
+    folder gets a hidden file created and removed. These are the operations the command will do, so
+    every cause (a read-only mount, permissions, ACLs, an immutable folder, no inode left) answers as
+    it would then."""
+    try:
+        if file:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        else:
+            probe = temp_path_for(path / "write-check")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+    except OSError as exc:
+        return _reason(exc)
+    return None
+
+
+def _kind_problem(path: Path, file: bool) -> str | None:
+    """What is wrong with the type of an existing `path` for the output it should be."""
+    if not file:
+        return None if path.is_dir() else "not a directory"
+    if path.is_dir():
+        return "is a directory"
+    return None if path.is_file() else "not a regular file"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def unwritable(path: str | Path, *, file: bool = False, replaced: bool = False) -> tuple[Path, str] | None:
+    """Where and why `path` cannot be written (see `check_writable`), or None when it can."""
+    path = Path(path)
+    try:
+        if path.exists():
+            problem = _kind_problem(path, file) or _try_writing(path, file)
+            if problem or not (file or replaced):
+                return (path, problem) if problem else None
+        folder = _nearest_existing(path.parent)
+    except OSError as exc:   # a parent that cannot be searched (stat: permission denied)
+        return Path(exc.filename) if exc.filename else path, _reason(exc)
+    if not folder.is_dir():
+        return folder, "not a directory"
+    problem = _try_writing(folder, file=False)
+    return (folder, problem) if problem else None
+
+
+def environment_fault(exc: BaseException) -> str | None:
+    """`<path>: <reason>` for an OSError of the environment (ENVIRONMENT_ERRNOS) that names its file,
+    e.g. a disk remounted read-only mid-run; None for any other error, which stays a bug to report."""
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS and exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {_reason(exc)}"
+    return None
+
+
+def check_writable(path: str | Path, what: str, *, file: bool = False, replaced: bool = False) -> None:
+    """Raise a UserError naming `what` (the option or key: "--out", "out_dir") and `path` when the
+    command could not write `path`; call it before any work, so that a read-only file system or a
+    folder without write permission is said at once rather than after the work, as a traceback.
+
+    `path` is a folder the command writes into (created with its parents if missing); with `file`, a
+    file it creates, appends to or replaces; with `replaced`, a folder made beside it and renamed
+    over it. A file, or a replaced folder, is written through the folder holding it too. A missing
+    path is written through its nearest existing parent, which must be a writable folder."""
+    found = unwritable(path, file=file, replaced=replaced)
+    if found is not None:
+        where, reason = found
+        at = "" if where == Path(path) else f" {where}"
+        raise UserError(f"{what} {path}: cannot write{at}: {reason}")

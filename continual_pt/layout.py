@@ -87,7 +87,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 """The run failed: a non-finite loss, or some of a sweep's runs failed."""
 EXIT_USAGE = 2
-"""Bad input: a UserError, said in one line before anything was written."""
+"""Bad input (a UserError), or an output the file system refuses (read-only, no permission, full):
+said in one line, before anything was written wherever it can be foreseen."""
 EXIT_RESUMABLE = 75
 """Stopped early (a signal, a time limit, a stop request) after a committed checkpoint: run the same
 command again to resume (BSD's EX_TEMPFAIL)."""
