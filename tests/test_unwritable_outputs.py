@@ -1,21 +1,31 @@
 """An output that cannot be written (a read-only file system, a folder without write permission, a
-path under a regular file) is named with the reason; a file the system refuses mid-way is said in
-one line with exit 2; any other OSError keeps its traceback."""
+path under a regular file) is said in one line naming the option, the path and the reason, with
+exit 2, before any work: nothing tokenized, trained, scored or exported first. A file the system
+refuses mid-way is said the same way; any other OSError keeps its traceback."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from continual_pt import files
+from continual_pt.checkpoint.checkpointer import Checkpointer
 from continual_pt.cli import main
 from continual_pt.errors import UserError
+from tests import train_support as ts
+
+WITHOUT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+"""Root without the capabilities that let it ignore permission bits (chmod then holds for it too)."""
 
 
 def permission_bits_hold() -> bool:
@@ -29,6 +39,17 @@ def permission_bits_hold() -> bool:
         except PermissionError:
             return True
         return False
+
+
+def as_a_user(command: list[str]) -> list[str]:
+    """`command` run so that permission bits hold for it: as is, or as root without its override."""
+    if permission_bits_hold():
+        return command
+    try:
+        subprocess.run([*WITHOUT_OVERRIDE, "true"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot drop root's capability to ignore permission bits here ({exc})")
+    return [*WITHOUT_OVERRIDE, *command]
 
 
 def _mount(*args: str) -> None:
@@ -72,11 +93,170 @@ def cli(argv: list[str], capfd) -> tuple[int, str, str]:
     return status, out, err
 
 
+def refused(err: str, command: str, what: str, path: Path, blocker: Path, reason: str) -> None:
+    assert err.strip().splitlines()[-1] == f"cpt {command}: error: {what} {path}: cannot write {blocker}: {reason}", err
+    assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- inputs, cheap and real
+
+
+def tiny_model(vocab_size: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=16, **ts.TINY_MODEL))
+
+
+class WeightsEngine:
+    """What DeepSpeed's save_checkpoint writes of a ZeRO 0 model: its weights, loadable by export."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.model.state_dict()}, path / "mp_rank_00_model_states.pt")
+
+
+@pytest.fixture(scope="module")
+def committed_run(world, tmp_path_factory) -> Path:
+    """A run dir with one committed checkpoint of a tiny model (its config and tokenizer beside it)."""
+    run = tmp_path_factory.mktemp("committed") / "run"
+    model = tiny_model(300)
+    extras = {"model": model.config.save_pretrained, "tokenizer": lambda p: shutil.copytree(world["tokenizer"], p)}
+    Checkpointer(run / "checkpoints", keep_last=1, rank=0, world_size=1).save(
+        WeightsEngine(model), 1, {"tokens_seen": 32}, {"step": 1}, extras)
+    return run
+
+
+@pytest.fixture(scope="module")
+def hf_model(committed_run, tmp_path_factory) -> Path:
+    """The checkpoint exported as a Hugging Face folder, as `cpt eval` scores one."""
+    out = tmp_path_factory.mktemp("hf") / "model"
+    assert main(["export", str(committed_run), "--out", str(out)]) == 0
+    return out
+
+
 def corpus(world) -> str:
     return str(world["tokenizer"].parent / "a.jsonl")
 
 
-# --------------------------------------------------------------------------- the check
+# --------------------------------------------------------------------------- one test per command
+
+
+def test_prepare(world, locked, capfd):
+    folder, reason = locked
+    out = folder / "data" / "code"
+    status, stdout, err = cli(["prepare", "-s", corpus(world), "-t", world["tokenizer"], "-o", out], capfd)
+    assert status == 2
+    refused(err, "prepare", "--out", out, folder, reason)
+    assert stdout == "" and "tokens" not in err   # no progress, no summary: nothing was tokenized
+
+
+def test_tokenizer_train(world, locked, capfd):
+    folder, reason = locked
+    out = folder / "tok"
+    status, stdout, err = cli(["tokenizer", "train", "-s", corpus(world), "--vocab-size", 300, "-o", out], capfd)
+    assert status == 2
+    refused(err, "tokenizer", "--out", out, folder, reason)
+    assert "trained a byte-level BPE" not in stdout + err
+
+
+def test_export(committed_run, locked, capfd, monkeypatch):
+    folder, reason = locked
+
+    def resolve(*args, **kwargs):
+        pytest.fail("the checkpoint was verified (read whole) before --out was checked")
+
+    monkeypatch.setattr("continual_pt.checkpoint.weights.resolve", resolve)
+    status, stdout, err = cli(["export", committed_run, "--out", folder / "hf"], capfd)
+    assert status == 2
+    refused(err, "export", "--out", folder / "hf", folder, reason)
+    assert stdout == ""
+
+
+@pytest.mark.xfail(strict=True, reason="cpt eval does not check its stores (files.check_writable) before "
+                   "scoring yet")
+def test_eval(world, hf_model, locked, capfd):
+    folder, reason = locked
+    store = folder / "scores.jsonl"
+    status, stdout, err = cli(["eval", hf_model, "--set", f"code={world['code']}", "--tokens", 64,
+                               "--store", store], capfd)
+    assert status == 2
+    refused(err, "eval", "--store", store, folder, reason)
+    assert " loss " not in stdout and "to score" not in err   # nothing was scored
+
+
+def test_sweep_local(world, locked, tmp_path, capfd):
+    folder, reason = locked
+    base = ts.write_config(tmp_path / "base.yaml", world, tmp_path / "unused", train={"max_steps": 4})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"sweep": "s", "base": str(base), "out": str(folder / "sweep"),
+                                    "grid": {"axes": {"schedule.max_lr": [1.0e-3, 3.0e-3]}}}))
+    status, stdout, err = cli(["sweep", "--grid", grid, "--local"], capfd)
+    assert status == 2
+    refused(err, "sweep", "sweep dir (the grid's out)", folder / "sweep", folder, reason)
+    assert stdout == ""   # not even the plan: nothing trained
+
+
+def test_sweep_run_dirs(world, locked, tmp_path, capfd):
+    """A run dir the sweep dir holds (here a link to a read-only one) is checked too."""
+    folder, reason = locked
+    base = ts.write_config(tmp_path / "base.yaml", world, tmp_path / "unused", train={"max_steps": 4})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"sweep": "s", "base": str(base), "out": str(tmp_path / "sweep"),
+                                    "grid": {"axes": {"schedule.max_lr": [1.0e-3]}}, "labels": {"schedule.max_lr": "lr"}}))
+    (tmp_path / "sweep" / "runs").mkdir(parents=True)
+    (tmp_path / "sweep" / "runs" / "lr0.001").symlink_to(folder)
+    status, stdout, err = cli(["sweep", "--grid", grid, "--local"], capfd)
+    assert status == 2
+    run_dir = tmp_path / "sweep" / "runs" / "lr0.001"
+    assert err.strip() == f"cpt sweep: error: run dir of lr0.001 {run_dir}: cannot write: {reason}"
+    assert stdout == "" and sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["runs"]
+
+
+def test_demo(locked, capfd, monkeypatch):
+    folder, reason = locked
+    monkeypatch.setattr("continual_pt.demo.command.verify",
+                        lambda model: pytest.fail("the shipped model was read before --out was checked"))
+    status, stdout, err = cli(["demo", "--out", folder / "demo"], capfd)
+    assert status == 2
+    refused(err, "demo", "--out", folder / "demo", folder, reason)
+    assert stdout == ""
+
+
+def test_train(world, locked, tmp_path):
+    folder, reason = locked
+    cfg = ts.write_config(tmp_path / "run.yaml", world, folder / "runs")
+    proc = ts.train(cfg, ["name=ro"], expect=2)
+    refused(proc.stderr, "train", "run dir (out_dir/name)", folder / "runs" / "ro", folder, reason)
+    assert "start=" not in proc.stdout + proc.stderr and "Traceback" not in proc.stdout   # set-up never began
+
+
+# --------------------------------------------------------------------------- the other reasons
+
+
+def test_permission_denied_even_as_root(world, tmp_path):
+    """A folder without write permission (chmod 0o555), for root too once it cannot ignore permission bits."""
+    folder = tmp_path / "no-write"
+    folder.mkdir(mode=0o555)
+    out = folder / "code"
+    command = as_a_user([sys.executable, "-m", "continual_pt.cli", "prepare", "-s", corpus(world), "-t",
+                         str(world["tokenizer"]), "-o", str(out)])
+    proc = subprocess.run(command, env=ts.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    refused(proc.stderr, "prepare", "--out", out, folder, "permission denied")
+    assert proc.stdout == "" and list(folder.iterdir()) == []
+
+
+def test_an_output_under_a_regular_file_is_not_a_directory(world, tmp_path, capfd):
+    (tmp_path / "notes.txt").write_text("a file")
+    out = tmp_path / "notes.txt" / "tok"
+    status, stdout, err = cli(["tokenizer", "train", "-s", corpus(world), "--vocab-size", 300, "-o", out], capfd)
+    assert status == 2
+    refused(err, "tokenizer", "--out", out, tmp_path / "notes.txt", "not a directory")
 
 
 def test_check_writable_names_the_path_and_the_kind_it_must_be(tmp_path):

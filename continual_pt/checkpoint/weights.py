@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from continual_pt.checkpoint.options import ExportOptions
 from continual_pt.checkpoint.refs import CheckpointRef, resolve
 from continual_pt.errors import UserError
-from continual_pt.files import atomic_output
+from continual_pt.files import atomic_output, check_writable
 from continual_pt.layout import EXIT_OK
 from continual_pt.model.causal_lm import DTYPES
 
@@ -46,13 +46,19 @@ def load_model_from_checkpoint(ref: CheckpointRef, attn_implementation: str = "s
     return model
 
 
+def check_export_out(out: Path) -> None:
+    """Refuse an `out` that export could not write, or would clobber: before the checkpoint is read."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; name a folder to write the model into")
+    check_writable(out, "--out", replaced=True)   # made beside it, renamed over it
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"export: {out} exists and is not empty; choose another --out")
+
+
 def export_hf(ref: CheckpointRef, out: Path, dtype: str = "fp32") -> Path:
     """Write a Hugging Face folder (model + tokenizer) loadable without DeepSpeed."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; name a folder to write the model into")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"export: {out} exists and is not empty; choose another --out")
+    check_export_out(out)
     model = load_model_from_checkpoint(ref, attn_implementation="eager")
     model = model.to(DTYPES[dtype])
     # An empty `out` is replaced by the finished folder, never seen without its tokenizer.
@@ -67,6 +73,7 @@ def export_hf(ref: CheckpointRef, out: Path, dtype: str = "fp32") -> Path:
 
 def run_export(options: ExportOptions) -> int:
     """`cpt export`: a Hugging Face folder from a committed checkpoint."""
+    check_export_out(Path(options.out))   # verifying the checkpoint reads all of it
     ref = resolve(options.checkpoint)
     out = export_hf(ref, Path(options.out), options.dtype)
     print(f"exported {ref.path} (step {ref.step}) to {out}")

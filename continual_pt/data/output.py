@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from continual_pt.errors import UserError
-from continual_pt.files import fsync_dir
+from continual_pt.files import check_writable, fsync_dir
 
 TEMP_RE = re.compile(r"\.tmp-(\d+)$")
 
@@ -112,9 +112,10 @@ def check_destination(out: Path, overwrite: bool, kind: OutputKind) -> None:
     """Raise if writing `out` would replace what it must not; call before writing anything.
 
     Only the writer's own output, complete or interrupted, is ever replaced, and only with `overwrite`."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    check_writable(out, "--out", replaced=True)   # made beside it, renamed over it
     if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UserError(f"{out} exists and is not a directory; choose another --out")
         _check_existing(out, overwrite, kind)
     for tmp, pid in _temp_dirs(out):
         if pid != os.getpid() and _alive(pid):

@@ -33,7 +33,7 @@ from continual_pt.demo.upstream import FINAL, fit_tokenizer, pretrain, shipped, 
 from continual_pt.errors import UserError
 from continual_pt.evaluation.command import run_eval
 from continual_pt.evaluation.options import EvalOptions
-from continual_pt.files import atomic_write_text
+from continual_pt.files import atomic_write_text, check_writable
 from continual_pt.layout import CHECKPOINTS, EXIT_OK, EXIT_RESUMABLE
 from continual_pt.sweep.options import SweepOptions
 from continual_pt.sweep.plan import run_sweep
@@ -109,6 +109,7 @@ def _score(out: Path, model: Path, data: dict[str, Path], scale: Scale) -> None:
 def run_demo(options: DemoOptions) -> int:
     out = Path(options.out).resolve()
     scale = _scale(options)
+    check_writable(out, "--out")   # before the shipped model is checked (it is read whole)
     started = time.monotonic()
     model = _upstream_model(out, options, scale)   # a missing or changed model is refused before any write
     _claim(out, options, write=False)

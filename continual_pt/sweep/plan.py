@@ -15,7 +15,7 @@ from typing import Any
 from continual_pt.config import RunConfig
 from continual_pt.config.load import dump
 from continual_pt.errors import UserError
-from continual_pt.files import atomic_write_text
+from continual_pt.files import atomic_write_text, check_writable
 from continual_pt.layout import EXIT_OK, RUN_CONFIG, SWEEP_PLAN
 from continual_pt.sweep import local, status, submit
 from continual_pt.sweep.grid import PlannedRun, Sweep, label_of, load_sweep
@@ -32,6 +32,8 @@ def run_sweep(opts: SweepOptions) -> int:
         raise UserError("give at most one of --dry-run, --local, --submit, --status")
     if opts.status:
         return status.show_status(sweep)
+    if not opts.dry_run:
+        _check_writable(sweep, runs=opts.local or opts.submit)
     print(plan_text(sweep, opts.tokens_per_s))
     if opts.dry_run:
         return EXIT_OK
@@ -47,6 +49,13 @@ def run_sweep(opts: SweepOptions) -> int:
     if opts.submit:
         return submit.submit_sweep(sweep, opts)
     return EXIT_OK
+
+
+def _check_writable(sweep: Sweep, runs: bool) -> None:
+    """The sweep dir, and with `runs` every run dir (they train), can be written: said before anything is."""
+    check_writable(sweep.directory, "sweep dir (the grid's out)")
+    for run in sweep.runs if runs else ():
+        check_writable(run.config.run_dir, f"run dir of {run.name}")
 
 
 def _write(sweep: Sweep) -> None:

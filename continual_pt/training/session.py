@@ -31,6 +31,7 @@ from continual_pt.data.dataset import PackedSequences, PreparedDataset, Setting,
 from continual_pt.data.sampler import MixtureSampler
 from continual_pt.errors import UserError
 from continual_pt.evaluation.scoring import HeldOut
+from continual_pt.files import check_writable
 from continual_pt.layout import CHECKPOINTS, RUN_CONFIG
 from continual_pt.model import causal_lm
 from continual_pt.model.causal_lm import default_peak_tflops
@@ -276,6 +277,8 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
     """Check the data, lock the run dir, then build and restore the rest (see `_open_locked`).
 
     On any failure of set-up the lock goes, and so does the run dir if this start created it."""
+    distributed.on_main_rank(env.is_main, lambda: check_writable(cfg.run_dir, "run dir (out_dir/name)"),
+                             f"rank 0 cannot write the run dir {cfg.run_dir} (see its error)")
     device = distributed.device_for(env.local_rank)
     host_malloc.for_device(device)
     datasets = open_datasets(cfg)
