@@ -1,10 +1,13 @@
 """Nothing lost, nothing silent, in-process with a stand-in engine: re-saving a committed step,
-branching on resume from an older checkpoint, checksums, keep-every-N, a full disk, export."""
+branching on resume from an older checkpoint, checksums, keep-every-N, a full disk, a quota that
+torch reports without an errno, export."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from continual_pt import cli, config, layout
-from continual_pt.checkpoint import checkpointer, refs
+from continual_pt.checkpoint import checkpointer, integrity, refs
 from continual_pt.errors import UserError
 from continual_pt.runtime.distributed import DistEnv
 from continual_pt.training.session import Start, open_session, plan_start, settle_start
@@ -259,10 +262,11 @@ def test_a_save_that_would_not_fit_is_refused_before_writing(tmp_path):
         assert refs.verify(first.path).step == 2
 
 
-@pytest.mark.parametrize("writer", ["bytes", "torch"])
-def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, writer):
+@pytest.mark.parametrize("writer, problem", [("bytes", "no space left on device"),
+                                             ("torch", "disk full or quota exceeded")])
+def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, writer, problem):
     def fill(path: Path) -> None:
-        if writer == "torch":   # torch reports a full disk as "RuntimeError: ... unexpected pos"
+        if writer == "torch":   # torch reports a full disk as "RuntimeError: ... unexpected pos", no errno
             torch.save(torch.zeros(400_000), path / "big.pt")
         else:
             (path / "big.bin").write_bytes(b"x" * 1_600_000)
@@ -271,8 +275,84 @@ def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_previous_checkpoi
         root = disk / "checkpoints"
         ckpt = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1)
         save(ckpt, 2, b"w" * 1000)
-        with pytest.raises(UserError, match=rf"^no space left on device while saving checkpoint "
-                                            rf"{root / 'global_step4'}: .*{root / 'global_step2'} is intact"):
+        with pytest.raises(UserError, match=rf"^{problem} while saving checkpoint {root / 'global_step4'}: "
+                                            rf".*{root / 'global_step2'} is intact"):
             save(ckpt, 4, b"w" * 1000, extras={"big": lambda p: (p.mkdir(), fill(p))})
         assert names(root) == ["global_step2", "latest"]
         refs.verify(root / "global_step2")
+
+
+# --------------------------------------------------------------------------- a quota, with the disk not full
+
+
+def test_a_quota_that_torch_reports_without_an_errno_is_a_clear_error_naming_the_rank(tmp_path):
+    """torch.save to /dev/full fails in its zip writer as it does over a quota: the kernel refuses the
+    write, torch's RuntimeError names no errno, and the disk (here tmp_path's) still has space."""
+    root = tmp_path / "checkpoints"
+    ckpt = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1)
+    save(ckpt, 2, b"old-weights")
+    save(ckpt, 4, b"four")
+
+    def over_quota(folder: Path) -> None:
+        folder.mkdir()
+        torch.save({"state": torch.zeros(1000)}, "/dev/full")
+
+    free = shutil.disk_usage(root).free
+    with pytest.raises(UserError) as info:   # re-saving step 4: the committed one is put back
+        save(ckpt, 4, b"new-weights", extras={"run": over_quota})
+    message = str(info.value)
+    assert message.startswith(f"disk full or quota exceeded while saving checkpoint {root / 'global_step4'}: "
+                              ), message
+    assert message.endswith(f"; the partial save was removed and the committed {root / 'global_step4'} is intact; "
+                            "free some space or raise the quota (or move out_dir) and run again"), message
+    assert free > 16 << 20 and "Traceback" not in message
+    assert names(root) == ["global_step2", "global_step4", "latest"]   # no retired copy left aside
+    assert (root / layout.LATEST).read_text() == "global_step4"
+    assert (refs.verify(root / "global_step4").path / MODEL).read_bytes() == b"four"
+
+
+def _zip_writer_error(obj) -> RuntimeError:
+    try:
+        torch.save(obj, "/dev/full")
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("torch.save to /dev/full did not fail")
+
+
+def _copytree_error(tmp_path: Path) -> shutil.Error:
+    """What copytree (a checkpoint's tokenizer copy) raises over a quota: the errno only in its text."""
+    def over_quota(src, dst):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), dst)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_text("a")
+    try:
+        shutil.copytree(tmp_path / "src", tmp_path / "dst", copy_function=over_quota)
+    except shutil.Error as exc:
+        return exc
+    raise AssertionError("copytree did not fail")
+
+
+def test_disk_problems_are_told_from_other_errors(tmp_path):
+    def wrapped(exc: Exception) -> RuntimeError:
+        try:
+            raise RuntimeError("could not save the checkpoint") from exc
+        except RuntimeError as outer:
+            return outer
+
+    cases = [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "no space left on device"),
+        (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "disk quota exceeded"),
+        (_zip_writer_error({"a": 1}), "disk full or quota exceeded"),              # a small file: a failed stream
+        (_zip_writer_error(torch.zeros(100_000)), "disk full or quota exceeded"),  # a large one: "unexpected pos"
+        (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+         "disk full or quota exceeded"),
+        (_copytree_error(tmp_path), "disk quota exceeded"),                        # the errno only in its text
+        (Exception("No space left on device (os error 28)"), "no space left on device"),
+        (wrapped(OSError(errno.ENOSPC, "No space left on device")), "no space left on device"),
+        (PermissionError(errno.EACCES, "Permission denied"), None),
+        (RuntimeError("shape mismatch"), None),
+        (ValueError("unexpected pos"), None),
+    ]
+    for exc, problem in cases:
+        assert integrity.disk_problem(exc) == problem, repr(exc)

@@ -73,10 +73,11 @@ class Checkpointer:
                 except UserError as exc:
                     problem = exc
                     self._undo(path, retired)
-        except (OSError, RuntimeError) as exc:
-            if not integrity.is_disk_full(exc, self.root):
+        except Exception as exc:
+            disk = integrity.disk_problem(exc)
+            if disk is None:
                 raise
-            raise UserError(self._abandon(path, retired)) from None
+            raise UserError(self._abandon(path, retired, disk)) from None
         if distributed.all_reduce_max([float(problem is not None)])[0]:   # every rank learns the outcome
             raise problem or UserError(f"checkpoint {path} was not committed: rank 0 refused it (see its error)")
         return CheckpointRef(path)
@@ -124,15 +125,16 @@ class Checkpointer:
         if retired is not None:
             os.rename(retired, path)
 
-    def _abandon(self, path: Path, retired: Path | None) -> str:
-        """After a full disk: remove the partial save, put back what it replaced; the message to show."""
+    def _abandon(self, path: Path, retired: Path | None, problem: str) -> str:
+        """After a full disk or quota: remove the partial save, put back what it replaced; the message."""
         if self.rank == 0:
             self._undo(path, retired)
         previous = newest_committed(self.root)
         kept = f"the committed {previous.path} is intact" if previous else "there is no earlier committed checkpoint"
         free = integrity.megabytes(integrity.free_bytes(self.root))
-        return (f"no space left on device while saving checkpoint {path}: {free} free on {self.root}; the "
-                f"partial save was removed and {kept}; free some space (or move out_dir) and run again")
+        room = "free some space" if problem == integrity.NO_SPACE else "free some space or raise the quota"
+        return (f"{problem} while saving checkpoint {path}: {free} free on {self.root}; the partial save was "
+                f"removed and {kept}; {room} (or move out_dir) and run again")
 
     def _commit(self, path: Path, step: int, client_state: dict[str, Any], retired: Path | None,
                 reports: list[dict[str, Any]]) -> None:

@@ -17,10 +17,13 @@ from typing import Any
 import xxhash
 
 CHECKSUM = "xxh3_64"
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# torch reports a failed write as "[enforce fail at inline_container.cc] . unexpected pos", without
-# the errno; a disk with less than this left is what made it fail.
-_NEARLY_FULL = 16 << 20
+NO_SPACE = "no space left on device"
+OVER_QUOTA = "disk quota exceeded"
+FULL_OR_QUOTA = "disk full or quota exceeded"
+# How torch's zip writer (torch.save) reports a write the disk refused, without the errno: a large
+# file as "[enforce fail at inline_container.cc:672] . unexpected pos 640 vs 534", a small one as
+# "basic_ios::clear: iostream error", some versions as "PytorchStreamWriter failed writing file ...".
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed writing file", "basic_ios::clear")
 
 
 def checksum(file: Path) -> str:
@@ -77,8 +80,20 @@ def megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def is_disk_full(exc: BaseException, path: Path) -> bool:
-    """Whether a failed write means the disk (or quota) is full."""
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
-        return True
-    return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc) and free_bytes(path) < _NEARLY_FULL
+def disk_problem(exc: BaseException) -> str | None:
+    """What a failed write says of the disk, or None when it is not a disk problem: NO_SPACE (ENOSPC),
+    OVER_QUOTA (EDQUOT), or FULL_OR_QUOTA for torch's zip writer, which names no errno: a quota can
+    refuse a write while the disk has space left. An error that only quotes the OS's words (the
+    shutil.Error of copytree, a tokenizer's "(os error 28)") counts too, and so does one caused by such."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code, text = getattr(exc, "errno", None), str(exc)
+        if code == errno.ENOSPC or os.strerror(errno.ENOSPC) in text:
+            return NO_SPACE
+        if code == errno.EDQUOT or os.strerror(errno.EDQUOT) in text:
+            return OVER_QUOTA
+        if isinstance(exc, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES):
+            return FULL_OR_QUOTA
+        exc = exc.__cause__ or exc.__context__
+    return None
