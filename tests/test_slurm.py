@@ -1,6 +1,6 @@
 """launch/slurm/*.sbatch on a real one-node SLURM cluster (tests/slurm_cluster.py): jobs that finish,
-are preempted and requeue themselves, fail without requeueing, score checkpoints as an array and
-train two ranks under srun; each compared with the same run started directly."""
+are preempted and requeue themselves, fail without requeueing and train two ranks under srun; each
+compared with the same run started directly (eval arrays: tests/test_eval_array.py)."""
 
 from __future__ import annotations
 
@@ -202,37 +202,6 @@ def test_a_stop_past_the_requeue_cap_is_not_requeued(slurm, long_run, tmp_path):
     text = log.read_text()
     assert "after 0 restart(s), the most MAX_REQUEUES allows: not requeued; resubmit to resume" in text, text
     assert len(start_lines(log)) == 1 and 20 < committed_steps(run_dir)[-1] < 100, text
-
-
-@pytest.mark.slow
-def test_eval_array_scores_each_committed_checkpoint_once(slurm, long_run, world, tmp_path):
-    """One array task per checkpoint of `cpt eval --list`, all into one store; a second array
-    (a task already done and one past the end of the list) adds nothing."""
-    _, reference = long_run
-    store = tmp_path / "scores.jsonl"
-    args = [str(reference), "--set", f"code={world['code']}", "--set", f"prose={world['prose']}",
-            "--tokens", "256", "--store", str(store)]
-    env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    options = ["--output=" + str(tmp_path / "eval-%A_%a.log"), "--gpus-per-task=0", "--cpus-per-task=1"]
-    job = slurm.submit(EVAL, [*options, "--array=0-2"], args, env=env, cwd=tmp_path)
-    records = slurm.wait(job, timeout=240, log=[tmp_path / f"eval-{job}_{i}.log" for i in range(3)])
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("eval-*.log")))
-    assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in records) == \
-        [(str(i), "COMPLETED", "0:0") for i in range(3)], logs
-    checkpoints = [str(reference / "checkpoints" / f"global_step{s}") for s in (100, 200, 300)]
-    for i, path in enumerate(checkpoints):
-        assert f"_{i}: scoring {path}" in logs, logs
-    lines = store.read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    assert sorted((r["checkpoint"], r["set"]) for r in rows) == \
-        sorted((c, s) for c in checkpoints for s in ("code", "prose")), logs
-    again = slurm.submit(EVAL, [*options, "--array=1,3"], args, env=env, cwd=tmp_path)
-    records = slurm.wait(again, timeout=240, log=[tmp_path / f"eval-{again}_{i}.log" for i in (1, 3)])
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob(f"eval-{again}_*.log")))
-    assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in records) == \
-        [("1", "COMPLETED", "0:0"), ("3", "COMPLETED", "0:0")], logs
-    assert "nothing to score: task 3, the run has 3 committed checkpoint(s)" in logs, logs
-    assert store.read_text().splitlines() == lines
 
 
 @pytest.mark.slow
