@@ -103,7 +103,7 @@ def test_a_submitted_sweep_trains_is_scored_and_is_not_submitted_again(slurm, wo
     rows = {line.split()[0]: line.split() for line in status[2:-1]}
     for run in RUNS:
         train, array = jobs[run][0]["train"], jobs[run][0]["eval"]
-        assert rows[run] == [run, "finished", "12", train, "COMPLETED", array, "2", "COMPLETED"], status
+        assert rows[run] == [run, "finished", "12", "0", "of", "2", train, "COMPLETED", array, "2", "COMPLETED"], status
     assert status[-1] == "2 finished", status
 
 

@@ -115,7 +115,7 @@ def run_eval(options: EvalOptions) -> int:
 def _claim_next(options: EvalOptions, sets: list[EvalSet], planned: dict[str, Job],
                 warn) -> tuple[Job, list[int], Claim] | None:
     """The oldest checkpoint that lacks a row and no other job holds, claimed; None when none is left."""
-    targets = expand_targets(options.targets, warn)   # anew: commits since join, pruned ones drop out
+    targets = expand_targets(options.targets, warn, allow_none=True)   # anew: new commits join, pruned ones go
     for target in targets:
         if target.identity not in planned:
             planned[target.identity] = plan_jobs(options, [target], sets, warn)[0]

@@ -117,14 +117,15 @@ def _expand(spec: str, warn: Warn) -> list[Target]:
     raise UserError(f"{spec} does not exist (nor is it a hub name such as EleutherAI/pythia-410m@step143000)")
 
 
-def expand_targets(specs: list[str], warn: Warn) -> list[Target]:
-    """Every checkpoint named, in command-line order, run directories expanded oldest first."""
+def expand_targets(specs: list[str], warn: Warn, allow_none: bool = False) -> list[Target]:
+    """Every checkpoint named, in command-line order, run directories expanded oldest first; none is an
+    error unless `allow_none` (a job draining a run that has not committed a checkpoint yet)."""
     targets: list[Target] = []
     for spec in specs:
         for target in _expand(spec, warn):
             if all(t.identity != target.identity for t in targets):
                 targets.append(target)
-    if not targets:
+    if not targets and not allow_none:
         raise UserError(f"nothing to score: no committed checkpoint in {', '.join(specs)}")
     return targets
 
