@@ -115,6 +115,13 @@ def start_lines(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if "train.sbatch job" in line and ": start on " in line]
 
 
+def starts(log: Path) -> list[str]:
+    """The log of each start of the job, in order."""
+    text, lines = log.read_text(), start_lines(log)
+    cuts = [text.index(line) for line in lines] + [len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
 @pytest.mark.slow
 def test_training_job_runs_to_completion_like_a_direct_run(slurm, long_run, tmp_path):
     cfg, reference = long_run
@@ -164,10 +171,20 @@ def test_preempted_job_requeues_itself_and_ends_bitwise_like_an_uninterrupted_ru
     assert [line.split(", restart ")[1].split(",")[0] for line in lines] == ["0", "1", "2"], text
     assert all(f"start on {slurm.node}," in line for line in lines), text
     assert "received SIGUSR1" in text and "received SIGTERM" in text, text
-    assert "requeueing to resume (restart 1)" in text, text
-    assert "stopped by SIGTERM with a committed checkpoint: not requeued from here" in text, text
     stops = [s for s in committed_steps(run_dir) if s % 100]
     assert len(stops) == 2 and 20 < stops[0] == first_stop < stops[1] < STEPS, (stops, text)
+    # Each stop says once what happened and what comes next, and SLURM's requeue notice is called expected.
+    by_itself, from_outside = starts(log)[:2]
+    said = by_itself.find(f"stopped with a committed checkpoint: requeueing the job; it will resume from step "
+                          f"{first_stop} (restart 1)")
+    expected = by_itself.find("that SLURM may print next is expected: it ends this start of the job for the requeue")
+    notice = by_itself.find("DUE TO JOB REQUEUE ***")   # SLURM's, when it is printed before this start ends
+    assert 0 <= said < expected and (notice == -1 or expected < notice), by_itself
+    assert "DUE TO JOB REQUEUE ***" in from_outside, from_outside
+    assert (f"the job is being requeued by SLURM (its line 'CANCELLED ... DUE TO JOB REQUEUE' is this requeue, "
+            f"expected); it will resume from step {stops[1]} (restart 2)") in from_outside, from_outside
+    for wrong in ("resubmit", "scancel", "time limit", "not requeued"):
+        assert wrong not in text, (wrong, text)
     times = [r["time"] for r in ts.train_records(run_dir)]
     gaps = [i + 1 for i in range(len(times) - 1) if times[i + 1] - times[i] > 5]
     assert gaps == stops, (gaps, stops)   # steps after each stop come from a new start, seconds later
