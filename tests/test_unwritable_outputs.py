@@ -177,13 +177,12 @@ def test_export(committed_run, locked, capfd, monkeypatch):
     assert stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason="cpt eval does not check its stores (files.check_writable) before "
-                   "scoring yet")
-def test_eval(world, hf_model, locked, capfd):
+@pytest.mark.parametrize("mode", [[], ["--claim"]])
+def test_eval(world, hf_model, locked, capfd, mode):
     folder, reason = locked
     store = folder / "scores.jsonl"
     status, stdout, err = cli(["eval", hf_model, "--set", f"code={world['code']}", "--tokens", 64,
-                               "--store", store], capfd)
+                               "--store", store, *mode], capfd)
     assert status == 2
     refused(err, "eval", "--store", store, folder, reason)
     assert " loss " not in stdout and "to score" not in err   # nothing was scored

@@ -21,10 +21,11 @@ import sys
 
 from continual_pt.errors import UserError
 from continual_pt.evaluation.claims import Claim
-from continual_pt.evaluation.job import Job, broadcast, pending, plan_jobs, score_job
+from continual_pt.evaluation.job import Job, broadcast, pending, plan_jobs, score_job, store_for
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.sets import EvalSet, open_sets
 from continual_pt.evaluation.targets import expand_targets, pick_task, print_listing
+from continual_pt.files import check_writable
 from continual_pt.layout import EXIT_OK
 from continual_pt.runtime import distributed, host_malloc
 from continual_pt.runtime.distributed import DistEnv
@@ -92,6 +93,8 @@ def run_eval(options: EvalOptions) -> int:
     targets = pick_task(expand_targets(options.targets, warn), options.task_index)
     sets = open_sets(options.sets)
     jobs = plan_jobs(options, targets, sets, warn)
+    for path in dict.fromkeys(job.store.path for job in jobs):   # before any scoring, not after it
+        check_writable(path, "--store", file=True)
     env, device = _started(env)
     todo = broadcast(pending(jobs) if env.is_main else None, env)
     count = sum(len(t) for t in todo)
@@ -136,6 +139,9 @@ def _claim_next(options: EvalOptions, sets: list[EvalSet], planned: dict[str, Jo
 def _drain(options: EvalOptions, env: DistEnv, warn) -> int:
     """Claim, score and store checkpoints one at a time until none is left unscored and unclaimed."""
     sets = open_sets(options.sets)
+    targets = expand_targets(options.targets, warn, allow_none=True)
+    for path in dict.fromkeys(store_for(t, options.store).path for t in targets):
+        check_writable(path, "--store", file=True)
     env, device = _started(env)
     planned: dict[str, Job] = {}
     stored = skipped = 0
