@@ -340,8 +340,25 @@ def test_a_stop_during_the_final_eval_saves_and_says_the_eval_is_dropped():
     holder.append(run.trainer)
     assert run.train() == EXIT_RESUMABLE
     assert run.events == [("eval", 0), ("eval", 4), ("log", 5), ("save", 5)]
-    assert run.logger.messages[-1].startswith("received SIGTERM during the final eval (dropped: score the "
-                                              "checkpoint with cpt eval): saved a committed checkpoint at step 5;")
+    assert run.logger.messages[-1].startswith("received SIGTERM during the final eval (dropped; the next start "
+                                              "makes it): saved a committed checkpoint at step 5;")
+
+
+@pytest.mark.parametrize("eval_every", [4, 5])   # the last step's eval in the loop, or after it
+def test_a_start_resumed_at_the_last_step_makes_the_final_eval_only(eval_every):
+    """A start at max_steps happens only when a stop cut the final eval short (else the run is finished)."""
+    run = Run(make_cfg(5, eval_every=eval_every), start=TrainState(step=5, tokens_seen=5 * TOKENS_PER_STEP))
+    assert run.train() == EXIT_OK
+    assert run.events == [("eval", 5)]              # no step, no save: the checkpoint at step 5 is committed
+    holder: list = []
+    run = Run(make_cfg(5, eval_every=eval_every), start=TrainState(step=5, tokens_seen=5 * TOKENS_PER_STEP),
+              held_out=InterruptedHeldOut(holder, at=5))
+    holder.append(run.trainer)
+    assert run.train() == EXIT_RESUMABLE            # cut short again: nothing saved over the commit
+    assert run.events == []
+    assert run.logger.messages[-1] == ("received SIGTERM during the final eval (dropped; the next start makes it): "
+                                       "its checkpoint at step 5 is committed already; exiting with status 75 "
+                                       "(run again to resume)")
 
 
 def test_a_signal_during_set_up_exits_before_the_first_step_with_nothing_to_save():

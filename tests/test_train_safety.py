@@ -187,6 +187,40 @@ def test_a_sigterm_during_set_up_exits_75_once_set_up_ends(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_final_eval_cut_short_is_made_by_the_next_start(world, tmp_path):
+    """SIGTERM during the eval of the last step: the run commits and exits 75; the next start makes that eval
+    (it said 'finished' and never made it, so reports showed an earlier loss as the final one)."""
+    long_eval = {"sets": {"code": {"path": str(world["code"]), "split": "train"},
+                          "prose": {"path": str(world["prose"]), "split": "train"}},
+                 "tokens": 10**9, "micro_batch_size": 1, "every_steps": 4, "at_start": False}
+    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", train={**STRAIGHT, "max_steps": 4},
+                          eval=long_eval)
+    run_dir = tmp_path / "runs" / "final"
+    proc = start(cfg, [], "final")
+    try:
+        ts.wait_for_step(run_dir, 4, proc, timeout=600)   # the step-4 record comes just before its eval starts
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "step 4: eval interrupted by SIGTERM" in err and refs.resolve(run_dir).step == 4, err[-3000:]
+    assert ts.train_records(run_dir, "eval") == []
+    again = subprocess.run(ts.train_command(cfg, ["name=final", "eval.tokens=64"]), env=ts.env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished" not in again.stderr, again.stderr[-3000:]
+    assert sorted((r["set"], r["step"], r["eval_tokens"]) for r in ts.train_records(run_dir, "eval")) == \
+        [("code", 4, 64), ("prose", 4, 64)]
+    assert [r["step"] for r in ts.train_records(run_dir)] == [1, 2, 3, 4]   # no step trained twice
+    assert refs.resolve(run_dir).step == 4 and len(refs.list_tags(run_dir / "checkpoints")) == 1
+    cfg_done = config.load(cfg, ["name=final", "eval.tokens=64"])
+    with pytest.raises(RunFinished):
+        check_resume(cfg_done, Start("resume", refs.resolve(run_dir)), 0)
+
+
+@pytest.mark.slow
 def test_a_sigterm_during_a_long_eval_commits_within_seconds_and_resumes_to_the_same_numbers(world, tmp_path,
                                                                                            straight):
     long_eval = {"sets": {"code": {"path": str(world["code"]), "split": "train"},

@@ -50,6 +50,8 @@ class Trainer:
         self.started = time.monotonic()
         self.deadline = Deadline(cfg.train, self.started)
         self.last_saved_step = self.state.step if session.resumed else -1
+        # Resumed at max_steps: a stop cut the final eval short (else the run was finished), so make it.
+        self.resumed_at_end = session.resumed and self.state.step >= cfg.train.max_steps
         self._window_start = (self.started, self.state.tokens_seen)
         self._agreed_signum = 0
 
@@ -89,9 +91,9 @@ class Trainer:
                 return self.save_and_exit(stop_reason)
             if self.cadence.save_after(self.state.step):
                 self.save()
-        if self.cadence.final_eval(self.state.step) and not self.evaluate():
-            return self.save_and_exit(f"{self.signal_reason()} during the final eval (dropped: score the "
-                                      "checkpoint with cpt eval)")
+        if (self.cadence.final_eval(self.state.step) or self.resumed_at_end) and not self.evaluate():
+            return self.save_and_exit(f"{self.signal_reason()} during the final eval (dropped; the next start "
+                                      "makes it)")
         if self.cadence.final_save(self.state.step, self.last_saved_step):
             self.save()
         return EXIT_OK
@@ -234,11 +236,15 @@ class Trainer:
         return EXIT_RESUMABLE
 
     def save_and_exit(self, reason: str) -> int:
-        """Commit this step and exit resumably, saying how long the commit took after the signal."""
-        self.save()
+        """Commit this step (unless it is committed already) and exit resumably, saying how long the commit
+        took after the signal."""
+        saved = "its checkpoint at step {step} is committed already;" if self.last_saved_step == self.state.step \
+            else "saved a committed checkpoint at step {step};"
+        if self.last_saved_step != self.state.step:
+            self.save()
         waited = self.stop.seconds_since()
-        after = f" {waited:.1f} s after the signal;" if waited is not None else ""
-        self.session.logger.message(f"{reason}: saved a committed checkpoint at step {self.state.step};{after} "
+        after = f" {waited:.1f} s after the signal;" if waited is not None and "saved" in saved else ""
+        self.session.logger.message(f"{reason}: {saved.format(step=self.state.step)}{after} "
                                   f"exiting with status {EXIT_RESUMABLE} (run again to resume)")
         return EXIT_RESUMABLE
 

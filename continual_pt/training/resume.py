@@ -11,7 +11,9 @@ import yaml
 from continual_pt.checkpoint import elastic, refs
 from continual_pt.config import RunConfig
 from continual_pt.errors import UserError
-from continual_pt.layout import RUN_CONFIG
+from continual_pt.files import read_json_lines
+from continual_pt.layout import METRICS, RUN_CONFIG
+from continual_pt.runtime import distributed
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,23 @@ def saved_run_config(ref: refs.CheckpointRef) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def check_resume(cfg: RunConfig, start: Start, zero_stage: int, world_size: int | None = None) -> None:
-    """Refuse a resume that cannot continue the run as saved; RunFinished when nothing is left to do.
-    A change of ZeRO stage passes when the checkpoint will load through its universal conversion."""
+def final_eval_missing(cfg: RunConfig, is_main: bool) -> bool:
+    """Whether a run with held-out sets lacks the in-loop eval of its last step on some set (a stop cut
+    it short; the start that resumes at max_steps makes it). Rank 0 reads the metrics it wrote; every
+    rank learns its answer."""
+    missing = False
+    if is_main and cfg.eval.sets:
+        done = {r.get("set") for r in read_json_lines(cfg.run_dir / METRICS)
+                if r.get("kind") == "eval" and r.get("step") == cfg.train.max_steps}
+        missing = not set(cfg.eval.sets) <= done
+    return bool(distributed.all_reduce_max([1.0 if missing else 0.0])[0])
+
+
+def check_resume(cfg: RunConfig, start: Start, zero_stage: int, world_size: int | None = None,
+                 is_main: bool = True) -> None:
+    """Refuse a resume that cannot continue the run as saved; RunFinished when nothing is left to do
+    (a checkpoint at max_steps, and the final eval made). A change of ZeRO stage passes when the
+    checkpoint will load through its universal conversion."""
     if start.kind != "resume":
         return
     ref, max_steps = start.ref, cfg.train.max_steps
@@ -58,6 +74,6 @@ def check_resume(cfg: RunConfig, start: Start, zero_stage: int, world_size: int 
         raise UserError(f"model.config differs from the one checkpoint {ref.path} was trained with ({changed}); "
                         "a resume continues the saved architecture: restore model.config, or start a new phase "
                         "from its weights (checkpoint.init)")
-    if ref.step == max_steps:
+    if ref.step == max_steps and not final_eval_missing(cfg, is_main):
         raise RunFinished(f"finished: checkpoint {ref.path} is at train.max_steps={max_steps}, nothing to do "
                           "(raise train.max_steps to train further)")

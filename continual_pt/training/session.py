@@ -301,7 +301,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     start = decide_start(cfg.checkpoint, cfg.run_dir)
     ds_cfg = deepspeed_config(cfg, env)
     zero_stage = ds_config.zero_stage(ds_cfg)
-    check_resume(cfg, start, zero_stage, env.world_size)
+    check_resume(cfg, start, zero_stage, env.world_size, env.is_main)
     net = build_model(cfg, start, vocab)
     causal_lm.check_vocab(net.get_input_embeddings().weight.shape[0], vocab, "the training data")
     settle_start(cfg.checkpoint, cfg.run_dir, start)   # nothing is moved before every check passed
