@@ -276,7 +276,8 @@ def test_a_disk_that_fills_during_a_save_says_so_and_keeps_the_previous_checkpoi
         ckpt = checkpointer.Checkpointer(root, keep_last=2, rank=0, world_size=1)
         save(ckpt, 2, b"w" * 1000)
         with pytest.raises(UserError, match=rf"^{problem} while saving checkpoint {root / 'global_step4'}: "
-                                            rf".*{root / 'global_step2'} is intact"):
+                                            rf"rank 0 on {os.uname().nodename} could not write big "
+                                            rf"\(0\.\d MB free there\); .*{root / 'global_step2'} is intact"):
             save(ckpt, 4, b"w" * 1000, extras={"big": lambda p: (p.mkdir(), fill(p))})
         assert names(root) == ["global_step2", "latest"]
         refs.verify(root / "global_step2")
@@ -302,7 +303,7 @@ def test_a_quota_that_torch_reports_without_an_errno_is_a_clear_error_naming_the
         save(ckpt, 4, b"new-weights", extras={"run": over_quota})
     message = str(info.value)
     assert message.startswith(f"disk full or quota exceeded while saving checkpoint {root / 'global_step4'}: "
-                              ), message
+                              f"rank 0 on {os.uname().nodename} could not write run ("), message
     assert message.endswith(f"; the partial save was removed and the committed {root / 'global_step4'} is intact; "
                             "free some space or raise the quota (or move out_dir) and run again"), message
     assert free > 16 << 20 and "Traceback" not in message

@@ -1,5 +1,6 @@
 """The commit protocol across nodes, simulated on one machine: two real processes over gloo save with
-a stand-in engine (one rank's file lost or cut short after it reported it never commits), decide the
+a stand-in engine (one rank's file lost or cut short after it reported it never commits; one rank's
+disk full ends the save on both with one message, the committed copy put back), decide the
 start on rank 0 alone (ranks that see different markers agree), and a real 2-rank `cpt train` whose
 rank 1 resolves the run dir elsewhere fails at start, naming the rank."""
 
@@ -7,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,7 +48,8 @@ class ShardEngine:
 
 def _worker(rank: int, port: int, out: str, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A rank left waiting on one that failed ends within a minute, reported as its error.
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     result = {}
     try:
         result = SCENARIOS[scenario](rank, Path(out))
@@ -107,8 +112,7 @@ def test_a_save_with_one_ranks_file_short_or_missing_never_commits(tmp_path):
         f"checkpoint {step6} was not committed: rank 1 wrote {zero1} (55 bytes), but as rank 0 sees the folder "
         f"it is partial: {zero1} is missing; every rank must save to one filesystem that all nodes share "
         "(checkpoint kept: the previous committed one)"]
-    assert results[1]["errors"] == [f"checkpoint {step} was not committed: rank 0 refused it (see its error)"
-                                    for step in (step4, step6)]
+    assert results[1]["errors"] == results[0]["errors"]   # every rank says why, not only rank 0
     assert [r.step for r in refs.list_committed(root)] == [2]
     assert (root / layout.LATEST).read_text() == "global_step2"
     assert not step4.exists() and not step6.exists()
@@ -164,8 +168,49 @@ def test_the_start_is_decided_on_rank_0_and_every_rank_follows(tmp_path):
     assert results == [{"kind": "resume", "ref": tag, "refused": "rank 0 finds the marker damaged"}] * 2
 
 
+class FullDiskEngine(ShardEngine):
+    """ShardEngine on a node whose disk is full: rank 1's shard goes to /dev/full (the kernel's ENOSPC)."""
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        if self.rank == 0:
+            return super().save_checkpoint(save_dir, tag, client_state, save_latest)
+        with open("/dev/full", "wb") as f:
+            f.write(b"shard" * 11)
+
+
+def scenario_full_disk_on_rank_1(rank: int, out: Path) -> dict:
+    """Step 2 saves whole; re-saving it (its committed copy moved aside) fails on rank 1 alone."""
+    root = out / "checkpoints"
+    _save(rank, root, 2)
+    ckpt = checkpointer.Checkpointer(root, keep_last=5, rank=rank, world_size=2)
+    started = time.monotonic()
+    try:
+        ckpt.save(FullDiskEngine(rank), 2, {"tokens_seen": 2, "zero_stage": 2}, {"rank": rank}, {})
+    except UserError as exc:
+        return {"error_message": str(exc), "seconds": time.monotonic() - started}
+    return {"saved": 2}
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_rank_ends_the_save_on_every_rank_with_the_same_message(tmp_path):
+    results = two_ranks(tmp_path, "full_disk_on_rank_1")
+    assert all("error" not in r for r in results), results   # neither waited for the other until a timeout
+    root = tmp_path / "checkpoints"
+    message = (f"no space left on device while saving checkpoint {root / 'global_step2'}: rank 1 on "
+               f"{socket.gethostname()} could not write global_step2 (")
+    for r in results:
+        assert r["error_message"].startswith(message), r
+        assert r["error_message"].endswith(f"the partial save was removed and the committed {root / 'global_step2'} "
+                                           "is intact; free some space (or move out_dir) and run again"), r
+        assert r["seconds"] < 20, r
+    assert results[0]["error_message"] == results[1]["error_message"]
+    assert sorted(p.name for p in root.iterdir()) == ["global_step2", "latest"]   # the committed copy put back
+    assert (root / layout.LATEST).read_text() == "global_step2"
+    refs.verify(root / "global_step2")
+
+
 SCENARIOS = {"short_file": scenario_short_file, "save_once": scenario_save_once,
-             "different_markers": scenario_different_markers}
+             "different_markers": scenario_different_markers, "full_disk_on_rank_1": scenario_full_disk_on_rank_1}
 
 
 @pytest.mark.slow

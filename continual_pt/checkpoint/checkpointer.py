@@ -9,16 +9,20 @@ The marker records each file's size and xxh3_64 checksum; every rank hashes the 
 itself (still in its own page cache, and in parallel across nodes), rank 0 the shared ones.
 A tag is never written into while it carries a marker: re-saving a committed step first moves
 the old tag aside (one rename) and deletes it only after the new one is committed.
+A rank that cannot write its files (its node's disk full, its quota reached) tells every rank before
+any waits on it: every rank ends with the same message, nothing committed, the previous checkpoint kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,40 +61,46 @@ class Checkpointer:
         """Save on every rank; rank 0 commits once every rank's files are complete.
 
         `extras` maps a folder name in the checkpoint to a callable writing it (rank 0 only),
-        e.g. the model config and tokenizer needed for export.
+        e.g. the model config and tokenizer needed for export. A rank that cannot write its files
+        (a full disk, a quota) ends the save on every rank alike, nothing committed: UserError.
         """
         path = self.root / tag_for(step)
         self._check_space(engine, path)
         retired = self._retire(path) if self.rank == 0 else None
         distributed.barrier()
-        problem = None
-        try:
-            self._write(engine, path, client_state, rank_state, extras)
-            reports = commit.gather_reports(commit.report(path, self.rank))   # every rank's files, durable
-            if self.rank == 0:
-                try:
-                    self._commit(path, step, client_state, retired, reports)
-                except UserError as exc:
-                    problem = exc
-                    self._undo(path, retired)
-        except Exception as exc:
-            disk = integrity.disk_problem(exc)
-            if disk is None:
-                raise
-            raise UserError(self._abandon(path, retired, disk)) from None
-        if distributed.all_reduce_max([float(problem is not None)])[0]:   # every rank learns the outcome
-            raise problem or UserError(f"checkpoint {path} was not committed: rank 0 refused it (see its error)")
+        table, mine = self._write(engine, path, client_state, rank_state, extras)
+        failed = commit.share_failures(mine and commit.failure(self.rank, mine[0], mine[1], self.root))
+        if failed:   # every rank knows, so none waits for a report that will not come
+            message = commit.decided_on_rank0(lambda: self._abandon(path, retired, failed))
+            if mine and integrity.disk_problem(mine[1]) is None:
+                raise mine[1]
+            if any(f["problem"] is None for f in failed):
+                raise RuntimeError(message)
+            raise UserError(message)
+        reports = commit.gather_reports(table)   # every rank's files, durable
+        commit.decided_on_rank0(lambda: self._commit(path, step, client_state, retired, reports))
         return CheckpointRef(path)
 
     def _write(self, engine, path: Path, client_state: dict[str, Any], rank_state: dict[str, Any],
-               extras: dict[str, Any]) -> None:
-        engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
-        rank_file = path / RANK_FILE.format(rank=self.rank)
-        with atomic_output(rank_file) as tmp:
-            torch.save(rank_state, tmp)
-        if self.rank == 0:
-            for name, write in extras.items():
+               extras: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, Exception] | None]:
+        """This rank's files of the save, written and reported (see `commit.report`): (the report, None),
+        or ({}, (what it was writing, the error)) when a write failed; the rank then goes on to tell the
+        others, whatever the error (DeepSpeed's own collectives are reached despite a disk problem)."""
+        name = path.name
+        try:
+            with _past_disk_problems(engine) as failed:
+                engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
+            if failed:
+                return {}, failed[0]
+            name = RANK_FILE.format(rank=self.rank)
+            with atomic_output(path / name) as tmp:
+                torch.save(rank_state, tmp)
+            for name, write in extras.items() if self.rank == 0 else ():
                 write(path / name)
+            name = path.name
+            return commit.report(path, self.rank), None
+        except Exception as exc:   # noqa: BLE001  (shared with every rank, then raised: see `save`)
+            return {}, (name, exc)
 
     def _check_space(self, engine, path: Path) -> None:
         """Refuse, on every rank alike, a save that would not fit: a full disk mid-save costs the save."""
@@ -125,27 +135,34 @@ class Checkpointer:
         if retired is not None:
             os.rename(retired, path)
 
-    def _abandon(self, path: Path, retired: Path | None, problem: str) -> str:
-        """After a full disk or quota: remove the partial save, put back what it replaced; the message."""
-        if self.rank == 0:
-            self._undo(path, retired)
+    def _abandon(self, path: Path, retired: Path | None, failed: list[dict[str, Any]]) -> str:
+        """Rank 0, after ranks could not write their files: remove the partial save, put back what it
+        replaced; the message every rank shows."""
+        self._undo(path, retired)
         previous = newest_committed(self.root)
         kept = f"the committed {previous.path} is intact" if previous else "there is no earlier committed checkpoint"
-        free = integrity.megabytes(integrity.free_bytes(self.root))
-        room = "free some space" if problem == integrity.NO_SPACE else "free some space or raise the quota"
-        return (f"{problem} while saving checkpoint {path}: {free} free on {self.root}; the partial save was "
-                f"removed and {kept}; {room} (or move out_dir) and run again")
+        return commit.failures_message(path, failed, kept)
 
     def _commit(self, path: Path, step: int, client_state: dict[str, Any], retired: Path | None,
                 reports: list[dict[str, Any]]) -> None:
-        """Rank 0: the marker (every rank's reported files, checked here, and rank 0's), then `latest`."""
-        fsync_tree(path)
-        files = commit.assemble(path, reports, client_state.get("zero_stage"))
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-                "time": time.time(), "files": files,
-                **{k: client_state[k] for k in ("tokens_seen", "zero_stage", "precision") if k in client_state}}
-        atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
-        atomic_write_text(self.root / LATEST, path.name)
+        """Rank 0: the marker (every rank's reported files, checked here, and rank 0's), then `latest`;
+        a save that cannot commit (a rank's file missing, a full disk) is undone: UserError."""
+        try:
+            fsync_tree(path)
+            files = commit.assemble(path, reports, client_state.get("zero_stage"))
+            meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
+                    "time": time.time(), "files": files,
+                    **{k: client_state[k] for k in ("tokens_seen", "zero_stage", "precision") if k in client_state}}
+            atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
+            atomic_write_text(self.root / LATEST, path.name)
+        except UserError:
+            self._undo(path, retired)
+            raise
+        except Exception as exc:
+            if integrity.disk_problem(exc) is None:
+                raise
+            failed = [commit.failure(self.rank, path.name, exc, self.root)]
+            raise UserError(self._abandon(path, retired, failed)) from None
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
         self.prune()
@@ -190,6 +207,36 @@ class Checkpointer:
             rank_file = ref.path / RANK_FILE.format(rank=0)
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
         return client_state, rank_state
+
+
+@contextlib.contextmanager
+def _past_disk_problems(engine) -> Iterator[list[tuple[str, Exception]]]:
+    """While DeepSpeed saves: a write of its checkpoint engine that the disk refuses is recorded (the
+    file's name, the error) in the list yielded, not raised, and this rank's later writes are skipped,
+    so that the rank still reaches DeepSpeed's barriers, where every other rank waits for it."""
+    failed: list[tuple[str, Exception]] = []
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None:
+        yield failed
+        return
+    save = writer.save
+
+    def guarded(state_dict, path):
+        if failed:
+            return None
+        try:
+            return save(state_dict, path)
+        except Exception as exc:
+            if integrity.disk_problem(exc) is None:
+                raise
+            failed.append((Path(path).name, exc))
+            return None
+
+    writer.save = guarded
+    try:
+        yield failed
+    finally:
+        writer.save = save
 
 
 # --------------------------------------------------------------------------- RNG state

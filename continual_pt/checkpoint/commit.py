@@ -7,6 +7,10 @@ rank 0 over the process group (not through the filesystem). Rank 0 commits only 
 report is in, every rank reported its rank file (and, under ZeRO, its shards), and each reported file
 is there, at its reported size, as rank 0 sees it; the marker then lists every expected file.
 
+A rank whose write fails (a node's disk full, its quota reached) must not leave the others waiting for
+its report: every rank's outcome is shared with every rank before anyone waits on another, so every
+rank ends with the same message naming the ranks that failed and the problem.
+
 Decisions that every rank must share (how a run starts, from which checkpoint) are made once, on
 rank 0, and broadcast: ranks reading markers each on their own could disagree. And before anything
 relies on the run dir being shared, every rank proves it sees rank 0's files there.
@@ -54,6 +58,39 @@ def report(tag_dir: Path, rank: int) -> dict[str, dict[str, Any]]:
             table[path.name] = integrity.entry(path)
     fsync_dir(tag_dir)
     return table
+
+
+def failure(rank: int, name: str, exc: Exception, root: Path) -> dict[str, Any]:
+    """What a rank tells the others of its failed write of `name` (a file or folder of the save)."""
+    return {"rank": rank, "host": socket.gethostname(), "name": name, "problem": integrity.disk_problem(exc),
+            "error": f"{type(exc).__name__}: {exc}", "free": integrity.free_bytes(root)}
+
+
+def share_failures(mine: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every rank's failure (see `failure`), on every rank, in rank order; [] when every rank wrote its files."""
+    rank, world_size = _world()
+    if world_size == 1:
+        return [mine] if mine else []
+    outcomes: list[Any] = [None] * world_size
+    dist.all_gather_object(outcomes, mine)
+    return [f for f in outcomes if f]
+
+
+def failures_message(tag_dir: Path, failed: list[dict[str, Any]], kept: str) -> str:
+    """What every rank says of a save that ranks failed to write, the partial save removed, `kept` left."""
+    problems = {f["problem"] for f in failed}
+    who = "; ".join(f"rank {f['rank']} on {f['host']} could not write {f['name']} ({_detail(f)})" for f in failed)
+    if None in problems:
+        return f"checkpoint {tag_dir} was not committed: {who}; the partial save was removed and {kept}"
+    headline = problems.pop() if len(problems) == 1 else integrity.FULL_OR_QUOTA
+    room = "free some space" if headline == integrity.NO_SPACE else "free some space or raise the quota"
+    return (f"{headline} while saving checkpoint {tag_dir}: {who}; the partial save was removed and {kept}; "
+            f"{room} (or move out_dir) and run again")
+
+
+def _detail(failed: dict[str, Any]) -> str:
+    """A disk problem's room left as the failed rank saw it, or another error's own words."""
+    return f"{integrity.megabytes(failed['free'])} free there" if failed["problem"] else failed["error"]
 
 
 def gather_reports(table: dict[str, dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
@@ -105,20 +142,28 @@ def assemble(tag_dir: Path, reports: list[dict[str, dict[str, Any]]],
 
 
 def decided_on_rank0(decide: Callable[[], T]) -> T:
-    """`decide()` run on rank 0 alone and its result (or its UserError) given to every rank."""
+    """`decide()` run on rank 0 alone and its result (or its UserError) given to every rank; another
+    error is raised on rank 0 as it was, and on the others as a RuntimeError, not left waiting."""
     rank, world_size = _world()
     if world_size == 1:
         return decide()
     payload: list[Any] = [None]
+    failed = None
     if rank == 0:
         try:
             payload = [("ok", decide())]
         except UserError as exc:
             payload = [("error", str(exc))]
+        except Exception as exc:   # rank 0's own traceback tells it; the others must not wait for it
+            payload, failed = [("failed", f"{type(exc).__name__}: {exc}")], exc
     dist.broadcast_object_list(payload, src=0)
     kind, value = payload[0]
+    if failed is not None:
+        raise failed
     if kind == "error":
         raise UserError(value)
+    if kind == "failed":
+        raise RuntimeError(f"rank 0 failed ({value}); see its error")
     return value
 
 

@@ -1,13 +1,33 @@
 """Test-only probe, on PYTHONPATH of the elastic-resume and commit-protocol tests' training processes
 (never imported by the package): with CPT_PROBE_DIR set it records, per rank, the windows each
 micro-batch reads, and on rank 0 the full fp32 weights, Adam moments and LR right before a save and
-right after a resume loads; with CPT_PROBE_RANK1_CWD set, rank 1 starts in that directory."""
+right after a resume loads; with CPT_PROBE_RANK1_CWD set, rank 1 starts in that directory; with
+CPT_PROBE_FULL_DISK=<rank>:<step>:<zip|legacy> set, that rank's disk is full for the checkpoint of that
+step: each torch.save into its folder (DeepSpeed's files, the rank file) writes to /dev/full instead,
+where the kernel answers ENOSPC (torch's zip writer then fails without an errno; "legacy" uses torch's
+legacy format, whose write raises the OSError)."""
 
 import os
 import sys
 
 if os.environ.get("CPT_PROBE_RANK1_CWD") and os.environ.get("RANK") == "1":
     os.chdir(os.environ["CPT_PROBE_RANK1_CWD"])   # a relative out_dir resolves elsewhere, as on another node
+
+_full = os.environ.get("CPT_PROBE_FULL_DISK", "").split(":")
+_training = "continual_pt.train" in getattr(sys, "orig_argv", sys.argv)
+if len(_full) == 3 and os.environ.get("RANK") == _full[0] and _training:
+    import torch
+
+    _torch_save = torch.save
+
+    def _save_on_full_disk(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.path.basename(os.path.dirname(f)) == f"global_step{_full[1]}":
+            f = "/dev/full"
+            if _full[2] == "legacy":
+                kwargs["_use_new_zipfile_serialization"] = False
+        return _torch_save(obj, f, *args, **kwargs)
+
+    torch.save = _save_on_full_disk
 
 # Only in training processes: a helper that Python subprocess (py-cpuinfo, which DeepSpeed's CPU Adam
 # asks for the CPU's features) must keep its stdout to itself, which importing deepspeed here would not.
