@@ -170,14 +170,18 @@ def test_packed_windows_cover_the_split_once(data_dataset):
     assert len(PackedSequences(ds, ds.num_tokens)) == 0
 
 
-@pytest.mark.parametrize("budget, size, expected", [(None, 1, 10), (63 * 3, 1, 3), (63 * 3 + 1, 1, 4),
-                                                    (10**9, 2, 10), (63 * 7, 3, 7)])
-def test_eval_windows_fixed_and_split_across_ranks(data_dataset, budget, size, expected):
+@pytest.mark.parametrize("budget, size, expected", [
+    (None, 1, list(range(10))), (10**9, 2, list(range(10))),    # no budget, or one all windows fit in
+    (63 * 3, 1, [1, 5, 8]),            # 3 windows: the middle of each third of the split
+    (63 * 3 + 1, 1, [1, 3, 6, 8]),     # a token over 3 windows takes a fourth
+    (63 * 7, 3, [0, 2, 3, 5, 6, 7, 9]),
+])
+def test_eval_windows_are_spread_over_the_split_and_split_across_ranks(data_dataset, budget, size, expected):
     packed = PackedSequences(PreparedDataset(data_dataset, "val"), 63)
     packed.num_windows = 10  # a fixed count keeps the table simple
     shares = [eval_windows(packed, budget, r, size) for r in range(size)]
-    assert sorted(i for s in shares for i in s) == list(range(expected))
-    assert all(i % size == r for r, s in enumerate(shares) for i in s)
+    assert sorted(i for s in shares for i in s) == expected
+    assert shares == [expected[r::size] for r in range(size)]     # each rank its own, none twice
     assert shares == [eval_windows(packed, budget, r, size) for r in range(size)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def test_world_size_one_and_two_give_the_same_scores(world, run, tmp_path):
     for key in a:
         assert (a[key]["world_size"], b[key]["world_size"]) == (1, 2)
         assert a[key]["tokens"] == b[key]["tokens"] == 400
+        assert a[key]["windows"] == b[key]["windows"] == 25 and a[key]["selection"] == b[key]["selection"] == "spread"
         # Token sums are float64 and each window is one row of a batch on either world size:
         # only the composition of a batch differs, which moves fp32 logits by a few ulp at most.
         assert b[key]["loss"] == pytest.approx(a[key]["loss"], rel=1e-6)
@@ -425,3 +427,39 @@ def test_a_listing_with_sets_says_which_checkpoints_are_unscored(world, run, tmp
                      "3 checkpoint(s): use --task-index 0..2 (sbatch --array=0-2); 2 not yet scored on every --set"]
     assert eval_cli(run, *sets(world, "code"), "--store", store, "--list") == 0   # another budget: none scored
     assert capsys.readouterr().out.splitlines()[-1].endswith("; 3 not yet scored on every --set")
+
+
+# --------------------------------------------------------------------------- which windows a budget scores
+
+
+def test_a_budget_scores_windows_spread_over_the_whole_split(world, run, tmp_path, monkeypatch):
+    """A split stored in input order whose first tenth is another kind of text (strings of rare letters and
+    digits before the code the model learnt): its first windows are far from the split's loss, windows
+    spread over it are not."""
+    code = [json.loads(line) for line in (world["tokenizer"].parent / "a.jsonl").open()]
+    rng = random.Random(0)
+    noise = [{"text": " ".join("".join(rng.choice("qxzjkvw0123456789") for _ in range(rng.randint(2, 9)))
+                               for _ in range(60))} for _ in range(60)]
+    ordered = noise + code                            # 60 documents of letters and digits, then 600 of code
+    source = tmp_path / "ordered.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in ordered))
+    data = tmp_path / "ordered"
+    assert main(["prepare", "--source", str(source), "--tokenizer", str(world["tokenizer"]), "--out", str(data),
+                 "--val-fraction", "0", "--workers", "1", "--quiet"]) == 0
+    split = PreparedDataset(data, "train")
+    ckpt = run / "checkpoints" / "global_step12"
+
+    def loss(budget, store, *extra):
+        args = ["--tokens", budget] if budget else []
+        assert eval_cli(ckpt, "--set", f"ordered={data}:train", *args, "--store", tmp_path / store, *extra) == 0
+        return read_scores(tmp_path / store)[-1]
+
+    whole = loss(None, "whole.jsonl")
+    spread = loss(split.num_tokens // 8, "spread.jsonl")
+    assert whole["windows"] == split.num_tokens // 17 and spread["windows"] == -(-(split.num_tokens // 8) // 16)
+    monkeypatch.setattr("continual_pt.data.dataset.selected_windows",     # the rule before: the first windows
+                        lambda n, seq_len, budget: list(range(min(n, -(-budget // seq_len)))))
+    first = loss(split.num_tokens // 10, "first.jsonl")
+    print(f"whole {whole['loss']:.4f}, first tenth {first['loss']:.4f}, spread 1/8 {spread['loss']:.4f}")
+    assert abs(first["loss"] - whole["loss"]) >= 0.3, (first["loss"], whole["loss"])
+    assert abs(spread["loss"] - whole["loss"]) <= 0.05, (spread["loss"], whole["loss"])

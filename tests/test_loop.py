@@ -91,7 +91,7 @@ class FakeLogger:
 class FakeHeldOut:
     def score(self, engine: FakeEngine, env: DistEnv, device: torch.device,
               stop=None) -> dict[str, dict[str, float]]:
-        return {"held": {"loss": 1.0, "ppl": math.e, "tokens": 32}}
+        return {"held": {"loss": 1.0, "ppl": math.e, "tokens": 32, "windows": 2, "selection": "spread"}}
 
 
 class FakeCheckpointer:

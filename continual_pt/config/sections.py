@@ -202,7 +202,8 @@ class EvalConfig:
     every_steps: int = 0
     """Steps between evaluations; 0 evaluates only at the start and the end."""
     tokens: int | None = None
-    """Token budget per set (the same tokens every time); unset scores the whole split."""
+    """Token budget per set: ceil(tokens / seq_len) windows spread evenly over the whole split, the same
+    every time; unset scores the whole split."""
     micro_batch_size: int | None = None
     """Sequences per rank per forward pass (default: train.micro_batch_size)."""
     at_start: bool = True

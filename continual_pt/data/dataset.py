@@ -296,10 +296,24 @@ class PackedSequences:
         return f"PackedSequences({self.dataset!r}, seq_len={self.seq_len}, windows={self.num_windows})"
 
 
+WINDOW_RULE = "spread"
+"""How eval windows are chosen (recorded with every score, so rows of other rules are never mixed)."""
+
+
+def selected_windows(num_windows: int, seq_len: int, token_budget: int | None) -> list[int]:
+    """The windows an eval scores: all of them without a budget (or one they fit in), else
+    ceil(budget / seq_len) windows spread evenly over the whole split: the middle window of each of that
+    many equal strata. A split is stored in input order, so its first windows are one document or source
+    and not the split. Deterministic: every evaluation scores the same tokens."""
+    count = num_windows if token_budget is None else min(num_windows, math.ceil(token_budget / seq_len))
+    if count == num_windows:
+        return list(range(num_windows))
+    return [(2 * i + 1) * num_windows // (2 * count) for i in range(count)]
+
+
 def eval_windows(packed: PackedSequences, token_budget: int | None, dp_rank: int = 0, dp_size: int = 1) -> list[int]:
-    """This rank's share of the first ceil(budget / seq_len) windows (all if no budget), unshuffled,
-    so every evaluation scores the same tokens; ranks take i % dp_size == dp_rank."""
+    """This rank's share of the selected windows (`selected_windows`): ranks take every dp_size-th one,
+    starting at their own rank, so no window is scored twice and every world size scores the same ones."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    count = len(packed) if token_budget is None else min(len(packed), math.ceil(token_budget / packed.seq_len))
-    return list(range(dp_rank, count, dp_size))
+    return selected_windows(len(packed), packed.seq_len, token_budget)[dp_rank::dp_size]

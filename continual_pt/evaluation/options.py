@@ -18,7 +18,7 @@ class EvalOptions:
     sets: list[str] = option([], help="a held-out set: a prepared dataset's val split (default) or, with :train, "
                              "its whole training split; repeatable, e.g. --set pile=data/pile --set sp=data/sp",
                              flags=("--set",), metavar="NAME=PATH[:SPLIT]")
-    tokens: int | None = option(None, help="token budget per set: the first ceil(N / seq_len) windows (default: "
+    tokens: int | None = option(None, help="token budget per set: ceil(N / seq_len) windows spread evenly over the whole split (default: "
                                 "every window)")
     seq_len: int | None = option(None, help="tokens per window (default: the run's data.seq_len for our "
                                  "checkpoints, else 2048 capped at the model's max_position_embeddings)")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from deepspeed import DeepSpeedEngine
 
-from continual_pt.data.dataset import PackedSequences, eval_windows
+from continual_pt.data.dataset import WINDOW_RULE, PackedSequences, eval_windows
 from continual_pt.runtime import distributed
 from continual_pt.runtime.distributed import DistEnv
 
@@ -27,7 +27,8 @@ class ScoringStopped(Exception):
 @torch.no_grad()
 def score_packed(forward, packed: PackedSequences, token_budget: int | None, micro_batch_size: int,
                  env: DistEnv, device: torch.device, stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Loss and perplexity of `forward` (a CausalLMLoss or its engine) over a fixed window list.
+    """Loss and perplexity of `forward` (a CausalLMLoss or its engine) over a fixed window list (the
+    budget's windows spread over the whole split, `selected_windows`), and how they were selected.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
     collectively), padding its last batches with repeats whose losses are dropped.
@@ -35,6 +36,7 @@ def score_packed(forward, packed: PackedSequences, token_budget: int | None, mic
     """
     windows = eval_windows(packed, token_budget, env.rank, env.world_size)
     per_rank = math.ceil(len(eval_windows(packed, token_budget, 0, env.world_size)) / micro_batch_size)
+    selection = {"selection": WINDOW_RULE, "windows": len(eval_windows(packed, token_budget))}
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     for b in range(per_rank):
@@ -52,9 +54,9 @@ def score_packed(forward, packed: PackedSequences, token_budget: int | None, mic
         tokens += real * (rows.shape[1] - 1)
     total_loss, total_tokens = distributed.all_reduce_sum([loss_sum.item(), float(tokens)])
     if total_tokens == 0:
-        return {"loss": math.nan, "ppl": math.nan, "tokens": 0}
+        return {"loss": math.nan, "ppl": math.nan, "tokens": 0, **selection}
     mean = total_loss / total_tokens
-    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(total_tokens)}
+    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(total_tokens), **selection}
 
 
 @dataclass(frozen=True)

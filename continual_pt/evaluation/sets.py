@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual_pt.data.dataset import PreparedDataset, Setting
+from continual_pt.data.dataset import WINDOW_RULE, PreparedDataset, Setting
 from continual_pt.errors import UserError
 
 SPLITS = ("val", "train")
@@ -67,4 +67,4 @@ def open_sets(specs: list[str]) -> list[EvalSet]:
 def measurement(identity: str, s: EvalSet, budget: int | None, seq_len: int, dtype: str) -> dict[str, Any]:
     """The fields that make a row of checkpoint `identity` on set `s` one measurement (the store's key)."""
     return {"checkpoint": identity, "set": s.name, "split": s.split, "set_fingerprint": s.fingerprint,
-            "budget": budget, "seq_len": seq_len, "dtype": dtype}
+            "budget": budget, "selection": WINDOW_RULE, "seq_len": seq_len, "dtype": dtype}

@@ -12,8 +12,8 @@ then name a run of it.
 Curves come from a run's metrics.jsonl (kind "eval" records, logged by training) or from the
 scores.jsonl that `cpt eval` writes into the run directory. With source "auto", a set uses
 the scores when the run has any for it, else the in-loop records. Within the scores, one
-series is used per set: the (split, budget, seq len, dtype) measured at the most checkpoints,
-ties going to the larger budget, so that a curve never mixes budgets.
+series is used per set: the (split, budget, window selection, seq len, dtype) measured at the most
+checkpoints, ties going to the larger budget, so that a curve never mixes measurements.
 
 The LR is drawn from the schedule in the run's saved config.yaml, from step 0 (so a warmup shows)
 to the last step the run reached, at tokens = step x tokens per step.
@@ -96,7 +96,7 @@ def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
     for r in rows:
         if r.get("kind") != "checkpoint" or r.get("step") is None or not _finite(r.get("loss")):
             continue
-        key = (r.get("split"), r.get("budget"), r.get("seq_len"), r.get("dtype"))
+        key = (r.get("split"), r.get("budget"), r.get("selection"), r.get("seq_len"), r.get("dtype"))
         series.setdefault(r["set"], {}).setdefault(key, []).append(r)
     curves = {}
     for name, groups in series.items():

@@ -204,7 +204,8 @@ class Trainer:
         for name, res in results.items():
             self.session.logger.log({"kind": "eval", "set": name, "step": self.state.step,
                                    "tokens": self.state.tokens_seen, "loss": res["loss"], "ppl": res["ppl"],
-                                   "eval_tokens": res["tokens"]})
+                                   "eval_tokens": res["tokens"], "eval_windows": res["windows"],
+                                   "selection": res["selection"]})
         summary = ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f}" for n, r in results.items())
         self.session.logger.message(f"step {self.state.step}: eval {summary}")
         self._pause_window(started)
