@@ -18,6 +18,7 @@ from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.evaluation import job
 from continual_pt.evaluation.claims import Claim
+from continual_pt.evaluation.sets import measurement, open_sets
 from continual_pt.evaluation.store import read_scores, score_key
 from tests import train_support as ts
 from tests.helpers import free_port
@@ -332,9 +333,16 @@ def tag_path(run, step: int) -> str:
     return str((run / "checkpoints" / f"global_step{step}").resolve())
 
 
+def measurements(world, run, step: int, budget: int | None = int(SMALL)) -> list[tuple]:
+    """The score keys of a --claim job on set code of one checkpoint (what its claim covers)."""
+    (code,) = open_sets([f"code={world['code']}"])
+    return [score_key(measurement(tag_path(run, step), code, budget, 16, "fp32"))]
+
+
 def test_claiming_jobs_leave_a_held_checkpoint_to_its_holder_and_drain_the_rest(world, run, tmp_path, capsys):
     store = tmp_path / "scores.jsonl"
-    held = Claim.take(store, tag_path(run, 4))          # another job is scoring step 4
+    other_budget = Claim.take(store, tag_path(run, 8), measurements(world, run, 8, budget=None))
+    held = Claim.take(store, tag_path(run, 4), measurements(world, run, 4))   # another job is scoring step 4
     assert eval_cli(*claim_args(run, world, store)) == 0
     out = capsys.readouterr().out
     assert [r["step"] for r in read_scores(store)] == [8, 12]
@@ -342,8 +350,9 @@ def test_claiming_jobs_leave_a_held_checkpoint_to_its_holder_and_drain_the_rest(
         assert f"claimed {tag_path(run, step)} (step {step}): scoring 1 set(s)" in out, out
         assert f"stored 1 row(s) of {tag_path(run, step)} in {store}" in out, out
     assert "this job scored 2 checkpoint(s)" in out and tag_path(run, 4) not in out
-    assert Claim.take(store, tag_path(run, 4)) is None   # still the other job's
+    assert Claim.take(store, tag_path(run, 4), measurements(world, run, 4)) is None   # still the other job's
     held.release()
+    other_budget.release()
     assert eval_cli(*claim_args(run, world, store)) == 0
     assert [r["step"] for r in read_scores(store)] == [8, 12, 4]
     before = store.read_bytes()

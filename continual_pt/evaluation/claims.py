@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -24,11 +25,14 @@ class Claim:
         self.path = path
 
     @classmethod
-    def take(cls, store_path: Path, identity: str) -> Claim | None:
-        """The claim on checkpoint `identity` for the store at `store_path`, or None while another job holds it."""
+    def take(cls, store_path: Path, identity: str, measurements: list[tuple] = ()) -> Claim | None:
+        """The claim on checkpoint `identity` for the store at `store_path`, or None while another job holds it.
+        A claim covers the measurements (score keys) the job will make: jobs scoring other sets, budgets or
+        dtypes of one checkpoint do not wait for each other."""
         folder = store_path.with_name(store_path.name + ".claims")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.lock"
+        what = json.dumps([identity, sorted(measurements)], default=str)
+        path = folder / f"{hashlib.sha256(what.encode()).hexdigest()[:20]}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

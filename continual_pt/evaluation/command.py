@@ -24,6 +24,7 @@ from continual_pt.evaluation.claims import Claim
 from continual_pt.evaluation.job import Job, broadcast, pending, plan_jobs, score_job, store_for
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.sets import EvalSet, open_sets
+from continual_pt.evaluation.store import score_key
 from continual_pt.evaluation.targets import expand_targets, pick_task, print_listing
 from continual_pt.files import check_writable
 from continual_pt.layout import EXIT_OK
@@ -126,7 +127,7 @@ def _claim_next(options: EvalOptions, sets: list[EvalSet], planned: dict[str, Jo
     for job, indices in zip(jobs, pending(jobs)):
         if not indices:
             continue
-        claim = Claim.take(job.store.path, job.target.identity)
+        claim = Claim.take(job.store.path, job.target.identity, [score_key(row) for row in job.rows])
         if claim is None:
             continue   # another job is scoring it
         indices = pending([job])[0]   # again, holding the claim: a job may have stored it meanwhile
