@@ -29,8 +29,10 @@ class Scale:
     steps: int              # of every continual run
     micro_batch: int
     eval_every: int
-    eval_tokens: int        # per set, in-loop
+    eval_tokens: int        # per set, in-loop (enough windows that its step-0 loss and the start model's
+                            # `cpt eval` loss, two samples of one split, agree within 0.1 nats)
     score_tokens: int       # per set, `cpt eval` of each run's final checkpoint
+    pretrain_eval_tokens: int   # per set, in-loop during the upstream pre-training
     seed: int = 1234
     checkpoint_every: int = 10   # pre-training save interval; the early checkpoints are the saves nearest 7%, 19%
 
@@ -49,10 +51,12 @@ class Scale:
 SCALE = {
     "demo": Scale("demo", vocab_size=1024, hidden=48, layers=2, heads=3, seq_len=128,
                   pretrain_steps=1000, pretrain_micro_batch=64, pretrain_max_lr=4e-3, pretrain_eval_every=100,
-                  steps=60, micro_batch=32, eval_every=4, eval_tokens=4096, score_tokens=32768),
+                  steps=60, micro_batch=32, eval_every=4, eval_tokens=16384, score_tokens=32768,
+                  pretrain_eval_tokens=16384),
     "tiny": Scale("tiny", vocab_size=300, hidden=16, layers=1, heads=2, seq_len=32,
                   pretrain_steps=100, pretrain_micro_batch=8, pretrain_max_lr=1e-2, pretrain_eval_every=50,
-                  steps=8, micro_batch=4, eval_every=2, eval_tokens=512, score_tokens=1024, checkpoint_every=5),
+                  steps=8, micro_batch=4, eval_every=2, eval_tokens=512, score_tokens=1024,
+                  pretrain_eval_tokens=2048, checkpoint_every=5),
 }
 
 
@@ -69,7 +73,7 @@ def pretrain_config(scale: Scale, name: str, out_dir: str, upstream: str, downst
                   "log_every": max(1, scale.pretrain_steps // 40)},
         "schedule": {"name": "cosine", "max_lr": scale.pretrain_max_lr, "min_lr_ratio": 0.1, "warmup": 0.01},
         "eval": {"sets": {"upstream": upstream, "downstream": downstream},
-                 "every_steps": scale.pretrain_eval_every, "tokens": 4 * scale.eval_tokens},
+                 "every_steps": scale.pretrain_eval_every, "tokens": scale.pretrain_eval_tokens},
         "checkpoint": {"every_steps": every, "keep_every": every, "keep_last": 2},
         "log": {"progress": False},
     }

@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from continual_pt.data.dataset import PreparedDataset
 from continual_pt.demo.findings import DOWN, UP, Finding, Runs, start_scores
 from continual_pt.demo.recipe import Scale
 from continual_pt.demo.upstream import read_provenance
@@ -73,7 +74,8 @@ def _runs_table(runs_dir: Path, names: list[str], start: dict[str, float]) -> li
 
 
 def _setup(options, scale: Scale, provenance: dict[str, Any], sizes: dict[str, dict[str, int]],
-           seconds: list[float]) -> list[str]:
+           seconds: list[float], split_tokens: dict[str, int]) -> list[str]:
+    held_out = ", ".join(f"{name} {n:,} tokens" for name, n in split_tokens.items())
     mb = {c: ", ".join(f"{src} {n / 1e6:.1f} MB" for src, n in parts.items()) for c, parts in sizes.items()}
     steps_tokens = scale.steps * scale.micro_batch * scale.seq_len
     return [
@@ -87,7 +89,8 @@ def _setup(options, scale: Scale, provenance: dict[str, Any], sizes: dict[str, d
         f"- Each continual run: {scale.steps} steps × {scale.micro_batch * scale.seq_len:,} tokens = "
         f"{steps_tokens:,} tokens on the DeepSpeed engine (`cpt sweep --local`), in-loop evaluation every "
         f"{scale.eval_every} steps on {scale.eval_tokens:,} tokens per set; final losses by `cpt eval` of the "
-        f"final checkpoint on {scale.score_tokens:,} tokens per held-out set.",
+        f"final checkpoint on {scale.score_tokens:,} tokens per held-out set. Each is that many tokens of "
+        f"windows spread evenly over the whole held-out split ({held_out}).",
         f"- Wall time of `cpt demo`: {seconds[0] / 60:.1f} min on {platform.machine()} with "
         f"{os.cpu_count()} CPUs ({'--full' if options.full else 'default grid'}, scale {scale.name})"
         + (f"; {len(seconds) - 1} later run(s) of the command added {sum(seconds[1:]) / 60:.1f} min" if
@@ -101,15 +104,19 @@ def write(out: Path, options, scale: Scale, model: Path, sizes: dict[str, dict[s
     provenance = read_provenance(model)
     start = {name: n.value for name, n in start_scores(out).items()}
     runs_dir = out / "sweep" / "runs"
+    split_tokens = {name: PreparedDataset(out / "data" / name, "val").num_tokens for name in (UP, DOWN)}
+    step0 = {name: Runs(runs_dir).start("rewarm", name).value for name in (UP, DOWN)}
     holding = sum(f.holds is True for f in findings[:7])
     lines = [f"# cpt demo: the paper's findings at laptop scale ({options.shift} shift)", "",
-             *_setup(options, scale, provenance, sizes, seconds), "",
+             *_setup(options, scale, provenance, sizes, seconds, split_tokens), "",
              f"**{holding} of the paper's 7 findings hold at this scale**; the replay finding of the "
              f"follow-up {findings[7].verdict}. Losses are nats per token on held-out data.", "",
              "## Findings", "", *_findings_table(findings), "",
              "## Runs", "",
-             f"Start model (the final upstream checkpoint, `cpt eval`): upstream {start[UP]:.4f}, "
-             f"downstream {start[DOWN]:.4f}.", "",
+             f"Start model (the final upstream checkpoint, `cpt eval` on {scale.score_tokens:,} tokens per set): "
+             f"upstream {start[UP]:.4f}, downstream {start[DOWN]:.4f}. The same model's in-loop step-0 eval in run "
+             f"rewarm ({scale.eval_tokens:,} tokens per set, another sample of the same splits): upstream "
+             f"{step0[UP]:.4f}, downstream {step0[DOWN]:.4f}.", "",
              *_runs_table(runs_dir, list(WHAT), start), "",
              "## Figures", ""]
     lines += [f"![{name}]({path.relative_to(out).as_posix()})" for name, path in figs.items()]
