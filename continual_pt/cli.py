@@ -111,7 +111,8 @@ COMMANDS = (
     Command(("prepare",), "continual_pt.data.prepare:run_prepare", "continual_pt.data.options:PrepareOptions",
             "tokenize raw text once into packed, memory-mappable token shards",
             "Tokenize documents into a dataset directory: uint16/uint32 token shards (EOS between documents), "
-            "a hash-chosen validation split and manifest.json."),
+            "a hash-chosen validation split (with --layout, the corpus's own) and manifest.json; with "
+            "--domain-field or --layout, each document's domain."),
     Command(("tokenizer", "train"), "continual_pt.data.tokenizer_training:train_tokenizer",
             "continual_pt.data.options:TokenizerOptions",
             "train a byte-level BPE of a chosen vocabulary size",

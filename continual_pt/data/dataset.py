@@ -3,6 +3,7 @@
     ds = PreparedDataset("data/sp", split="train")
     packed = PackedSequences(ds, seq_len=2048)     # windows of 2049 tokens: inputs w[:-1], labels w[1:]
     check_tokenizer({"sp": ds, "pile": PreparedDataset("data/pile")}, expected="EleutherAI/pythia-410m")
+    ds.domains, ds.token_domains(0, 2049)          # with --domain-field or --layout (data/domains.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from continual_pt.data.domains import DomainIndex
 from continual_pt.data.options import file_format
 from continual_pt.data.output import is_temp_dir
 from continual_pt.data.tokenizer import canonical_sha256, tokenizer_sha256
@@ -143,9 +145,33 @@ class PreparedDataset:
         if int(self.offsets[-1]) != self.num_tokens:
             raise UserError(f"{where}: split {split!r} claims {self.num_tokens} tokens but its shards hold "
                             f"{int(self.offsets[-1])}")
+        self.domain_index = DomainIndex(self.path, split, self.manifest, info, self.num_tokens, self.num_docs)
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         if verify:
             self.verify()
+
+    @property
+    def domains(self) -> list[str]:
+        """The dataset's domain names, indexed by domain id ([] without domains)."""
+        return self.domain_index.names
+
+    @property
+    def domain_tokens(self) -> dict[str, int]:
+        """Tokens of this split per domain (EOS included), from the manifest."""
+        return self.domain_index.tokens
+
+    @property
+    def domain_docs(self) -> dict[str, int]:
+        """Documents of this split per domain, from the manifest."""
+        return self.domain_index.docs
+
+    def token_domains(self, start: int, stop: int) -> np.ndarray:
+        """The domain id of each token in [start, stop) of the split (UserError without domains)."""
+        return self.domain_index.token_domains(start, stop)
+
+    def domain_ranges(self, domain: str | int) -> np.ndarray:
+        """(k, 2) token ranges [start, stop) of one domain's documents, adjacent ones merged."""
+        return self.domain_index.domain_ranges(domain)
 
     def _dtype(self, where: Path) -> np.dtype:
         name = _field(self.manifest, "dtype", where)
@@ -201,6 +227,16 @@ class PreparedDataset:
             data = self._shard(i)
             if len(data) and int(data.max()) >= self.vocab_size:
                 raise UserError(f"{file}: token id {int(data.max())} >= vocab_size {self.vocab_size}")
+        self.domain_index.verify(self._tokens_at, self.eos_id)
+
+    def _tokens_at(self, positions: np.ndarray) -> np.ndarray:
+        """The tokens at sorted positions of the split."""
+        shard = np.searchsorted(self.offsets, positions, side="right") - 1
+        found = np.empty(len(positions), dtype=self.dtype)
+        for i in np.unique(shard):
+            mine = shard == i
+            found[mine] = self._shard(int(i))[positions[mine] - self.offsets[i]]
+        return found
 
     def _shard(self, i: int) -> np.memmap:
         data = self._maps.get(i)

@@ -1,12 +1,14 @@
 """Local input files by format: JSON lines (plain, .zst, .gz), parquet and text, read as chunks.
 
 Each reader streams its file in pieces of about `chunk_bytes` and names the file and line (or
-row) of every record, so a bad record is reported where the user can find it.
+row) of every record, so a bad record is reported where the user can find it. With a domain
+field, a parquet file's domain column is read beside the text (a JSON record carries its own).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import zstandard
 
-from continual_pt.data.encode import Chunk, chunk_texts
+from continual_pt.data.encode import Chunk, chunk_records, column_domains, domain_column, field_value
 from continual_pt.data.options import FILE_SUFFIXES, file_format  # noqa: F401  (FILE_SUFFIXES: read from here)
 from continual_pt.errors import UserError
 
@@ -113,14 +115,37 @@ def rows_per_chunk(chunk_bytes: int) -> int:
     return max(16, chunk_bytes // 2048)
 
 
-def _parquet_chunks(path: Path, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+def _parquet_chunks(path: Path, text_field: str, chunk_bytes: int, domain_field: str | None) -> Iterator[Chunk]:
     pf = _parquet_column(path, text_field)
+    column, rest = domain_column(pf.schema_arrow.names, domain_field) if domain_field else (None, None)
+    columns = [text_field] + ([column] if column and column != text_field else [])
     row = 1
-    for batch in pf.iter_batches(batch_size=rows_per_chunk(chunk_bytes), columns=[text_field]):
-        texts = batch.column(0).to_pylist()
+    for batch in pf.iter_batches(batch_size=rows_per_chunk(chunk_bytes), columns=columns):
+        texts = batch.column(text_field).to_pylist()
         nbytes = sum(len(t) for t in texts if isinstance(t, str))
-        yield Chunk("texts", str(path), row, texts, nbytes)
+        domains = None
+        if domain_field is not None:
+            domains = column_domains(batch.column(column).to_pylist(), rest) if column else [None] * len(texts)
+        yield Chunk("texts", str(path), row, texts, nbytes, domains=domains)
         row += len(texts)
+
+
+def no_domain(where: str, domain_field: str, found: Any) -> UserError:
+    """The early refusal of a --domain-field that the first record does not hold."""
+    return UserError(f"{where}: no domain: the field {domain_field!r} is missing, empty or not a string in the first "
+                     f"record ({found}); name the field with --domain-field, or pass --unknown-domain NAME to put "
+                     "records without one under domain NAME")
+
+
+def _parquet_domain(path: Path, pf: pq.ParquetFile, domain_field: str) -> None:
+    names = pf.schema_arrow.names
+    column, rest = domain_column(names, domain_field)
+    if column is None:
+        raise no_domain(str(path), domain_field, f"columns: {', '.join(names)}")
+    first = next(pf.iter_batches(batch_size=1, columns=[column]), None)
+    value = column_domains(first.column(0).to_pylist(), rest)[0] if first is not None and first.num_rows else None
+    if not (isinstance(value, str) and value):
+        raise no_domain(f"{path} row 1", domain_field, f"{column}: {value!r}")
 
 
 def file_group_chunks(paths: list[Path], chunk_bytes: int, lenient: bool = False) -> Iterator[Chunk]:
@@ -138,13 +163,31 @@ def file_group_chunks(paths: list[Path], chunk_bytes: int, lenient: bool = False
         yield Chunk("files", group[0][0], 1, group, size, lenient)
 
 
-def _first_json_record(path: Path, text_field: str) -> None:
-    """Fail early on a first record that is not JSON or lacks the text field."""
+def _first_json_record(path: Path, text_field: str, domain_field: str | None = None) -> None:
+    """Fail early on a first record that is not JSON or lacks the text field (or a required domain)."""
     for chunk in _line_blocks(path, 1 << 16):
         for i, line in enumerate(chunk.payload.split(b"\n")):
             if line.strip():
-                chunk_texts(Chunk("lines", chunk.origin, chunk.first_record + i, line, len(line)), text_field)
+                first = Chunk("lines", chunk.origin, chunk.first_record + i, line, len(line))
+                _, domains, _ = chunk_records(first, text_field, domain_field)
+                if domain_field is not None and domains[0] is None:
+                    raise no_domain(f"{path}:{first.first_record}", domain_field, _found(json.loads(line), domain_field))
                 return
+
+
+def _found(record: Any, domain_field: str) -> str:
+    """What a record holds where the domain field should be: its value, or the fields of the deepest
+    object on the way."""
+    value = field_value(record, domain_field)
+    if value is not None:
+        return f"it is {value!r}"
+    parts = domain_field.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        where = field_value(record, ".".join(parts[:n])) if n else record
+        if isinstance(where, dict):
+            keys = ", ".join(sorted(map(str, where))[:20]) or "none"
+            return f"fields{' of ' + '.'.join(parts[:n]) if n else ''}: {keys}"
+    return "no fields"
 
 
 def file_info(path: Path) -> dict[str, Any]:
@@ -168,15 +211,20 @@ class FileSource:
             found["skipped_unknown"] = [str(p.resolve()) for p in self.skipped]
         return found
 
-    def probe(self, text_field: str) -> None:
+    def probe(self, text_field: str, domain_field: str | None = None) -> None:
         for path in self.files:
             fmt = file_format(path)
             if fmt == ".parquet":
-                _parquet_column(path, text_field)
+                pf = _parquet_column(path, text_field)
+                if domain_field is not None:
+                    _parquet_domain(path, pf, domain_field)
             elif fmt != ".txt":
-                _first_json_record(path, text_field)
+                _first_json_record(path, text_field, domain_field)
+            elif domain_field is not None:
+                raise no_domain(str(path), domain_field, "a .txt file is one document without fields")
 
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
+               domain_field: str | None = None) -> Iterator[Chunk]:
         texts: list[Path] = []
         for path in self.files:
             fmt = file_format(path)
@@ -187,7 +235,7 @@ class FileSource:
             yield from file_group_chunks(texts, chunk_bytes)
             texts = []
             if fmt == ".parquet":
-                yield from _parquet_chunks(path, text_field, chunk_bytes)
+                yield from _parquet_chunks(path, text_field, chunk_bytes, domain_field)
             else:
                 yield from _line_blocks(path, chunk_bytes)
         yield from file_group_chunks(texts, chunk_bytes)

@@ -20,6 +20,10 @@ def file_format(path: Path) -> str | None:
     return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
+LAYOUTS = ("slimpajama", "pile")
+"""The corpus layouts `cpt prepare --layout` reads (each one's files and domains: data/layouts.py)."""
+
+
 SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or .txt file (a .txt file is one "
                "document), a glob or a directory of them, a Hugging Face dataset saved with save_to_disk, hf:NAME "
                "for a hub dataset (streamed), or a built-in offline source: python-stdlib (this Python's standard "
@@ -53,12 +57,27 @@ class PrepareOptions(SourceOptions):
     eos_token: str | None = option(None, help="token appended after every document (default: the tokenizer's "
                                    "EOS token)")
     val_fraction: float = option(0.005, help="share of documents held out for validation, chosen by a hash of "
-                                 "each document's text")
+                                 "each document's text (not used with --layout)")
     shard_tokens: int = option(1 << 28, help="tokens per shard file")
     dtype: str = option("auto", help="token dtype (auto: uint16 when the vocabulary fits, else uint32)",
                         choices=("auto", *SHARD_DTYPES))
     workers: int | None = option(None, help="tokenizer processes (default: the number of CPUs; 1 tokenizes in "
                                  "this process)", flags=("--workers", "-j"))
+    domain_field: str | None = option(None, help="keep each document's domain: a dotted path into a JSON record "
+                                      "(meta.redpajama_set_name) or a parquet / dataset column (a struct column's "
+                                      "field as column.field). The manifest counts tokens and documents per domain "
+                                      "in each split; each split stores its document ends and one domain id per "
+                                      "document (doc_ends.npy, doc_domains.npy)", metavar="FIELD")
+    unknown_domain: str | None = option(None, help="put documents whose domain field is missing, empty or not a "
+                                        "string under this domain (e.g. unknown); without it they fail the run, "
+                                        "counted, naming the first", metavar="NAME")
+    layout: str | None = option(None, help="read each --source as a corpus folder as it ships, with its domains: "
+                                "slimpajama (cerebras/SlimPajama-627B: train/chunk*/*.jsonl.zst, "
+                                "validation/chunk*/*.jsonl.zst; domain meta.redpajama_set_name) or pile "
+                                "(train/NN.jsonl.zst, val.jsonl.zst; domain meta.pile_set_name). Files are read in "
+                                "natural order of their paths (chunk2 before chunk10); the corpus's validation files "
+                                "are the val split (--val-fraction is not used) and its test files (test/, "
+                                "test.jsonl.zst) are not read", choices=LAYOUTS)
 
     def check(self) -> None:
         """Raise one UserError listing every invalid option."""
@@ -75,6 +94,12 @@ class PrepareOptions(SourceOptions):
             p.add("", f"--workers must be >= 1, got {self.workers}")
         if not self.text_field:
             p.add("", "--text-field must not be empty")
+        if self.domain_field == "":
+            p.add("", "--domain-field must not be empty")
+        if self.unknown_domain is not None and not (self.domain_field or self.layout):
+            p.add("", "--unknown-domain needs --domain-field or --layout (it names the domain of documents without one)")
+        if self.unknown_domain == "":
+            p.add("", "--unknown-domain must not be empty")
         p.raise_if_any()
 
 

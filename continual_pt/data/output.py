@@ -2,11 +2,15 @@
 
 A crash leaves only the temporary directory, which readers refuse by its name and because
 the manifest is written last; the next run removes it once its process is gone.
+
+`ShardWriter` writes a split's token shards, `DomainWriter` its document index (ends and domain
+ids, in the format data/domains.py describes), both streamed: memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from continual_pt.data import domains
 from continual_pt.errors import UserError
 from continual_pt.files import check_writable, fsync_dir
 
@@ -202,3 +207,110 @@ class ShardWriter:
         """Close the last shard; the shard list for the manifest."""
         self._close()
         return self.shards
+
+
+def _npy_header(dtype: np.dtype, count: int) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                               "shape": (count,)})
+    return buf.getvalue()
+
+
+class NpyStream:
+    """A 1-d .npy file written in pieces: numpy pads the header so that its size does not depend on
+    the length, which is filled in on close."""
+
+    def __init__(self, root: Path, name: str, dtype: np.dtype):
+        self.root, self.name, self.dtype = root, name, np.dtype(dtype)
+        self.count = 0
+        self._file = open(root / name, "wb")
+        self._size = len(_npy_header(self.dtype, 0))
+        self._file.write(_npy_header(self.dtype, 0))
+
+    def write(self, values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values, dtype=self.dtype)
+        self._file.write(data.tobytes())
+        self.count += len(data)
+
+    def close(self) -> dict[str, Any]:
+        """Write the final header; the file's entry for the manifest."""
+        header = _npy_header(self.dtype, self.count)
+        if len(header) != self._size:
+            raise RuntimeError(f"{self.name}: .npy header grew from {self._size} to {len(header)} bytes")
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return {"file": self.name, "dtype": self.dtype.name, "sha256": domains.file_sha256(self.root / self.name)}
+
+
+class DomainTable:
+    """Domain names by id: the known ones first, then others as they first appear (in input order, so
+    the same input gives the same ids whatever the number of workers)."""
+
+    def __init__(self, field: str, known: tuple[str, ...] = (), unknown: str | None = None):
+        self.field, self.unknown = field, unknown
+        self.names: list[str] = list(known)
+        self._ids = {name: i for i, name in enumerate(self.names)}
+
+    def lookup(self, names: list[str | None]) -> np.ndarray:
+        """Ids of a chunk's table of names (None: no domain, under --unknown-domain; without one the
+        run fails once every document is counted, so any id does)."""
+        ids = np.empty(len(names), dtype=domains.IDS_DTYPE)
+        for i, name in enumerate(names):
+            key = name if name is not None else (self.unknown or "")
+            if key not in self._ids:
+                if len(self.names) == domains.MAX_DOMAINS:
+                    raise UserError(f"the domain field {self.field!r} has more than {domains.MAX_DOMAINS} distinct "
+                                    "values: a domain names one of a few subsets of a corpus; choose another "
+                                    "--domain-field")
+                self._ids[key] = len(self.names)
+                self.names.append(key)
+            ids[i] = self._ids[key]
+        return ids
+
+
+class DomainWriter:
+    """Per split: document ends, domain ids and per-domain counts, written as the parent receives
+    each chunk's documents, in input order (memory does not grow with the corpus)."""
+
+    def __init__(self, root: Path, splits: tuple[str, ...], table: DomainTable):
+        self.table = table
+        self.ends = {s: NpyStream(root, f"{s}/{domains.ENDS}", domains.ENDS_DTYPE) for s in splits}
+        self.ids = {s: NpyStream(root, f"{s}/{domains.IDS}", domains.IDS_DTYPE) for s in splits}
+        self.position = dict.fromkeys(splits, 0)
+        self.tokens = {s: np.zeros(0, dtype=np.int64) for s in splits}
+        self.docs = {s: np.zeros(0, dtype=np.int64) for s in splits}
+        self.missing, self.missing_at = 0, None
+
+    def add(self, names: list[str | None], doc_tokens: dict[str, np.ndarray], doc_domains: dict[str, np.ndarray],
+            missing: int = 0, missing_at: str | None = None) -> None:
+        """One chunk's documents: per split their token counts and indices into `names`."""
+        lut = self.table.lookup(names)
+        for split, lengths in doc_tokens.items():
+            if not len(lengths):
+                continue
+            ids = lut[doc_domains[split]]
+            ends = self.position[split] + np.cumsum(lengths, dtype=np.int64)
+            self.ends[split].write(ends)
+            self.ids[split].write(ids)
+            self.position[split] = int(ends[-1])
+            n = len(self.table.names)
+            for totals, add in ((self.tokens, np.bincount(ids, weights=lengths, minlength=n).astype(np.int64)),
+                                (self.docs, np.bincount(ids, minlength=n))):
+                totals[split] = np.pad(totals[split], (0, n - len(totals[split]))) + add
+        self.missing += missing
+        self.missing_at = self.missing_at or missing_at
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Close the files; per split, its manifest entries ("by_domain", "documents")."""
+        n = len(self.table.names)
+        found = {}
+        for split in self.ends:
+            tokens, docs = (np.pad(t[split], (0, n - len(t[split]))) for t in (self.tokens, self.docs))
+            found[split] = {
+                "by_domain": {name: {"num_tokens": int(tokens[i]), "num_docs": int(docs[i])}
+                              for i, name in enumerate(self.table.names)},
+                "documents": {"ends": self.ends[split].close(), "domains": self.ids[split].close()}}
+        return found

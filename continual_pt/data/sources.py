@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import datasets
 
-from continual_pt.data.encode import Chunk, chunk_texts
+from continual_pt.data.encode import Chunk, chunk_texts, column_domains, domain_column
 from continual_pt.data.formats import (
     CHUNK_BYTES,
     FILE_SUFFIXES,
@@ -29,6 +29,7 @@ from continual_pt.data.formats import (
     file_format,
     file_group_chunks,
     file_info,
+    no_domain,
     rows_per_chunk,
 )
 from continual_pt.errors import UserError
@@ -47,16 +48,19 @@ class Source(Protocol):
         """What identifies this input in the manifest (paths, sizes, mtimes, versions)."""
         ...
 
-    def probe(self, text_field: str) -> None:
-        """Raise a UserError for problems visible without reading everything (run before writing)."""
+    def probe(self, text_field: str, domain_field: str | None = None) -> None:
+        """Raise a UserError for problems visible without reading everything (run before writing);
+        `domain_field`: a field the first record must hold (a --domain-field without --unknown-domain)."""
         ...
 
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-        """The input in order, in chunks of about chunk_bytes."""
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
+               domain_field: str | None = None) -> Iterator[Chunk]:
+        """The input in order, in chunks of about chunk_bytes (with each row's domain value where the
+        domain is read from a column beside the text)."""
         ...
 
 
-def _batch_chunks(batches, origin: str, text_field: str) -> Iterator[Chunk]:
+def _batch_chunks(batches, origin: str, text_field: str, domain_field: str | None = None) -> Iterator[Chunk]:
     """Chunks from the column batches (dicts of lists) of a Hugging Face dataset."""
     row = 1
     for batch in batches:
@@ -64,8 +68,18 @@ def _batch_chunks(batches, origin: str, text_field: str) -> Iterator[Chunk]:
             raise UserError(f"{origin} row {row}: no field {text_field!r} (fields: {', '.join(batch)}); "
                             "choose one with --text-field")
         texts = batch[text_field]
-        yield Chunk("texts", origin, row, texts, sum(len(t) for t in texts if isinstance(t, str)))
+        domains = None
+        if domain_field is not None:
+            column, rest = domain_column(list(batch), domain_field)
+            domains = column_domains(batch[column], rest) if column else [None] * len(texts)
+        yield Chunk("texts", origin, row, texts, sum(len(t) for t in texts if isinstance(t, str)), domains=domains)
         row += len(texts)
+
+
+def _no_fields(spec: str, domain_field: str | None) -> None:
+    """Documents without fields (text files, the built-in sources) have no domain."""
+    if domain_field is not None:
+        raise no_domain(spec, domain_field, "its documents are plain text without fields")
 
 
 @dataclass
@@ -90,15 +104,26 @@ class HFDiskSource:
         return {"spec": self.spec, "kind": "hf-disk", "path": str(self.path.resolve()), "split": self.split,
                 "num_rows": ds.num_rows, "fingerprint": getattr(ds, "_fingerprint", None)}
 
-    def probe(self, text_field: str) -> None:
+    def probe(self, text_field: str, domain_field: str | None = None) -> None:
         ds = self._load()
         if text_field not in ds.column_names:
             raise UserError(f"{self.path}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
                             "choose one with --text-field")
+        if domain_field is not None:
+            column, rest = domain_column(ds.column_names, domain_field)
+            if column is None:
+                raise no_domain(str(self.path), domain_field, f"columns: {', '.join(ds.column_names)}")
+            value = column_domains([ds[0][column]], rest)[0] if ds.num_rows else None
+            if not (isinstance(value, str) and value):
+                raise no_domain(f"{self.path} row 1", domain_field, f"{column}: {value!r}")
 
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-        ds = self._load().select_columns([text_field])
-        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), str(self.path), text_field)
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
+               domain_field: str | None = None) -> Iterator[Chunk]:
+        ds = self._load()
+        column = domain_column(ds.column_names, domain_field)[0] if domain_field else None
+        ds = ds.select_columns([text_field] + ([column] if column and column != text_field else []))
+        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), str(self.path), text_field,
+                                 domain_field)
 
 
 @dataclass
@@ -113,15 +138,17 @@ class HubSource:
     def fingerprint(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": "hf-hub", "name": self.name, "config": self.config, "split": self.split}
 
-    def probe(self, text_field: str) -> None:
+    def probe(self, text_field: str, domain_field: str | None = None) -> None:
         pass  # probing would need the network; the first bad row fails the run
 
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
+               domain_field: str | None = None) -> Iterator[Chunk]:
         try:
             ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except Exception as exc:  # the hub client raises many types; the message is what matters
             raise UserError(f"{self.spec}: cannot open hub dataset {self.name!r}: {exc}") from None
-        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), self.spec, text_field)
+        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), self.spec, text_field,
+                                 domain_field)
 
 
 def _stdlib_files() -> list[Path]:
@@ -143,11 +170,13 @@ class StdlibSource:
                 "root": sysconfig.get_paths()["stdlib"], "num_files": len(files),
                 "bytes": sum(p.stat().st_size for p in files)}
 
-    def probe(self, text_field: str) -> None:
+    def probe(self, text_field: str, domain_field: str | None = None) -> None:
         if not _stdlib_files():
             raise UserError(f"python-stdlib: no .py files under {sysconfig.get_paths()['stdlib']}")
+        _no_fields(self.spec, domain_field)
 
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
+               domain_field: str | None = None) -> Iterator[Chunk]:
         # A few test files are deliberately not UTF-8: skipped and counted, as the user cannot fix them.
         yield from file_group_chunks(_stdlib_files(), chunk_bytes, lenient=True)
 
@@ -171,10 +200,12 @@ class KJVSource:
     def fingerprint(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": "builtin", **file_info(kjv_path())}
 
-    def probe(self, text_field: str) -> None:
+    def probe(self, text_field: str, domain_field: str | None = None) -> None:
         kjv_path()
+        _no_fields(self.spec, domain_field)
 
-    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
+               domain_field: str | None = None) -> Iterator[Chunk]:
         docs: list[str] = []
         size, first = 0, 1
         for n, doc in enumerate(_kjv_chapters(kjv_path()), start=1):
@@ -213,7 +244,7 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _unknown_summary(unknown: list[Path], limit: int = 8) -> str:
+def unknown_summary(unknown: list[Path], limit: int = 8) -> str:
     by_suffix = Counter(p.suffix.lower() or "no suffix" for p in unknown)
     kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(by_suffix.items()))
     names = ", ".join(str(p) for p in unknown[:limit]) + (f" and {len(unknown) - limit} more"
@@ -226,10 +257,10 @@ def _known_files(spec: str, found: list[Path], skip_unknown: bool, where: str) -
     known = [p for p in found if file_format(p)]
     unknown = [p for p in found if not file_format(p)]
     if not known:
-        held = f"; it holds {_unknown_summary(unknown)}" if unknown else ""
+        held = f"; it holds {unknown_summary(unknown)}" if unknown else ""
         raise UserError(f"{where}: no input files (accepted: {', '.join(FILE_SUFFIXES)}){held}")
     if unknown and not skip_unknown:
-        raise UserError(f"{where}: {_unknown_summary(unknown)} (accepted: {', '.join(FILE_SUFFIXES)}); "
+        raise UserError(f"{where}: {unknown_summary(unknown)} (accepted: {', '.join(FILE_SUFFIXES)}); "
                         "convert them, or pass --skip-unknown to read only the others")
     return FileSource(spec, known, skipped=unknown)
 
@@ -274,17 +305,19 @@ def resolve_source(spec: str, hf_split: str = "train", hf_config: str | None = N
 
 
 def resolve_sources(specs: list[str], text_field: str, hf_split: str = "train",
-                    hf_config: str | None = None, skip_unknown: bool = False) -> list[Source]:
-    """Resolve and probe every source; raises before anything is read in full."""
+                    hf_config: str | None = None, skip_unknown: bool = False,
+                    domain_field: str | None = None) -> list[Source]:
+    """Resolve and probe every source; raises before anything is read in full. `domain_field`: a field
+    the first record of each must hold (a --domain-field without --unknown-domain)."""
     sources = [resolve_source(s, hf_split, hf_config, skip_unknown) for s in specs]
     for source in sources:
         if isinstance(source, FileSource):
-            _check_sizes(source)
-        source.probe(text_field)
+            check_sizes(source)
+        source.probe(text_field, domain_field)
     return sources
 
 
-def _check_sizes(source: FileSource) -> None:
+def check_sizes(source: FileSource) -> None:
     """Refuse a source whose files are all empty, and any compressed or parquet file of 0 bytes (none can
     be: an interrupted download or copy), wherever it lies."""
     if all(p.stat().st_size == 0 for p in source.files):
@@ -298,14 +331,15 @@ def _check_sizes(source: FileSource) -> None:
 
 def skipped_notes(sources: list[Source]) -> list[str]:
     """One line per source that --skip-unknown shortened, naming what was left out."""
-    return [f"{s.spec}: skipped {_unknown_summary(s.skipped)}" for s in sources
+    return [f"{s.spec}: skipped {unknown_summary(s.skipped)}" for s in sources
             if isinstance(s, FileSource) and s.skipped]
 
 
-def iter_chunks(sources: list[Source], text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+def iter_chunks(sources: list[Source], text_field: str, chunk_bytes: int = CHUNK_BYTES,
+                domain_field: str | None = None) -> Iterator[Chunk]:
     """All chunks of all sources, in order."""
     for source in sources:
-        yield from source.chunks(text_field, chunk_bytes)
+        yield from source.chunks(text_field, chunk_bytes, domain_field)
 
 
 def iter_documents(sources: list[Source], text_field: str) -> Iterator[str]:
