@@ -466,7 +466,7 @@ def test_a_budget_scores_windows_spread_over_the_whole_split(world, run, tmp_pat
     whole = loss(None, "whole.jsonl")
     spread = loss(split.num_tokens // 8, "spread.jsonl")
     assert whole["windows"] == split.num_tokens // 17 and spread["windows"] == -(-(split.num_tokens // 8) // 16)
-    monkeypatch.setattr("continual_pt.data.dataset.selected_windows",     # the rule before: the first windows
+    monkeypatch.setattr("continual_pt.evaluation.scoring.selected_windows",   # the rule before: the first windows
                         lambda n, seq_len, budget: list(range(min(n, -(-budget // seq_len)))))
     first = loss(split.num_tokens // 10, "first.jsonl")
     print(f"whole {whole['loss']:.4f}, first tenth {first['loss']:.4f}, spread 1/8 {spread['loss']:.4f}")

@@ -208,6 +208,8 @@ class EvalConfig:
     """Sequences per rank per forward pass (default: train.micro_batch_size)."""
     at_start: bool = True
     """Also evaluate before the first step (the start point of forgetting curves)."""
+    by_domain: bool = False
+    """Also a loss per domain of each set (sets prepared with domains; a budget is shared among them)."""
 
     def check(self, p: Problems) -> None:
         for name, spec in self.sets.items():

@@ -70,7 +70,8 @@ class Runs:
     def curve(self, run: str, name: str) -> list[Number]:
         """In-loop evaluations of a set, by step."""
         if run not in self._evals:
-            self._evals[run] = [r for r in read_metrics(self.dir / run / METRICS) if r.get("kind") == "eval"]
+            self._evals[run] = [r for r in read_metrics(self.dir / run / METRICS)
+                                if r.get("kind") == "eval" and not r.get("domain")]
         return [Number(run, name, "eval", int(r["step"]), float(r["loss"])) for r in self._evals[run]
                 if r.get("set") == name]
 
@@ -81,7 +82,7 @@ class Runs:
         """`cpt eval` of the run's newest scored checkpoint on the set."""
         if run not in self._scores:
             self._scores[run] = read_scores(self.dir / run / SCORES)
-        rows = [r for r in self._scores[run] if r.get("set") == name]
+        rows = [r for r in self._scores[run] if r.get("set") == name and not r.get("domain")]
         if not rows:
             raise LookupError(f"{self.dir / run / SCORES}: no score of set {name!r}")
         row = max(rows, key=lambda r: r["step"] or 0)

@@ -21,6 +21,7 @@ import sys
 
 from continual_pt.errors import UserError
 from continual_pt.evaluation.claims import Claim
+from continual_pt.evaluation.domains import require_domains
 from continual_pt.evaluation.job import Job, broadcast, pending, plan_jobs, score_job, store_for
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.sets import EvalSet, open_sets
@@ -55,6 +56,15 @@ def _check_options(options: EvalOptions) -> None:
                         "--set NAME=PATH:train (the whole training split)")
     if options.claim and options.task_index not in (None, "all"):
         raise UserError("--claim takes the next unscored checkpoint itself; leave out --task-index")
+
+
+def open_by_domain(options: EvalOptions) -> list[EvalSet]:
+    """The --set sets, each checked to have domains when scored --by-domain (before any work)."""
+    sets = open_sets(options.sets)
+    if options.by_domain:
+        for s in sets:
+            require_domains(s.dataset, f"--set {s.name}")
+    return sets
 
 
 def _listing(options: EvalOptions, warn) -> int:
@@ -92,7 +102,7 @@ def run_eval(options: EvalOptions) -> int:
     if options.claim:
         return _drain(options, env, warn)
     targets = pick_task(expand_targets(options.targets, warn), options.task_index)
-    sets = open_sets(options.sets)
+    sets = open_by_domain(options)
     jobs = plan_jobs(options, targets, sets, warn)
     for path in dict.fromkeys(job.store.path for job in jobs):   # before any scoring, not after it
         check_writable(path, "--store", file=True)
@@ -139,7 +149,7 @@ def _claim_next(options: EvalOptions, sets: list[EvalSet], planned: dict[str, Jo
 
 def _drain(options: EvalOptions, env: DistEnv, warn) -> int:
     """Claim, score and store checkpoints one at a time until none is left unscored and unclaimed."""
-    sets = open_sets(options.sets)
+    sets = open_by_domain(options)
     targets = expand_targets(options.targets, warn, allow_none=True)
     for path in dict.fromkeys(store_for(t, options.store).path for t in targets):
         check_writable(path, "--store", file=True)

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from continual_pt.checkpoint.refs import removed, verify
 from continual_pt.checkpoint.weights import load_model_from_checkpoint
-from continual_pt.data.dataset import PackedSequences
+from continual_pt.data.dataset import WINDOW_RULE, PackedSequences
 from continual_pt.errors import UserError
+from continual_pt.evaluation import domains
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.scoring import score_packed
 from continual_pt.evaluation.sets import EvalSet, measurement
@@ -39,10 +40,11 @@ class Job:
     """One row skeleton (everything but the results) per set, in --set order."""
 
 
-def _row_skeleton(target: Target, s: EvalSet, budget: int | None, seq_len: int, dtype: str) -> dict[str, Any]:
+def _row_skeleton(target: Target, s: EvalSet, options: EvalOptions, seq_len: int) -> dict[str, Any]:
+    rule = domains.RULE if options.by_domain else WINDOW_RULE
     return {"run": target.run, "kind": target.kind, "tag": target.tag, "step": target.step,
             "tokens_seen": target.tokens_seen, "set_path": str(s.path.resolve()),
-            **measurement(target.identity, s, budget, seq_len, dtype)}
+            **measurement(target.identity, s, options.tokens, seq_len, options.dtype, rule)}
 
 
 def store_for(target: Target, store: str | None) -> ScoreStore:
@@ -66,7 +68,7 @@ def plan_jobs(options: EvalOptions, targets: list[Target], sets: list[EvalSet], 
     for target in targets:
         seq_len, mbs = plan_target(target, sets, options.seq_len, options.micro_batch_size, warn)
         job = Job(target, store_for(target, options.store), seq_len, mbs)
-        job.rows = [_row_skeleton(target, s, options.tokens, seq_len, options.dtype) for s in sets]
+        job.rows = [_row_skeleton(target, s, options, seq_len) for s in sets]
         jobs.append(job)
     return jobs
 
@@ -142,13 +144,18 @@ def score_job(job: Job, indices: list[int], sets: list[EvalSet], options: EvalOp
     for i in indices:
         started = time.monotonic()
         packed = PackedSequences(sets[i].dataset, job.seq_len)
-        result = score_packed(forward, packed, options.tokens, job.micro_batch_size, env, device)
+        result = score_packed(forward, packed, options.tokens, job.micro_batch_size, env, device,
+                              domain_names=sets[i].dataset.domains if options.by_domain else None)
         seconds = time.monotonic() - started
-        row = {**job.rows[i], **result, "world_size": env.world_size, "seconds": round(seconds, 3),
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        rows.append(row)
+        by_domain = result.pop("domains", {})
+        extra = {"world_size": env.world_size, "seconds": round(seconds, 3),
+                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        row = {**job.rows[i], **result, **extra}
+        rows += [row, *({**job.rows[i], "domain": d, **r, "selection": result["selection"], **extra}
+                        for d, r in by_domain.items())]
         if env.is_main:
             step = "" if row["step"] is None else f" step {row['step']}"
+            macro = f", macro over {len(by_domain)} domains {row['macro_loss']:.4f}" if by_domain else ""
             print(f"{job.target.run} {job.target.tag}{step}: {row['set']} loss {row['loss']:.4f} "
-                  f"ppl {row['ppl']:.3f} ({row['tokens']} tokens, {seconds:.1f} s)", flush=True)
+                  f"ppl {row['ppl']:.3f} ({row['tokens']} tokens{macro}, {seconds:.1f} s)", flush=True)
     return rows

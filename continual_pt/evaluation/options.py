@@ -32,6 +32,9 @@ class EvalOptions:
                                     "order --list prints (arguments as given, a run's checkpoints oldest first; the "
                                     "numbers shift when a run prunes or adds one: --claim does not); default: "
                                     "$SLURM_ARRAY_TASK_ID when set; 'all' ignores it")
+    by_domain: bool = option(False, help="also a row per domain of each set (sets prepared with --domain-field or "
+                             "--layout), and the macro mean; a --tokens budget is shared among the domains so that "
+                             "small ones are measured too")
     list_only: bool = option(False, help="print the numbered checkpoint list (with --set: which are not yet scored) "
                              "and exit", flags=("--list",))
     claim: bool = option(False, help="score the oldest committed checkpoint that lacks a row and no other job is "

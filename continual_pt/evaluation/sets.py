@@ -64,7 +64,9 @@ def open_sets(specs: list[str]) -> list[EvalSet]:
     return sets
 
 
-def measurement(identity: str, s: EvalSet, budget: int | None, seq_len: int, dtype: str) -> dict[str, Any]:
-    """The fields that make a row of checkpoint `identity` on set `s` one measurement (the store's key)."""
+def measurement(identity: str, s: EvalSet, budget: int | None, seq_len: int, dtype: str,
+                selection: str = WINDOW_RULE) -> dict[str, Any]:
+    """The fields that make a row of checkpoint `identity` on set `s` one measurement (the store's key);
+    a row of one domain of it adds its `domain`."""
     return {"checkpoint": identity, "set": s.name, "split": s.split, "set_fingerprint": s.fingerprint,
-            "budget": budget, "selection": WINDOW_RULE, "seq_len": seq_len, "dtype": dtype}
+            "budget": budget, "selection": selection, "seq_len": seq_len, "dtype": dtype}

@@ -22,13 +22,13 @@ from typing import Any
 
 from continual_pt.files import atomic_write_text, json_line, open_append, read_json_lines
 
-KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "selection", "seq_len", "dtype")
+KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "selection", "seq_len", "dtype", "domain")
 """What makes two rows the same measurement; a row with an equal key is never scored again. `selection`
 is how the budget's windows were chosen (rows before it was recorded took the first windows: another
-measurement, scored again)."""
+measurement, scored again). `domain` is set on the rows of one domain of a set scored by domain."""
 CSV_FIELDS = ("run", "checkpoint", "kind", "tag", "step", "tokens_seen", "set", "set_path", "split",
-              "set_fingerprint", "budget", "selection", "windows", "seq_len", "dtype", "loss", "ppl", "tokens",
-              "world_size", "seconds", "time")
+              "set_fingerprint", "budget", "selection", "windows", "seq_len", "dtype", "domain", "loss", "ppl",
+              "macro_loss", "tokens", "world_size", "seconds", "time")
 
 
 def score_key(row: dict[str, Any]) -> tuple:

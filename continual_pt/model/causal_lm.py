@@ -256,14 +256,18 @@ class CausalLMLoss(nn.Module):
         return self._fused
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The loss: "mean" over tokens, "sum", or unreduced for scoring: "per_sequence" [batch] and
+        "per_token" [batch, seq] (the per-sequence values are sums of the per-token ones)."""
         parts = self._fused_parts()
-        if parts is None or (reduction == "per_sequence" and torch.is_grad_enabled()):
+        unreduced = reduction in ("per_sequence", "per_token")
+        if parts is None or (unreduced and torch.is_grad_enabled()):
             return self.plain(input_ids, labels, reduction)
         body, head = parts
         hidden = body(input_ids=input_ids, use_cache=False)[0]
         hidden, flat = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
-        if reduction == "per_sequence":
-            return fused.per_token_losses(hidden, head.weight, head.bias, flat).view(labels.shape).sum(dim=1)
+        if unreduced:
+            per_token = fused.per_token_losses(hidden, head.weight, head.bias, flat).view(labels.shape)
+            return per_token if reduction == "per_token" else per_token.sum(dim=1)
         if reduction == "mean" and fused.liger_available(hidden.device):
             return fused.liger_mean(hidden, head, flat)
         total = fused.loss_sum(hidden, head.weight, head.bias, flat)
@@ -272,10 +276,11 @@ class CausalLMLoss(nn.Module):
     def plain(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """The loss from the model's full logits (model.fused_loss=off)."""
         logits = self.model(input_ids=input_ids, use_cache=False).logits
+        unreduced = reduction in ("per_sequence", "per_token")
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                           reduction="none" if reduction == "per_sequence" else reduction)
-        if reduction == "per_sequence":
-            return loss.view(labels.shape).sum(dim=1)
+                                           reduction="none" if unreduced else reduction)
+        if unreduced:
+            return loss.view(labels.shape) if reduction == "per_token" else loss.view(labels.shape).sum(dim=1)
         return loss
 
 

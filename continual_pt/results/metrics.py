@@ -85,11 +85,13 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """One JSON line; numeric fields also go to TensorBoard / W&B under kind/name, or under
-        kind/set/name for a record of one held-out set (sets must not overwrite each other)."""
+        kind/set/name for a record of one held-out set and kind/set/domain/name for one of its domains
+        (sets and domains must not overwrite each other)."""
         if not self.enabled:
             return
         self.file.write(json_line(record))
-        prefix = "/".join(str(part) for part in (record.get("kind", "train"), record.get("set")) if part)
+        prefix = "/".join(str(part) for part in (record.get("kind", "train"), record.get("set"), record.get("domain"))
+                          if part)
         step = record.get("step", 0)
         numeric = {f"{prefix}/{k}": v for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind")}

@@ -79,7 +79,7 @@ def _finite(value: Any) -> bool:
 def _metrics_curves(records: list[dict[str, Any]]) -> dict[str, list[Point]]:
     curves: dict[str, list[Point]] = {}
     for r in records:
-        if r.get("kind") == "eval" and _finite(r.get("loss")):
+        if r.get("kind") == "eval" and not r.get("domain") and _finite(r.get("loss")):   # a set's total
             ppl = r["ppl"] if _finite(r.get("ppl")) else math.exp(min(r["loss"], 700.0))
             curves.setdefault(r["set"], []).append(Point(int(r["step"]), int(r.get("tokens") or 0), r["loss"], ppl))
     return {k: sorted(v, key=lambda p: p.step) for k, v in curves.items()}
@@ -94,7 +94,7 @@ def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
     """One series per set from scores rows of our checkpoints (see the module docstring)."""
     series: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
-        if r.get("kind") != "checkpoint" or r.get("step") is None or not _finite(r.get("loss")):
+        if r.get("kind") != "checkpoint" or r.get("step") is None or r.get("domain") or not _finite(r.get("loss")):
             continue
         key = (r.get("split"), r.get("budget"), r.get("selection"), r.get("seq_len"), r.get("dtype"))
         series.setdefault(r["set"], {}).setdefault(key, []).append(r)

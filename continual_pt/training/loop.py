@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -201,11 +202,8 @@ class Trainer:
             self.session.logger.message(f"step {self.state.step}: eval interrupted by {self.signal_name()} "
                                       f"({exc}); dropped, not logged")
             return False
-        for name, res in results.items():
-            self.session.logger.log({"kind": "eval", "set": name, "step": self.state.step,
-                                   "tokens": self.state.tokens_seen, "loss": res["loss"], "ppl": res["ppl"],
-                                   "eval_tokens": res["tokens"], "eval_windows": res["windows"],
-                                   "selection": res["selection"]})
+        for record in eval_records(results, self.state.step, self.state.tokens_seen):
+            self.session.logger.log(record)
         summary = ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f}" for n, r in results.items())
         self.session.logger.message(f"step {self.state.step}: eval {summary}")
         self._pause_window(started)
@@ -303,3 +301,19 @@ def _run_session(cfg: RunConfig, env: distributed.DistEnv, stop: StopRequest) ->
         return EXIT_FAILED
     finally:
         session.release()
+
+
+def eval_records(results: dict[str, dict[str, Any]], step: int, tokens_seen: int) -> list[dict[str, Any]]:
+    """The metrics records of one in-loop eval: one per set (with its macro mean when scored by domain),
+    then one per domain of each set scored by domain (its `domain` field set)."""
+    records = []
+    for name, res in results.items():
+        base = {"kind": "eval", "set": name, "step": step, "tokens": tokens_seen}
+        total = {**base, "loss": res["loss"], "ppl": res["ppl"], "eval_tokens": res["tokens"],
+                 "eval_windows": res["windows"], "selection": res["selection"]}
+        if "macro_loss" in res:
+            total["macro_loss"] = res["macro_loss"]
+        records.append(total)
+        records += [{**base, "domain": domain, "loss": r["loss"], "ppl": r["ppl"], "eval_tokens": r["tokens"],
+                     "selection": res["selection"]} for domain, r in res.get("domains", {}).items()]
+    return records

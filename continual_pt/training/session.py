@@ -330,7 +330,8 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     if universal is not None:
         logger.message(elastic.note(start.ref.meta(), env.world_size, zero_stage, universal, converted,
                                     constants.tokens_per_step))
-    held_out = HeldOut(eval_sets, cfg.eval.tokens, cfg.eval.micro_batch_size or cfg.train.micro_batch_size)
+    held_out = HeldOut(eval_sets, cfg.eval.tokens, cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
+                       cfg.eval.by_domain)
     return Session(env=env, device=device, engine=engine, sampler=sampler, held_out=held_out, logger=logger,
                    checkpointer=checkpointer, constants=constants, start=state, resumed=start.kind == "resume",
                    files=CheckpointFiles(hf_config, tokenizer_dir, config.to_dict(cfg)), lock=lock)
