@@ -472,3 +472,73 @@ def test_a_budget_scores_windows_spread_over_the_whole_split(world, run, tmp_pat
     print(f"whole {whole['loss']:.4f}, first tenth {first['loss']:.4f}, spread 1/8 {spread['loss']:.4f}")
     assert abs(first["loss"] - whole["loss"]) >= 0.3, (first["loss"], whole["loss"])
     assert abs(spread["loss"] - whole["loss"]) <= 0.05, (spread["loss"], whole["loss"])
+
+
+# --------------------------------------------------------------------------- losses per domain
+
+
+@pytest.fixture(scope="module")
+def mixed(world, tmp_path_factory):
+    """A set whose documents come from three domains (meta.source), prepared with --domain-field."""
+    root = tmp_path_factory.mktemp("mixed")
+    code = [json.loads(line)["text"] for line in (world["tokenizer"].parent / "a.jsonl").open()]
+    prose = [json.loads(line)["text"] for line in (world["tokenizer"].parent / "b.jsonl").open()]
+    docs = [{"text": t, "meta": {"source": "code"}} for t in code[:300]] + \
+           [{"text": t, "meta": {"source": "prose"}} for t in prose[:300]] + \
+           [{"text": a + " " + b, "meta": {"source": "both"}} for a, b in zip(code[300:340], prose[300:340])]
+    random.Random(0).shuffle(docs)
+    (root / "mixed.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert main(["prepare", "--source", str(root / "mixed.jsonl"), "--tokenizer", str(world["tokenizer"]),
+                 "--out", str(root / "mixed"), "--val-fraction", "0.3", "--domain-field", "meta.source",
+                 "--workers", "1", "--quiet"]) == 0
+    return root / "mixed"
+
+
+def domain_rows(store) -> tuple[dict, dict[str, dict]]:
+    rows = read_scores(store)
+    (total,) = [r for r in rows if r.get("domain") is None]
+    return total, {r["domain"]: r for r in rows if r.get("domain")}
+
+
+@pytest.mark.slow
+def test_scores_by_domain_add_up_to_the_total_on_any_world_size(world, run, mixed, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "global_step12"
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert eval_cli(ckpt, "--set", f"mixed={mixed}", "--by-domain", "--tokens", 480, "--store", one) == 0
+    total, rows = domain_rows(one)
+    assert sorted(rows) == sorted(PreparedDataset(mixed, "val").domains) and len(rows) == 3
+    assert sum(r["tokens"] for r in rows.values()) == total["tokens"] == 480
+    weighted = sum(r["loss"] * r["tokens"] for r in rows.values()) / total["tokens"]
+    assert abs(weighted - total["loss"]) < 1e-9
+    assert total["macro_loss"] == pytest.approx(sum(r["loss"] for r in rows.values()) / 3, abs=1e-12)
+    assert {r["selection"] for r in [total, *rows.values()]} == {"spread-by-domain"}
+    before = one.read_bytes()
+    assert eval_cli(ckpt, "--set", f"mixed={mixed}", "--by-domain", "--tokens", 480, "--store", one) == 0
+    assert one.read_bytes() == before and "0 to score, 1 already scored" in capsys.readouterr().err
+    run_eval(ckpt, "--set", f"mixed={mixed}", "--by-domain", "--tokens", 480, "--store", two, world_size=2)
+    total2, rows2 = domain_rows(two)
+    assert total2["tokens"] == 480 and total2["loss"] == pytest.approx(total["loss"], rel=1e-6)
+    for name, r in rows.items():
+        assert rows2[name]["tokens"] == r["tokens"] and rows2[name]["loss"] == pytest.approx(r["loss"], rel=1e-6)
+    failing(capsys, ckpt, "--set", f"code={world['code']}", "--by-domain", "--store", tmp_path / "x.jsonl",
+            needles=["--set code", "has no domains", "--domain-field"])
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_in_loop_losses_by_domain_equal_cpt_eval_of_the_same_checkpoint(world, mixed, tmp_path):
+    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", train={"max_steps": 4},
+                          eval={"sets": {"mixed": str(mixed)}, "tokens": 480, "every_steps": 4, "at_start": False,
+                                "by_domain": True}, checkpoint={"every_steps": 4})
+    ts.train(cfg, ["name=domains"])
+    run_dir = tmp_path / "runs" / "domains"
+    records = [r for r in ts.train_records(run_dir, "eval") if r["step"] == 4]
+    in_loop = {r.get("domain"): r for r in records}
+    assert sorted(d for d in in_loop if d) == sorted(PreparedDataset(mixed, "val").domains)
+    assert "macro_loss" in in_loop[None] and in_loop[None]["eval_tokens"] == 480
+    store = tmp_path / "scores.jsonl"
+    assert eval_cli(run_dir, "--set", f"mixed={mixed}", "--by-domain", "--tokens", 480, "--store", store) == 0
+    total, rows = domain_rows(store)
+    assert total["loss"] == pytest.approx(in_loop[None]["loss"], abs=1e-5)
+    for name, r in rows.items():
+        assert (r["tokens"], r["loss"]) == (in_loop[name]["eval_tokens"], pytest.approx(in_loop[name]["loss"], abs=1e-5))
