@@ -2,13 +2,17 @@
 
     python benchmarks/bench_prepare.py                 # 50 MB corpus, then `cpt prepare` again at 4x
     python benchmarks/bench_prepare.py --mb 200 --scale 2 --tokenizer path/to/tokenizer
+    python benchmarks/bench_prepare.py --domains --mb 500 --doc-kb 2   # with and without --domain-field
 
 The recipe is that of transformers' examples/pytorch/language-modeling/run_clm.py:
 `load_dataset("json")`, `.map(tokenizer, batched=True, num_proc=N)`, then `.map(group_texts)`.
 Both run in fresh subprocesses (interpreter start and imports included) with the same number
 of processes; peak RSS is sampled over each whole process tree (shared pages of worker
 processes are counted once per process, as `ps` does). The corpus is built offline from this
-Python's standard library and the King James Bible, shuffled and repeated to the asked size.
+Python's standard library and the King James Bible, shuffled and repeated to the asked size;
+each record carries a domain (`meta.redpajama_set_name`, one of SlimPajama's 7 names), read only
+with `--domains`, which instead compares `cpt prepare` with and without `--domain-field` on the
+same corpus: peak RSS (the domains' document index must cost no memory that grows) and tokens/s.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHIA = REPO / "tests" / "fixtures" / "pythia-tokenizer"   # shipped with the repo (see its README.md)
+DOMAINS = ("RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook", "RedPajamaWikipedia",
+           "RedPajamaArXiv", "RedPajamaStackExchange")
 
 HF_RECIPE = r"""
 import json, sys, time
@@ -55,12 +62,25 @@ print(json.dumps({"tokens": tokens, "blocks": grouped.num_rows}))
 """
 
 
-def corpus_documents() -> list[str]:
-    """Offline documents: standard-library sources and King James chapters (tens of MB)."""
+def corpus_documents(doc_kb: float | None = None) -> list[str]:
+    """Offline documents: standard-library sources and King James chapters (tens of MB), each cut at
+    line ends into pieces of about `doc_kb` kB if given (web corpora's documents are a few kB)."""
     from continual_pt.data import sources
 
-    docs = list(sources.iter_documents([sources.StdlibSource(), sources.KJVSource()], "text"))
-    return [d for d in docs if d.strip()]
+    docs = [d for d in sources.iter_documents([sources.StdlibSource(), sources.KJVSource()], "text") if d.strip()]
+    if doc_kb is None:
+        return docs
+    pieces, size = [], int(doc_kb * 1000)
+    for doc in docs:
+        piece = ""
+        for line in doc.splitlines(keepends=True):
+            piece += line
+            if len(piece) >= size:
+                pieces.append(piece)
+                piece = ""
+        if piece.strip():
+            pieces.append(piece)
+    return pieces
 
 
 def write_corpus(path: Path, docs: list[str], megabytes: float, seed: int = 0) -> int:
@@ -72,7 +92,8 @@ def write_corpus(path: Path, docs: list[str], megabytes: float, seed: int = 0) -
             order = list(range(len(docs)))
             rng.shuffle(order)
             for i in order:
-                line = json.dumps({"text": docs[i], "id": n}, ensure_ascii=False) + "\n"
+                meta = {"redpajama_set_name": DOMAINS[n % len(DOMAINS)]}
+                line = json.dumps({"text": docs[i], "id": n, "meta": meta}, ensure_ascii=False) + "\n"
                 f.write(line)
                 written += len(line.encode("utf-8"))
                 n += 1
@@ -117,10 +138,10 @@ def measure(cmd: list[str], log: Path) -> dict:
     return {"seconds": seconds, "cpu": cpu, "stdout": out, **peak}
 
 
-def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int) -> dict:
+def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int, extra: tuple[str, ...] = ()) -> dict:
     """`cpt prepare` in a subprocess; tokens from its manifest."""
     result = measure([sys.executable, "-m", "continual_pt.cli", "prepare", "-s", str(corpus), "-t", tokenizer,
-                      "-o", str(out), "--workers", str(workers), "--quiet"], out.with_suffix(".log"))
+                      "-o", str(out), "--workers", str(workers), "--quiet", *extra], out.with_suffix(".log"))
     manifest = json.loads((out / "manifest.json").read_text())
     result["tokens"] = sum(s["num_tokens"] for s in manifest["splits"].values())
     return result
@@ -164,7 +185,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate the two pipelines this many times and keep each one's best run "
                              "(steadier numbers on a busy machine)")
+    parser.add_argument("--domains", action="store_true",
+                        help="compare cpt prepare with and without --domain-field meta.redpajama_set_name instead")
+    parser.add_argument("--doc-kb", type=float, default=None,
+                        help="with --domains: cut documents into pieces of about this many kB (many small "
+                             "documents: the most work per byte for the document index)")
     args = parser.parse_args()
+    if args.domains:
+        compare_domains(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         work = Path(tmp)
@@ -197,6 +226,34 @@ def main() -> None:
     if big:
         print(f"cpt prepare peak RSS at {args.scale}x the corpus: {big['tree'] / ours['tree']:.2f}x "
               f"({ours['tree'] / 2**20:.0f} -> {big['tree'] / 2**20:.0f} MiB)")
+
+
+def compare_domains(args: argparse.Namespace) -> None:
+    """`cpt prepare` of one corpus without and with --domain-field, alternated --repeat times (best of each)."""
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        work = Path(tmp)
+        tokenizer = args.tokenizer or (str(PYTHIA) if PYTHIA.is_dir() else train_tokenizer(work))
+        corpus = work / "corpus.jsonl"
+        nbytes = write_corpus(corpus, corpus_documents(args.doc_kb), args.mb)
+        print(f"corpus: {nbytes / 1e6:.0f} MB jsonl, {len(DOMAINS)} domains, documents "
+              f"{f'of about {args.doc_kb} kB' if args.doc_kb else 'whole'}, tokenizer {tokenizer}, {args.workers} "
+              f"processes, {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+        runs: dict[str, list[dict]] = {"plain": [], "domains": []}
+        for i in range(args.repeat):
+            runs["plain"].append(run_ours(corpus, tokenizer, work / f"plain{i}", args.workers))
+            runs["domains"].append(run_ours(corpus, tokenizer, work / f"domains{i}", args.workers,
+                                            ("--domain-field", "meta.redpajama_set_name")))
+            index = sum(f.stat().st_size for f in (work / f"domains{i}").glob("*/doc_*.npy"))
+            shutil.rmtree(work / f"plain{i}")
+            shutil.rmtree(work / f"domains{i}")
+        plain, with_domains = (min(r, key=lambda x: x["seconds"]) for r in runs.values())
+    print(f"\n{'pipeline':<28}{'MB':>6}{'wall s':>9}{'MB/s':>8}{'Mtok/s':>9}{'CPU s':>8}{'peak RSS MiB':>15}"
+          f"{'largest proc':>14}")
+    print(row("cpt prepare", plain, nbytes))
+    print(row("cpt prepare --domain-field", with_domains, nbytes))
+    print(f"\nwith domains: peak RSS {with_domains['tree'] / plain['tree']:.3f}x (largest process "
+          f"{with_domains['largest'] / plain['largest']:.3f}x), tokens/s {plain['seconds'] / with_domains['seconds']:.3f}x, "
+          f"document index {index / 1e6:.2f} MB beside {plain['tokens'] * 2 / 1e6:.0f} MB of tokens")
 
 
 if __name__ == "__main__":
