@@ -5,7 +5,8 @@ from --text-field, `text` by default) and the corpus's known domains, which the 
 first and in the order below, so that domain ids agree between datasets of one corpus. The
 corpus's own validation files become the val split (there is no hash split: --val-fraction is
 not used). Its test files are never read, so they stay unseen: prepare them on their own when
-needed (`cpt prepare --source <corpus>/test --domain-field <the field> ...`).
+needed (`cpt prepare --source <corpus>/test --domain-field <the field> --val-fraction 0 ...`: the
+test set is then that dataset's train split).
 
     slimpajama   cerebras/SlimPajama-627B, domain meta.redpajama_set_name
                  train/chunk*/*.jsonl.zst        train  (chunk1..chunk10/example_train_<n>.jsonl.zst)
