@@ -542,3 +542,18 @@ def test_in_loop_losses_by_domain_equal_cpt_eval_of_the_same_checkpoint(world, m
     assert total["loss"] == pytest.approx(in_loop[None]["loss"], abs=1e-5)
     for name, r in rows.items():
         assert (r["tokens"], r["loss"]) == (in_loop[name]["eval_tokens"], pytest.approx(in_loop[name]["loss"], abs=1e-5))
+    # cpt report and cpt plot show each domain (their curves are named set/domain).
+    capsys_free = subprocess.run([sys.executable, "-m", "continual_pt.cli", "report", str(run_dir), "--upstream",
+                                  "mixed", "--downstream", "mixed", "--by-domain"], env=eval_env(),
+                                 capture_output=True, text=True, timeout=300)
+    assert capsys_free.returncode == 0, capsys_free.stderr[-3000:]
+    table = capsys_free.stdout
+    doms = sorted(PreparedDataset(mixed, "val").domains)
+    assert "mixed by domain (upstream: forgetting):" in table and "mixed by domain (downstream: gain):" in table
+    by_domain = table.split("mixed by domain (upstream: forgetting):")[1]
+    row = next(line for line in by_domain.splitlines() if line.startswith("| domains |"))
+    assert row.split(" | ")[1:1 + len(doms)] == [f"{in_loop[d]['loss']:.4f}" for d in doms]
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "fig"), "--by-domain"]) == 0
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(run_dir), "--upstream", "mixed", "--downstream", "mixed", "--by-domain",
+                 "--source", "metrics"]) == 0

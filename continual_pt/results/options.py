@@ -24,6 +24,8 @@ class PlotOptions:
                          "scores when the run has any and metrics otherwise (auto)", choices=SOURCES)
     title: str | None = option(None, help="figure title")
     log_x: bool = option(False, help="logarithmic tokens axis")
+    by_domain: bool = option(False, help="a panel per domain of each set instead of one per set (sets scored by "
+                             "domain: eval.by_domain, cpt eval --by-domain)")
 
 
 @dataclass(kw_only=True)
@@ -37,6 +39,8 @@ class ReportOptions:
                                   "name of a run of a sweep directory given")
     source: str = option("auto", help="as for cpt plot", choices=SOURCES)
     out: str | None = option(None, help="markdown file to write (default: print)", flags=("--out", "-o"))
+    by_domain: bool = option(False, help="also a table per set of each domain's final loss and its forgetting "
+                             "(upstream) or gain (downstream), for sets scored by domain")
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,7 @@ from continual_pt.errors import UserError
 from continual_pt.files import atomic_output
 from continual_pt.layout import EXIT_OK
 from continual_pt.results.options import PlotOptions
-from continual_pt.results.report import RunCurves, load_runs
+from continual_pt.results.report import RunCurves, domains_of, load_runs
 
 
 def plot_schedules(curves: dict[str, tuple[Sequence[int], Sequence[float]]], out_path: str | Path,
@@ -113,12 +113,18 @@ def plot_runs(runs: Sequence[RunCurves], sets: Sequence[str], out: str | Path, t
 def run_plot(options: PlotOptions) -> int:
     """`cpt plot`: the figure of a set of runs."""
     runs = load_runs(options.runs, options.source)
-    known = list(dict.fromkeys(name for run in runs for name in run.evals))
+    known = list(dict.fromkeys(name for run in runs for name in run.evals if "/" not in name))
     sets = [s.strip() for s in options.sets.split(",") if s.strip()] if options.sets else known
-    unknown = [s for s in sets if s not in known]
+    unknown = [s for s in sets if s not in known and s.split("/", 1)[0] not in known]
     if unknown or not sets:
         raise UserError(f"--sets: {', '.join(unknown) or 'nothing'} not evaluated in these runs; "
                         f"known sets: {', '.join(known) or 'none (no eval records, no scores)'}")
+    if options.by_domain:
+        panels = [f"{name}/{d}" for name in sets for d in domains_of(runs, name)]
+        if not panels:
+            raise UserError(f"--by-domain: none of {', '.join(sets)} was scored by domain in these runs "
+                            "(eval.by_domain: true, or cpt eval --by-domain)")
+        sets = panels
     for path in plot_runs(runs, sets, options.out, options.title, options.log_x):
         print(f"wrote {path}")
     return EXIT_OK

@@ -13,7 +13,10 @@ Curves come from a run's metrics.jsonl (kind "eval" records, logged by training)
 scores.jsonl that `cpt eval` writes into the run directory. With source "auto", a set uses
 the scores when the run has any for it, else the in-loop records. Within the scores, one
 series is used per set: the (split, budget, window selection, seq len, dtype) measured at the most
-checkpoints, ties going to the larger budget, so that a curve never mixes measurements.
+checkpoints, ties going to the larger budget, so that a curve never mixes measurements. A set scored
+by domain also has a curve per domain, named `set/domain` (in-loop `eval.by_domain`, `cpt eval
+--by-domain`); `--by-domain` adds a table per set of each domain's final loss and its forgetting
+(upstream) or gain (downstream).
 
 The LR is drawn from the schedule in the run's saved config.yaml, from step 0 (so a warmup shows)
 to the last step the run reached, at tokens = step x tokens per step.
@@ -76,12 +79,23 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def curve_name(record: dict[str, Any]) -> str:
+    """The curve a record or score row belongs to: its set, or `set/domain` for one domain of a set."""
+    return f"{record['set']}/{record['domain']}" if record.get("domain") else record["set"]
+
+
+def domains_of(runs: list[RunCurves], name: str) -> list[str]:
+    """The domains of set `name` that any of the runs has curves of (scored by domain), sorted."""
+    return sorted({k.split("/", 1)[1] for r in runs for k in r.evals if k.startswith(f"{name}/")})
+
+
 def _metrics_curves(records: list[dict[str, Any]]) -> dict[str, list[Point]]:
     curves: dict[str, list[Point]] = {}
     for r in records:
-        if r.get("kind") == "eval" and not r.get("domain") and _finite(r.get("loss")):   # a set's total
+        if r.get("kind") == "eval" and _finite(r.get("loss")):
             ppl = r["ppl"] if _finite(r.get("ppl")) else math.exp(min(r["loss"], 700.0))
-            curves.setdefault(r["set"], []).append(Point(int(r["step"]), int(r.get("tokens") or 0), r["loss"], ppl))
+            curves.setdefault(curve_name(r), []).append(Point(int(r["step"]), int(r.get("tokens") or 0), r["loss"],
+                                                              ppl))
     return {k: sorted(v, key=lambda p: p.step) for k, v in curves.items()}
 
 
@@ -94,10 +108,10 @@ def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
     """One series per set from scores rows of our checkpoints (see the module docstring)."""
     series: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
-        if r.get("kind") != "checkpoint" or r.get("step") is None or r.get("domain") or not _finite(r.get("loss")):
+        if r.get("kind") != "checkpoint" or r.get("step") is None or not _finite(r.get("loss")):
             continue
         key = (r.get("split"), r.get("budget"), r.get("selection"), r.get("seq_len"), r.get("dtype"))
-        series.setdefault(r["set"], {}).setdefault(key, []).append(r)
+        series.setdefault(curve_name(r), {}).setdefault(key, []).append(r)
     curves = {}
     for name, groups in series.items():
         best = max(groups.values(), key=_series_rank)
@@ -287,8 +301,30 @@ def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
     return "\n".join(lines) + "\n"
 
 
+def domain_table(runs: list[RunCurves], name: str, upstream: bool, baseline: RunCurves | None) -> str:
+    """Per run, each domain's final loss of set `name` and its forgetting from step 0 (upstream: runs
+    started from a checkpoint) or its gain against the baseline's final loss (downstream)."""
+    doms = domains_of(runs, name)
+    change = "Δ from step 0" if upstream else (f"gain vs {baseline.name}" if baseline else None)
+    head = ["run", *(f"{d} final" for d in doms), *((f"{d} {change}" for d in doms) if change else ())]
+    lines = [f"{name} by domain ({'upstream: forgetting' if upstream else 'downstream: gain'}):", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for run in runs:
+        finals = [summarize(run.evals.get(f"{name}/{d}", [])).final for d in doms]
+        cells = [run.name, *(_fmt(f and f.loss, 4) for f in finals)]
+        for d, f in zip(doms, finals):
+            if upstream:
+                start = start_loss(run, f"{name}/{d}") if run.init else None
+                cells.append(_fmt(f.loss - start if f and start is not None else None, 4, signed=True))
+            elif baseline is not None:
+                base = summarize(baseline.evals.get(f"{name}/{d}", [])).final
+                cells.append(_fmt(base.loss - f.loss if base and f else None, 4, signed=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _check_set(runs: list[RunCurves], flag: str, name: str | None) -> str:
-    known = sorted({s for r in runs for s in r.evals})
+    known = sorted({s for r in runs for s in r.evals if "/" not in s})
     if not name:
         raise UserError(f"{flag} is required: the name of a held-out set; these runs have: "
                         f"{', '.join(known) or 'none'}")
@@ -312,6 +348,13 @@ def run_report(options: ReportOptions) -> int:
         if not baseline.evals.get(downstream):
             raise UserError(f"--baseline {options.baseline}: no evaluation of {downstream!r} to compare with")
     table = markdown_table(runs, upstream, downstream, baseline)
+    if options.by_domain:
+        tables = [domain_table(runs, name, is_upstream, baseline)
+                  for name, is_upstream in ((upstream, True), (downstream, False)) if domains_of(runs, name)]
+        if not tables:
+            raise UserError(f"--by-domain: neither {upstream!r} nor {downstream!r} was scored by domain in these "
+                            "runs (eval.by_domain: true, or cpt eval --by-domain)")
+        table = "\n".join([table, *tables])
     if options.out:
         out = Path(options.out)
         atomic_write_text(out, table)
