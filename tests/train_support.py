@@ -51,6 +51,25 @@ def make_world(root: Path, vocab_size: int = 300) -> dict[str, Path]:
     return paths
 
 
+def make_mixed(root: Path, world: dict[str, Path], *options: str) -> Path:
+    """A dataset of the world's tokenizer whose documents come from three domains (meta.source: code,
+    prose and both), shuffled, prepared with --domain-field (30% val; `options` add to cpt prepare's)."""
+    from continual_pt.cli import main
+
+    root.mkdir(parents=True, exist_ok=True)
+    code = [json.loads(line)["text"] for line in (world["tokenizer"].parent / "a.jsonl").open()]
+    prose = [json.loads(line)["text"] for line in (world["tokenizer"].parent / "b.jsonl").open()]
+    docs = [{"text": t, "meta": {"source": "code"}} for t in code[:300]] + \
+           [{"text": t, "meta": {"source": "prose"}} for t in prose[:300]] + \
+           [{"text": a + " " + b, "meta": {"source": "both"}} for a, b in zip(code[300:340], prose[300:340])]
+    random.Random(0).shuffle(docs)
+    (root / "mixed.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert main(["prepare", "--source", str(root / "mixed.jsonl"), "--tokenizer", str(world["tokenizer"]),
+                 "--out", str(root / "mixed"), "--val-fraction", "0.3", "--domain-field", "meta.source",
+                 "--workers", "1", "--quiet", *options]) == 0
+    return root / "mixed"
+
+
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 
 

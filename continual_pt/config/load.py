@@ -109,9 +109,19 @@ def _validated(raw: dict[str, Any], p: Problems) -> RunConfig:
     # Dataset paths are checked where the datasets are opened.
     for name, src in cfg.data.train.items():
         src.origin = p.origin(f"data.train.{name}.path")
+        src.origins = _domain_origins(p, f"data.train.{name}.domains", src.domains)
     for name, spec in cfg.eval.sets.items():
         spec.origin = p.origin(f"eval.sets.{name}.path")
     return cfg
+
+
+def _domain_origins(p: Problems, key: str, domains: dict[str, float] | list[str] | None) -> dict[str, str]:
+    """Where a source's `domains` and each of its entries came from (domains are checked against the
+    dataset where it is opened). Entries all set on the command line name it, not the source's file."""
+    if domains is None:
+        return {}
+    entries = {f"{key}.{d}": p.origin(f"{key}.{d}") for d in domains} if isinstance(domains, dict) else {}
+    return {key: p.origins.get(key) or next(iter(entries.values()), p.origin(key)), **entries}
 
 
 def from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:

@@ -8,6 +8,7 @@ before anything is written. A resolved config dumps to YAML that loads back equa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,32 @@ class SourceConfig:
     """Share of every batch drawn from this source (weights are normalised)."""
     split: str = "train"
     """Which split of the prepared dataset to train on."""
+    domains: dict[str, float] | list[str] | None = None
+    """Train on some domains of a dataset prepared with domains, each its own part of the mixture:
+    {Github: 2.0, ArXiv: 1.0} (relative weights within this source) or [Github, ArXiv] (keep only these,
+    weighted by their tokens in the split). `weight` still sets the whole source's share."""
     origin: str = field(default="", repr=False, compare=False, metadata={"internal": True})
     """Where `path` came from (a file or "command line"), for messages; never dumped."""
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+    """Where `domains` and each of its entries came from, by dotted key, for messages; never dumped."""
+
+    def check_domains(self, key: str, p: Problems) -> None:
+        """The problems of `domains` that need no dataset (`key`: data.train.<name>.domains)."""
+        if self.domains is None:
+            return
+        if not self.domains:
+            p.add(key, "empty: name the domains to keep, or leave domains out to train on the whole dataset")
+        if isinstance(self.domains, dict):
+            for name, weight in self.domains.items():
+                if not name:
+                    p.add(key, "a domain without a name")
+                elif isinstance(weight, float) and not (math.isfinite(weight) and weight > 0):
+                    p.add(f"{key}.{name}", f"must be > 0, got {weight}")
+            return
+        names = [n for n in self.domains if n is not None]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice or "" in names:
+            p.add(key, f"lists {', '.join(map(repr, twice))} twice" if twice else "a domain without a name")
 
 
 @dataclass
@@ -97,6 +122,7 @@ class DataConfig:
                 p.add(f"data.train.{name}.weight", f"must be > 0, got {src.weight}")
             if src.split not in ("train", "val"):
                 p.add(f"data.train.{name}.split", f"unknown split {src.split!r}; accepted: train, val")
+            src.check_domains(f"data.train.{name}.domains", p)
         if self.seq_len < 1:
             p.add("data.seq_len", f"must be >= 1, got {self.seq_len}")
 

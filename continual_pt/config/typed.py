@@ -71,6 +71,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (list, dict):
         return "a list" if origin is list else "a mapping"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return str(tp)
@@ -140,6 +142,9 @@ def _convert_union(value: Any, tp: Any, key: str, p: Problems) -> Any:
             return length
     elif len(inner) == 1:
         return _convert(value, inner[0], key, p)
+    elif isinstance(value, (dict, list)) and any(typing.get_origin(a) is type(value) for a in inner):
+        # e.g. dict[str, float] | list[str]: the member of the value's kind
+        return _convert(value, next(a for a in inner if typing.get_origin(a) is type(value)), key, p)
     elif all(a in _SCALARS for a in inner):   # e.g. str | bool: the first member the value fits
         for a in inner:
             converted = _SCALARS[a](value)

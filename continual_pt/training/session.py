@@ -28,8 +28,9 @@ from continual_pt.checkpoint.checkpointer import Checkpointer, set_rng_state
 from continual_pt.config import RunConfig
 from continual_pt.config import deepspeed as ds_config
 from continual_pt.data.dataset import PackedSequences, PreparedDataset, Setting, check_tokenizer
+from continual_pt.data.mixture import Mixture, describe
 from continual_pt.data.sampler import MixtureSampler
-from continual_pt.errors import UserError
+from continual_pt.errors import Problems, UserError
 from continual_pt.evaluation.scoring import HeldOut
 from continual_pt.files import check_writable
 from continual_pt.layout import CHECKPOINTS, RUN_CONFIG
@@ -79,15 +80,21 @@ def _setting(cfg: RunConfig, key: str, origin: str) -> Setting:
     return Setting(f"{origin}: {key}" if origin else key, f"set {key} to that folder", tokenizer)
 
 
-def open_datasets(cfg: RunConfig) -> tuple[dict[str, PackedSequences], dict[str, PackedSequences], str]:
-    """Training sources and eval sets as packed sequences; all must share one tokenizer."""
+def open_datasets(cfg: RunConfig) -> tuple[Mixture, dict[str, PackedSequences], str]:
+    """The training mixture (sources with `domains` expanded into one per domain) and the eval sets as
+    packed sequences; all must share one tokenizer. Every problem of the sources' domains is raised at once."""
     opened: dict[str, PreparedDataset] = {}
-    train, evals = {}, {}
+    train, evals = Mixture(), {}
+    origins = {f"data.train.{name}": src.origin for name, src in cfg.data.train.items()}
+    for src in cfg.data.train.values():
+        origins.update(src.origins)
+    problems = Problems("data mixture", origins)
     for name, src in cfg.data.train.items():
         setting = _setting(cfg, f"data.train.{name}.path", src.origin)
         ds = PreparedDataset(src.path, split=src.split, setting=setting)
         opened[f"data.train.{name}"] = ds
-        train[name] = PackedSequences(ds, cfg.data.seq_len)
+        train.add(name, ds, src.weight, cfg.data.seq_len, src.domains, f"data.train.{name}", problems)
+    problems.raise_if_any()
     for name, spec in cfg.eval.sets.items():
         setting = _setting(cfg, f"eval.sets.{name}.path", spec.origin)
         ds = PreparedDataset(spec.path, split=spec.split, setting=setting)
@@ -293,11 +300,11 @@ def open_session(cfg: RunConfig, env: DistEnv) -> Session:
 
 
 def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
-                 datasets: tuple[dict[str, PackedSequences], dict[str, PackedSequences], str],
+                 datasets: tuple[Mixture, dict[str, PackedSequences], str],
                  lock: RunLock | None) -> Session:
     """Check everything, build the engine, restore state, then (rank 0) write the run dir."""
     train_sets, eval_sets, tokenizer_dir = datasets
-    vocab = next(iter(train_sets.values())).dataset.vocab_size
+    vocab = next(iter(train_sets.sources.values())).dataset.vocab_size
     start = decide_start(cfg.checkpoint, cfg.run_dir)
     ds_cfg = deepspeed_config(cfg, env)
     zero_stage = ds_config.zero_stage(ds_cfg)
@@ -315,8 +322,8 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     lr_at = schedules.build(cfg.schedule, cfg.train.max_steps)
     constants = phase_constants(cfg, env, hf_config, n_params, lr_at, zero_stage)
     engine = build_engine(cfg, net, ds_cfg, lr_at)
-    sampler = MixtureSampler(train_sets, {n: s.weight for n, s in cfg.data.train.items()}, cfg.data.seed,
-                             cfg.train.micro_batch_size, env.rank, env.world_size)
+    sampler = MixtureSampler(train_sets.sources, train_sets.weights, cfg.data.seed, cfg.train.micro_batch_size,
+                             env.rank, env.world_size)
     checkpointer = Checkpointer(cfg.run_dir / CHECKPOINTS, cfg.checkpoint.keep_last, env.rank,
                                            env.world_size, keep_every=cfg.checkpoint.keep_every)
     state = restore(cfg, start, engine, sampler, checkpointer, env.rank, universal)
@@ -327,6 +334,7 @@ def _open_locked(cfg: RunConfig, env: DistEnv, device: torch.device,
     logger = MetricsLogger(cfg.run_dir, cfg.log, env.is_main, cfg.name, cfg.train.max_steps, state.step,
                            config.to_dict(cfg))
     logger.message(start_line(cfg, env, start, state.step, n_params, zero_stage, device))
+    logger.message(describe(train_sets, cfg.train.max_steps * constants.tokens_per_step // cfg.data.seq_len))
     if universal is not None:
         logger.message(elastic.note(start.ref.meta(), env.world_size, zero_stage, universal, converted,
                                     constants.tokens_per_step))
