@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import time
@@ -34,15 +35,21 @@ def assert_same_run(a, b):
         assert torch.equal(wa[key], wb[key]), key
 
 
-@pytest.mark.parametrize("zero, precision, world_size", [
-    ("zero0", "fp32", 1), ("zero2", "bf16", 1), ("zero3", "fp32", 1),
-    ("zero0", "fp32", 2), ("zero2", "bf16", 2), ("zero3", "fp32", 2),
-])
-def test_stop_and_resume_is_bitwise_identical(world, tmp_path, zero, precision, world_size):
-    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs",
-                          data={"train": {"code": {"path": str(world["code"]), "weight": 0.8},
-                                          "prose": {"path": str(world["prose"]), "weight": 0.2}},
-                                "seq_len": 16},
+MATRIX = [("zero0", "fp32", 1, "sources"), ("zero2", "bf16", 1, "sources"), ("zero3", "fp32", 1, "sources"),
+          ("zero0", "fp32", 2, "sources"), ("zero2", "bf16", 2, "sources"), ("zero3", "fp32", 2, "sources"),
+          ("zero1", "fp32", 1, "domains")]
+
+
+@pytest.mark.parametrize("zero, precision, world_size, mixture", MATRIX,
+                         ids=["-".join(map(str, case[:3])) + ("-domains" if case[3] == "domains" else "")
+                              for case in MATRIX])
+def test_stop_and_resume_is_bitwise_identical(world, tmp_path, zero, precision, world_size, mixture):
+    train = {"code": {"path": str(world["code"]), "weight": 0.8}, "prose": {"path": str(world["prose"]), "weight": 0.2}}
+    if mixture == "domains":   # one source re-weights two of its three domains: sources mixed/code and mixed/prose
+        train = {"code": {"path": str(world["code"]), "weight": 0.5},
+                 "mixed": {"path": str(ts.make_mixed(tmp_path, world)), "weight": 0.5,
+                           "domains": {"code": 1.0, "prose": 3.0}}}
+    cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", data={"train": train, "seq_len": 16},
                           train={"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "precision": precision,
                                  "ds_config": zero, "log_every": 1})
     # One rank runs at torch's own thread count (a launcher of two sets one per rank).
@@ -51,9 +58,12 @@ def test_stop_and_resume_is_bitwise_identical(world, tmp_path, zero, precision, 
     ts.train(cfg, ["name=stopped", "train.stop_after_steps=6"], world_size, expect=75, threads=threads)
     stopped = tmp_path / "runs" / "stopped"
     assert [r.step for r in refs.list_committed(stopped / "checkpoints")] == [6]
-    ts.train(cfg, ["name=stopped"], world_size, threads=threads)
+    resumed = ts.train(cfg, ["name=stopped"], world_size, threads=threads)
     straight.result()
     assert_same_run(tmp_path / "runs" / "straight", stopped)
+    if mixture == "domains":
+        shares = re.findall(r"^  (\S+) +([\d.]+)% ", resumed.stderr, re.MULTILINE)
+        assert shares == [("code", "50.00"), ("mixed/code", "12.50"), ("mixed/prose", "37.50")], resumed.stderr
 
 
 def test_resume_with_another_micro_batch_continues_the_data_stream(world, tmp_path):

@@ -190,13 +190,25 @@ def train_data_raw_text(tmp_path, request):
                 "data.train.code.path to that folder"]
 
 
+def train_domains_the_data_lacks(tmp_path, request):
+    world = request.getfixturevalue("world")
+    mixed = ts.make_mixed(tmp_path / "mixed", world)
+    cfg = tmp_path / "run.yaml"
+    run = yaml.safe_load(cfg.read_text())
+    run["data"]["train"]["code"]["domains"] = ["code"]
+    run["data"]["train"]["mixed"] = {"path": str(mixed), "domains": {"code": 1.0, "cod": 1.0}}
+    cfg.write_text(yaml.safe_dump(run))
+    return [], [f"{cfg}: data.train.code.domains: {world['code']} has no domains (prepared without --domain-field",
+                f"{cfg}: data.train.mixed.domains.cod: {mixed} has no domain 'cod' (its domains: "]
+
+
 def eval_set_of_another_tokenizer(tmp_path, request):
     other_tok = ts.make_world(tmp_path / "other", vocab_size=280)
     return [f"eval.sets.prose={other_tok['prose']}"], ["tokenizer"]
 
 
 BAD_INPUTS = [resume_path_missing, resume_path_partial, resume_and_init_together, model_vocabulary_mismatch,
-              train_data_missing, train_data_raw_text, eval_set_of_another_tokenizer]
+              train_data_missing, train_data_raw_text, train_domains_the_data_lacks, eval_set_of_another_tokenizer]
 
 
 @pytest.mark.parametrize("bad_input", BAD_INPUTS, ids=[f.__name__ for f in BAD_INPUTS])
