@@ -116,11 +116,13 @@ def test_each_held_out_set_has_its_own_tensorboard_and_wandb_keys(tmp_path, monk
     monkeypatch.setattr(metrics, "SummaryWriter", FakeWriter)
     records = [{"kind": "train", "step": 4, "tokens": 256, "lr": 1e-3, "loss": 2.0, "grad_norm": None},
                {"kind": "eval", "set": "code", "step": 4, "tokens": 256, "loss": 1.5, "ppl": 4.5, "eval_tokens": 512},
-               {"kind": "eval", "set": "prose", "step": 4, "tokens": 256, "loss": 2.5, "ppl": 12.0, "eval_tokens": 64}]
+               {"kind": "eval", "set": "prose", "step": 4, "tokens": 256, "loss": 2.5, "ppl": 12.0, "eval_tokens": 64},
+               {"kind": "eval", "set": "prose", "domain": "Github", "step": 4, "tokens": 256, "loss": 2.7}]
     log_all(tmp_path, 0, records, LogConfig(tensorboard=True, wandb=True, progress=False))
     expected = [{"train/tokens": 256, "train/lr": 1e-3, "train/loss": 2.0},
                 {"eval/code/tokens": 256, "eval/code/loss": 1.5, "eval/code/ppl": 4.5, "eval/code/eval_tokens": 512},
                 {"eval/prose/tokens": 256, "eval/prose/loss": 2.5, "eval/prose/ppl": 12.0,
-                 "eval/prose/eval_tokens": 64}]
+                 "eval/prose/eval_tokens": 64},
+                {"eval/prose/Github/tokens": 256, "eval/prose/Github/loss": 2.7}]   # a domain of a set
     assert FakeWriter.scalars == [(k, v, 4) for values in expected for k, v in values.items()]
     assert logged == [(values, 4) for values in expected]
