@@ -480,18 +480,7 @@ def test_a_budget_scores_windows_spread_over_the_whole_split(world, run, tmp_pat
 @pytest.fixture(scope="module")
 def mixed(world, tmp_path_factory):
     """A set whose documents come from three domains (meta.source), prepared with --domain-field."""
-    root = tmp_path_factory.mktemp("mixed")
-    code = [json.loads(line)["text"] for line in (world["tokenizer"].parent / "a.jsonl").open()]
-    prose = [json.loads(line)["text"] for line in (world["tokenizer"].parent / "b.jsonl").open()]
-    docs = [{"text": t, "meta": {"source": "code"}} for t in code[:300]] + \
-           [{"text": t, "meta": {"source": "prose"}} for t in prose[:300]] + \
-           [{"text": a + " " + b, "meta": {"source": "both"}} for a, b in zip(code[300:340], prose[300:340])]
-    random.Random(0).shuffle(docs)
-    (root / "mixed.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    assert main(["prepare", "--source", str(root / "mixed.jsonl"), "--tokenizer", str(world["tokenizer"]),
-                 "--out", str(root / "mixed"), "--val-fraction", "0.3", "--domain-field", "meta.source",
-                 "--workers", "1", "--quiet"]) == 0
-    return root / "mixed"
+    return ts.make_mixed(tmp_path_factory.mktemp("mixed"), world)
 
 
 def domain_rows(store) -> tuple[dict, dict[str, dict]]:

@@ -71,10 +71,11 @@ class SourceConfig:
     """Share of every batch drawn from this source (weights are normalised)."""
     split: str = "train"
     """Which split of the prepared dataset to train on."""
-    domains: dict[str, float] | list[str] | None = None
+    domains: dict[str, float] | list[str] | None = field(default=None, metadata={"omit_unset": True})
     """Train on some domains of a dataset prepared with domains, each its own part of the mixture:
     {Github: 2.0, ArXiv: 1.0} (relative weights within this source) or [Github, ArXiv] (keep only these,
-    weighted by their tokens in the split). `weight` still sets the whole source's share."""
+    weighted by their tokens in the split). `weight` still sets the whole source's share. Left out of a
+    saved config when unset, so configs saved before it existed compare equal."""
     origin: str = field(default="", repr=False, compare=False, metadata={"internal": True})
     """Where `path` came from (a file or "command line"), for messages; never dumped."""
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})

@@ -219,9 +219,11 @@ def _internal(f: dataclasses.Field) -> bool:
 
 
 def to_dict(cfg: Any) -> Any:
-    """Plain-data view of a config (what `dump` writes), without the loader's bookkeeping fields."""
+    """Plain-data view of a config (what `dump` writes), without the loader's bookkeeping fields, nor a
+    field marked `omit_unset` that is None (one added later: older saved configs lack it)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not _internal(f)}
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not _internal(f)
+                and not (f.metadata.get("omit_unset") and getattr(cfg, f.name) is None)}
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):
