@@ -64,6 +64,20 @@ def test_a_domain_view_is_its_ranges_end_to_end_and_its_windows_never_mix_domain
         assert crossing > 10   # windows do run across documents of the domain that are apart in the split
 
 
+def test_a_corrupt_token_of_a_domain_is_named_by_its_place_in_the_split(mixed):
+    ds = PreparedDataset(mixed, "train")
+    view = DomainView(ds, "prose")
+    packed = PackedSequences(view, SEQ)
+    first = int(packed[3].max())
+    view.vocab_size = first            # as if the shard held an id beyond the vocabulary there
+    bad = 3 * (SEQ + 1) + int(np.argmax(packed.dataset.tokens(3 * (SEQ + 1), 4 * (SEQ + 1)) >= first))
+    with pytest.raises(UserError) as info:
+        packed[3]
+    assert (f"token {view.split_position(bad)} of split 'train', token {bad} of its domain 'prose'"
+            in str(info.value)), str(info.value)
+    assert str(view.shard_at(bad)) in str(info.value)
+
+
 def sub_sampler(world, mixed, domains, weight=3.0, seed=7):
     mixture = Mixture()
     mixture.add("code", PreparedDataset(world["code"]), 1.0, SEQ)

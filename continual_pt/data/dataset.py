@@ -324,9 +324,16 @@ class PackedSequences:
         if int(window.max()) >= self.dataset.vocab_size:
             bad = int(np.argmax(window >= self.dataset.vocab_size))
             raise UserError(f"{self.dataset.shard_at(start + bad)}: token id {int(window[bad])} >= vocab_size "
-                            f"{self.dataset.vocab_size} (token {start + bad} of split {self.dataset.split!r}); "
-                            "the shard is corrupt")
+                            f"{self.dataset.vocab_size} ({self._where(start + bad)}); the shard is corrupt")
         return window
+
+    def _where(self, position: int) -> str:
+        """Token `position` of what is read, as the split's token (and the domain's, for a domain's view)."""
+        in_split = getattr(self.dataset, "split_position", None)
+        if in_split is None:
+            return f"token {position} of split {self.dataset.split!r}"
+        return (f"token {in_split(position)} of split {self.dataset.split!r}, token {position} of its domain "
+                f"{self.dataset.domain!r}")
 
     def __repr__(self) -> str:
         return f"PackedSequences({self.dataset!r}, seq_len={self.seq_len}, windows={self.num_windows})"
