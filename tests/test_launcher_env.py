@@ -72,7 +72,8 @@ def test_two_steps_of_one_job_get_different_ports_and_reserved_ports_win():
 
 
 # A rank that has joined a process group ends without the interpreter's teardown (a gloo worker
-# releasing its last collective's tensors then aborted the process after its last commit).
+# releasing its last collective's tensors then aborted the process after its last commit), and a
+# Ctrl-C that reaches it while its exit functions run is ignored (it printed a KeyboardInterrupt).
 ENDED = ("import atexit, os, sys, torch, torch.distributed as dist\n"
          "from continual_pt.cli import ended, main\n"
          "sys.stdout.write(f'without a group ended(3) returns {ended(3)}; ')\n"
@@ -80,6 +81,7 @@ ENDED = ("import atexit, os, sys, torch, torch.distributed as dist\n"
          "dist.init_process_group('gloo')\n"
          "dist.all_reduce(torch.ones(2))\n"
          "atexit.register(lambda: print(' exit functions ran', flush=True))\n"
+         "atexit.register(lambda: os.kill(os.getpid(), __import__('signal').SIGINT))\n"   # a late Ctrl-C
          "status = main(['schedule', 'show', '--spec', 'name=constant max_lr=1e-3', '--steps', '4'])\n"
          "sys.stdout.write(f'main returned {status}; buffered')\n"   # main in a process of the caller's returns
          "ended(75)\n"
@@ -93,3 +95,4 @@ def test_a_rank_ends_with_its_status_after_its_exit_functions_and_with_its_outpu
     # (DeepSpeed's import may print a line of its own in between)
     assert proc.stdout.startswith("without a group ended(3) returns 3; "), proc.stdout
     assert "main returned 0; buffered" in proc.stdout and proc.stdout.endswith(" exit functions ran\n"), proc.stdout
+    assert "KeyboardInterrupt" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -182,7 +182,7 @@ def test_ctrl_c_stops_the_sweep_with_75_and_the_run_saves(tmp_path, world):
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert "lr0.001: stopped (exit 75); the sweep stops here" in out
     cfg = load(sweep_dir / "configs" / "lr0.001.yaml")
     state = run_state(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -180,7 +181,16 @@ def end_process(status: int) -> NoReturn:
     release the tensors of the collective they ran last only after the caller has its result. A
     release during the interpreter's teardown cannot take the GIL there, and the thread's forced exit
     aborts the process ("terminate called without an active exception", SIGABRT): about one 2-rank
-    run in 25 died so after committing its last checkpoint, and its job looked failed."""
+    run in 25 died so after committing its last checkpoint, and its job looked failed.
+
+    Its status decided, the process ignores the stop signals from here on: a Ctrl-C sent to the whole
+    process group, or forwarded by a launcher, as the run ends by itself would otherwise raise
+    KeyboardInterrupt inside an exit function and print its traceback (SIGKILL still ends it)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:   # not the main thread: it cannot change handlers
+            break
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     atexit._run_exitfuncs()
