@@ -197,7 +197,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         work = Path(tmp)
-        tokenizer = args.tokenizer or (str(PYTHIA) if PYTHIA.is_dir() else train_tokenizer(work))
+        tokenizer = tokenizer_for(args, work)
         docs = corpus_documents()
         small, large = work / "corpus.jsonl", work / f"corpus_x{args.scale}.jsonl"
         small_bytes = write_corpus(small, docs, args.mb)
@@ -228,11 +228,16 @@ def main() -> None:
               f"({ours['tree'] / 2**20:.0f} -> {big['tree'] / 2**20:.0f} MiB)")
 
 
+def tokenizer_for(args: argparse.Namespace, work: Path) -> str:
+    """--tokenizer, else the Pythia tokenizer the repository ships, else one trained into `work`."""
+    return args.tokenizer or (str(PYTHIA) if PYTHIA.is_dir() else train_tokenizer(work))
+
+
 def compare_domains(args: argparse.Namespace) -> None:
     """`cpt prepare` of one corpus without and with --domain-field, alternated --repeat times (best of each)."""
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         work = Path(tmp)
-        tokenizer = args.tokenizer or (str(PYTHIA) if PYTHIA.is_dir() else train_tokenizer(work))
+        tokenizer = tokenizer_for(args, work)
         corpus = work / "corpus.jsonl"
         nbytes = write_corpus(corpus, corpus_documents(args.doc_kb), args.mb)
         print(f"corpus: {nbytes / 1e6:.0f} MB jsonl, {len(DOMAINS)} domains, documents "

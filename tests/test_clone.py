@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,14 +17,20 @@ from tests.helpers import REPO
 FIXTURE_TESTS = ["tests/test_data_tokenizer.py", "tests/test_data_reader.py"]
 
 
-@pytest.mark.slow
-def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
+def clone_alone(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A clone of the repository in a folder of its own (no ../shared beside it), and the environment
+    that imports the package from it."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout: nothing to clone")
     clone = tmp_path / "alone" / "continual-pt"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
     assert sorted(p.name for p in clone.parent.iterdir()) == ["continual-pt"]
-    env = {**os.environ, "PYTHONPATH": str(clone)}
+    return clone, {**os.environ, "PYTHONPATH": str(clone)}
+
+
+@pytest.mark.slow
+def test_fixture_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path):
+    clone, env = clone_alone(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-m", "not slow",
                            *FIXTURE_TESTS], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -48,11 +55,7 @@ BENCHMARKS = ("import runpy, sys\nfrom pathlib import Path\n"
 
 @pytest.mark.slow
 def test_the_benchmarks_parse_their_arguments_and_find_their_fixtures_in_a_clone_alone(tmp_path):
-    if not (REPO / ".git").exists():
-        pytest.skip("not a git checkout: nothing to clone")
-    clone = tmp_path / "alone" / "continual-pt"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
-    env = {**os.environ, "PYTHONPATH": str(clone)}
+    clone, env = clone_alone(tmp_path)
     proc = subprocess.run([sys.executable, "-c", BENCHMARKS], cwd=clone, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
