@@ -41,6 +41,11 @@ class ReportOptions:
     out: str | None = option(None, help="markdown file to write (default: print)", flags=("--out", "-o"))
     by_domain: bool = option(False, help="also a table per set of each domain's final loss and its forgetting "
                              "(upstream) or gain (downstream), for sets scored by domain")
+    task_metrics: list[str] = option([], help="keep only this metric in the downstream-task columns (cpt eval "
+                                     "--lm-eval scores; default: every metric of every task), e.g. acc_norm; a "
+                                     "name without a filter also keeps its filtered variants (exact_match keeps "
+                                     "exact_match,strict-match); repeatable", flags=("--task-metric",),
+                                     metavar="NAME")
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,8 @@ series is used per set: the (split, budget, window selection, seq len, dtype) me
 checkpoints, ties going to the larger budget, so that a curve never mixes measurements. A set scored
 by domain also has a curve per domain, named `set/domain` (in-loop `eval.by_domain`, `cpt eval
 --by-domain`); `--by-domain` adds a table per set of each domain's final loss and its forgetting
-(upstream) or gain (downstream).
+(upstream) or gain (downstream). Downstream-task rows of the scores (`cpt eval --lm-eval`) are
+never loss rows: they give each run's task series and the table's task columns (results/tasks.py).
 
 The LR is drawn from the schedule in the run's saved config.yaml, from step 0 (so a warmup shows)
 to the last step the run reached, at tokens = step x tokens per step.
@@ -40,6 +41,7 @@ from continual_pt.layout import EXIT_OK, METRICS, RUN_CONFIG, SCORES
 from continual_pt.results.options import ReportOptions
 from continual_pt.results.records import read_metrics
 from continual_pt.results.sweep_dirs import expand
+from continual_pt.results.tasks import TaskSeries, is_task_row, table_parts, task_series
 from continual_pt.schedules import build, check_config, curve
 
 SOURCES = ("auto", "metrics", "scores")
@@ -73,6 +75,8 @@ class RunCurves:
     """The checkpoint (or pretrained model) the run started from: checkpoint.init of its config."""
     varying: dict[str, Any] = field(default_factory=dict)
     """A sweep's run: axis key -> this run's value (empty for a run dir given on its own)."""
+    tasks: dict[str, TaskSeries] = field(default_factory=dict)
+    """Task name -> its series of downstream-task scores (cpt eval --lm-eval)."""
 
 
 def _finite(value: Any) -> bool:
@@ -105,10 +109,10 @@ def _series_rank(rows: list[dict[str, Any]]) -> tuple:
 
 
 def _scores_curves(rows: list[dict[str, Any]]) -> dict[str, list[Point]]:
-    """One series per set from scores rows of our checkpoints (see the module docstring)."""
+    """One series per set from the loss rows of our checkpoints (see the module docstring)."""
     series: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
     for r in rows:
-        if r.get("kind") != "checkpoint" or r.get("step") is None or not _finite(r.get("loss")):
+        if is_task_row(r) or r.get("kind") != "checkpoint" or r.get("step") is None or not _finite(r.get("loss")):
             continue
         key = (r.get("split"), r.get("budget"), r.get("selection"), r.get("seq_len"), r.get("dtype"))
         series.setdefault(curve_name(r), {}).setdefault(key, []).append(r)
@@ -181,11 +185,12 @@ def load_run(path: str | Path, source: str = "auto") -> RunCurves:
         raise UserError(f"{run_dir}: not a run directory with results (no {METRICS}, no {SCORES})")
     records = read_metrics(metrics_file)
     from_metrics = _metrics_curves(records)
-    from_scores = _scores_curves(read_scores(scores_file)) if source != "metrics" else {}
+    scores = read_scores(scores_file)
+    from_scores = _scores_curves(scores) if source != "metrics" else {}
     saved = _saved_config(run_dir)
     init = _section(saved, "checkpoint").get("init")
     run = RunCurves(str(saved.get("name") or run_dir.name), run_dir, metrics_evals=from_metrics,
-                    init=str(init) if init else None)
+                    init=str(init) if init else None, tasks=task_series(scores))
     for name in list(from_metrics) + [n for n in from_scores if n not in from_metrics]:
         use_scores = name in from_scores and source in ("auto", "scores")
         if use_scores or (source != "scores" and name in from_metrics):
@@ -278,9 +283,11 @@ def report_rows(runs: list[RunCurves], upstream: str, downstream: str,
 
 
 def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
-                   baseline: RunCurves | None = None) -> str:
+                   baseline: RunCurves | None = None, task_metrics: list[str] | tuple[str, ...] = ()) -> str:
     """The comparison table as GitHub markdown, one row per run in the given order, with a column
-    per axis key of the sweeps among them."""
+    per axis key of the sweeps among them, and task columns (all metrics, or `task_metrics`) with
+    their notes below when the runs have downstream-task scores."""
+    task_head, task_cells, notes = table_parts(runs, baseline, task_metrics)
     axes = list(dict.fromkeys(key for run in runs for key in run.varying))
     head = ["run", *axes, "tokens"]
     for name in (upstream, downstream):
@@ -288,8 +295,9 @@ def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
     head.append(f"forgetting (Δ {upstream} loss from step 0)")
     if baseline is not None:
         head.append(f"gain vs {baseline.name} (Δ final {downstream} loss)")
+    head += task_head
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for row in report_rows(runs, upstream, downstream, baseline):
+    for row, tasks in zip(report_rows(runs, upstream, downstream, baseline), task_cells):
         cells = [row["run"], *row["axes"], "n/a" if row["tokens"] is None else f"{row['tokens']:,}"]
         for s in (row["up"], row["down"]):
             cells += [_fmt(s.final and s.final.loss, 4), _fmt(s.final and s.final.ppl, 2),
@@ -297,8 +305,8 @@ def markdown_table(runs: list[RunCurves], upstream: str, downstream: str,
         cells.append(_fmt(row["forgetting"], 4, signed=True))
         if baseline is not None:
             cells.append(_fmt(row["gain"], 4, signed=True))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append("| " + " | ".join(cells + tasks) + " |")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def domain_table(runs: list[RunCurves], name: str, upstream: bool, baseline: RunCurves | None) -> str:
@@ -347,7 +355,7 @@ def run_report(options: ReportOptions) -> int:
         baseline = match[0] if match else load_run(options.baseline, options.source)
         if not baseline.evals.get(downstream):
             raise UserError(f"--baseline {options.baseline}: no evaluation of {downstream!r} to compare with")
-    table = markdown_table(runs, upstream, downstream, baseline)
+    table = markdown_table(runs, upstream, downstream, baseline, options.task_metrics)
     if options.by_domain:
         tables = [domain_table(runs, name, is_upstream, baseline)
                   for name, is_upstream in ((upstream, True), (downstream, False)) if domains_of(runs, name)]
