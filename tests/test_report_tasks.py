@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from continual_pt.cli import main
+from continual_pt.results.plots import draw_runs
 from continual_pt.results.report import load_run, load_runs
 from continual_pt.schedules import build
 from tests.test_results_runs import COSINE, TOKENS_PER_STEP, make_run, parse_table, trained
@@ -139,4 +140,31 @@ def test_task_rows_leave_the_loss_columns_as_they_were(tmp_path, capsys):
     assert before["warm"]["prose final loss"] == "3.2500"
     for a, b in zip(load_runs([str(warm), str(const)]), load_runs([str(warm2), str(const2)])):
         assert a.evals == b.evals and a.sources == b.sources and not a.tasks and b.tasks
+
+
+def test_plot_draws_a_panel_per_task_metric_with_a_line_per_run(tmp_path, capsys):
+    warm, const = two_runs(tmp_path)
+    out = tmp_path / "fig"
+    assert main(["plot", str(warm), str(const), "--sets", "prose", "--task", "tiny_mc:acc", "--task", "tiny_ppl",
+                 "--out", str(out)]) == 0
+    svg = (tmp_path / "fig.svg").read_text()
+    for label in ("prose: held-out loss (cpt eval)", "tiny_mc: acc (0-shot)", "acc (higher is better)",
+                  "tiny_ppl: word_perplexity (0-shot)", "word_perplexity (lower is better)", "learning-rate schedule"):
+        assert f">{label}<" in svg, label
+    runs = load_runs([str(warm), str(const)])
+    fig = draw_runs(runs, ["prose"], tasks=[("tiny_mc", "acc"), ("tiny_ppl", "word_perplexity")])
+    prose_ax, mc_ax, ppl_ax, lr_ax = fig.axes
+    assert [line.get_label() for line in mc_ax.lines] == ["warm", "const"]
+    (warm_x, warm_y), (const_x, const_y) = ((list(ln.get_xdata()), list(ln.get_ydata())) for ln in mc_ax.lines)
+    assert (warm_x, warm_y) == ([640, 1280], [0.3, 0.45])   # the 0-shot series only
+    assert (const_x, const_y) == ([1280], [0.35])
+    assert [list(ln.get_ydata()) for ln in ppl_ax.lines] == [[13.0, 12.5], [14.0]]
+    assert lr_ax.get_title() == "learning-rate schedule"
+    capsys.readouterr()
+    assert main(["plot", str(warm), "--task", "tiny_mc:f1", "--out", str(tmp_path / "q")]) == 2
+    assert "--task tiny_mc:f1: tiny_mc has no metric 'f1'; its metrics: acc, acc_norm" in capsys.readouterr().err
+    assert main(["plot", str(warm), "--task", "hellaswag", "--out", str(tmp_path / "q")]) == 2
+    assert "--task hellaswag: no run has task rows of 'hellaswag'; known tasks: tiny_mc, tiny_ppl" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "q.png").exists()
 

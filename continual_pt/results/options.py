@@ -26,6 +26,9 @@ class PlotOptions:
     log_x: bool = option(False, help="logarithmic tokens axis")
     by_domain: bool = option(False, help="a panel per domain of each set instead of one per set (sets scored by "
                              "domain: eval.by_domain, cpt eval --by-domain)")
+    tasks: list[str] = option([], help="also a panel of a downstream task's metric vs tokens, a line per run "
+                              "(cpt eval --lm-eval scores; without :METRIC, a panel per metric of the task); "
+                              "repeatable", flags=("--task",), metavar="TASK[:METRIC]")
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ from continual_pt.files import atomic_output
 from continual_pt.layout import EXIT_OK
 from continual_pt.results.options import PlotOptions
 from continual_pt.results.report import RunCurves, domains_of, load_runs
+from continual_pt.results.tasks import panel_text, plot_panels, task_curve
 
 
 def plot_schedules(curves: dict[str, tuple[Sequence[int], Sequence[float]]], out_path: str | Path,
@@ -57,10 +58,11 @@ def _save(fig, path: Path, fmt: str) -> None:
         fig.savefig(tmp, format=fmt, dpi=120)
 
 
-def draw_runs(runs: Sequence[RunCurves], sets: Sequence[str], title: str | None = None, log_x: bool = False):
-    """A Figure of validation loss vs tokens, one panel per set and one line per run, and a panel
-    of the LR vs tokens."""
-    panels = len(sets) + 1
+def draw_runs(runs: Sequence[RunCurves], sets: Sequence[str], title: str | None = None, log_x: bool = False,
+              tasks: Sequence[tuple[str, str]] = ()):
+    """A Figure of validation loss vs tokens, one panel per set and one line per run, a panel per
+    (task, metric) of `tasks` (downstream-task scores vs tokens), and a panel of the LR vs tokens."""
+    panels = len(sets) + len(tasks) + 1
     cols = panels if panels <= 3 else math.ceil(panels / 2)
     rows = math.ceil(panels / cols)
     fig = Figure(figsize=(4.6 * cols, 3.8 * rows + 0.3 + 0.25 * math.ceil(len(runs) / 3)), layout="constrained")
@@ -77,7 +79,15 @@ def draw_runs(runs: Sequence[RunCurves], sets: Sequence[str], title: str | None 
         where = sorted({SOURCE_LABELS[run.sources[name]] for run in runs if name in run.sources})
         ax.set_title(f"{name}: held-out loss" + (f" ({', '.join(where)})" if where else " (no data)"))
         ax.set_ylabel("validation loss (nats/token)")
-    lr_ax = axes[len(sets)]
+    for ax, (task, metric) in zip(axes[len(sets):], tasks):
+        for run, color in zip(runs, colors):
+            tokens, values = task_curve(run.tasks.get(task), metric)
+            if tokens:
+                ax.plot(tokens, values, color=color, marker="o", markersize=3, linewidth=1.6, label=run.name)
+        heading, ylabel = panel_text(runs, task, metric)
+        ax.set_title(heading)
+        ax.set_ylabel(ylabel)
+    lr_ax = axes[len(sets) + len(tasks)]
     for run, color in zip(runs, colors):
         if run.lr:
             lr_ax.plot([t for t, _ in run.lr], [v for _, v in run.lr], color=color, linewidth=1.6, label=run.name)
@@ -101,9 +111,9 @@ def draw_runs(runs: Sequence[RunCurves], sets: Sequence[str], title: str | None 
 
 
 def plot_runs(runs: Sequence[RunCurves], sets: Sequence[str], out: str | Path, title: str | None = None,
-              log_x: bool = False) -> list[Path]:
+              log_x: bool = False, tasks: Sequence[tuple[str, str]] = ()) -> list[Path]:
     """`draw_runs` written as OUT.png and OUT.svg."""
-    fig = draw_runs(runs, sets, title, log_x)
+    fig = draw_runs(runs, sets, title, log_x, tasks)
     png, svg = _out_paths(out)
     _save(fig, png, "png")
     _save(fig, svg, "svg")
@@ -125,6 +135,7 @@ def run_plot(options: PlotOptions) -> int:
             raise UserError(f"--by-domain: none of {', '.join(sets)} was scored by domain in these runs "
                             "(eval.by_domain: true, or cpt eval --by-domain)")
         sets = panels
-    for path in plot_runs(runs, sets, options.out, options.title, options.log_x):
+    tasks = plot_panels(runs, options.tasks)
+    for path in plot_runs(runs, sets, options.out, options.title, options.log_x, tasks):
         print(f"wrote {path}")
     return EXIT_OK

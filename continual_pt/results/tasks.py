@@ -239,3 +239,39 @@ def table_parts(runs: Sequence[Any], baseline: Any | None,
 def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
+
+# --------------------------------------------------------------------------- cpt plot's panels
+
+
+def plot_panels(runs: Sequence[Any], specs: Sequence[str]) -> list[tuple[str, str]]:
+    """(task, metric) per panel from --task TASK[:METRIC] values (no metric: each of the task's metrics);
+    UserError naming what these runs have for a task or metric they have no rows of."""
+    known = sorted({t for run in runs for t in run.tasks})
+    panels: list[tuple[str, str]] = []
+    for spec in specs:
+        task, _, metric = (spec, "", "") if spec in known or ":" not in spec else spec.rpartition(":")
+        if task not in known:
+            raise UserError(f"--task {spec}: no run has task rows of {task!r}; known tasks: "
+                            f"{', '.join(known) or 'none (no cpt eval --lm-eval rows in their scores)'}")
+        metrics = list(dict.fromkeys(m for run in runs if task in run.tasks for m in run.tasks[task].metrics()))
+        if metric and metric not in metrics:
+            raise UserError(f"--task {spec}: {task} has no metric {metric!r}; its metrics: {', '.join(metrics)}")
+        panels += [(task, m) for m in ([metric] if metric else metrics)]
+    return list(dict.fromkeys(panels))
+
+
+def task_curve(series: TaskSeries | None, metric: str) -> tuple[list[int], list[float]]:
+    """(tokens seen, value) of the points of a series that have `metric`."""
+    points = [(p.tokens, p.value(metric)) for p in series.points] if series else []
+    kept = [(t, v) for t, v in points if v is not None]
+    return [t for t, _ in kept], [v for _, v in kept]
+
+
+def panel_text(runs: Sequence[Any], task: str, metric: str) -> tuple[str, str]:
+    """A task panel's title (with the shots and limit of the runs' series) and its y label."""
+    series = [run.tasks[task] for run in runs if task in run.tasks and task_curve(run.tasks[task], metric)[0]]
+    labels = list(dict.fromkeys(s.label() for s in series))
+    title = f"{task}: {metric}" + (f" ({'; '.join(labels)})" if labels else " (no data)")
+    better = {s.better(metric) for s in series} - {None}
+    way = {True: " (higher is better)", False: " (lower is better)"}.get(better.pop()) if len(better) == 1 else ""
+    return title, metric + way
