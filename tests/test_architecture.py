@@ -27,7 +27,7 @@ HEAVY = ("torch", "deepspeed", "matplotlib")
 FLOORS = (("errors", "files", "layout", "options", "__init__"), ("schedules",), ("config",), ("data",), ("runtime",),
           ("model",), ("checkpoint",), ("evaluation",), ("results",), ("training",), ("sweep",), ("demo",),
           ("cli", "train", "evaluate"))
-LAZY_ALLOWED = ("wandb", "mpi4py")   # optional packages that may be absent
+LAZY_ALLOWED = ("wandb", "mpi4py", "lm_eval")   # optional packages that may be absent
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 50
 

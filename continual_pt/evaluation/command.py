@@ -22,6 +22,7 @@ import sys
 from continual_pt.errors import UserError
 from continual_pt.evaluation.claims import Claim
 from continual_pt.evaluation.domains import require_domains
+from continual_pt.evaluation.harness import Harness, open_harness
 from continual_pt.evaluation.job import Job, broadcast, pending, plan_jobs, score_job, store_for
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.sets import EvalSet, open_sets
@@ -51,9 +52,9 @@ def _check_options(options: EvalOptions) -> None:
         raise UserError(f"--seq-len must be >= 1, got {options.seq_len}")
     if options.micro_batch_size is not None and options.micro_batch_size < 1:
         raise UserError(f"--micro-batch-size must be >= 1, got {options.micro_batch_size}")
-    if not options.sets and not options.list_only:
+    if not options.sets and not options.lm_eval and not options.list_only:
         raise UserError("name at least one held-out set: --set NAME=PATH (its val split) or "
-                        "--set NAME=PATH:train (the whole training split)")
+                        "--set NAME=PATH:train (the whole training split), or lm-eval tasks: --lm-eval TASKS")
     if options.claim and options.task_index not in (None, "all"):
         raise UserError("--claim takes the next unscored checkpoint itself; leave out --task-index")
 
@@ -67,11 +68,17 @@ def open_by_domain(options: EvalOptions) -> list[EvalSet]:
     return sets
 
 
+def open_tasks(options: EvalOptions) -> Harness | None:
+    """The --lm-eval requests, checked and their data loaded (None without --lm-eval)."""
+    return open_harness(options.lm_eval, options.include_path, options.num_fewshot, options.lm_eval_limit,
+                        options.lm_eval_batch_size)
+
+
 def _listing(options: EvalOptions, warn) -> int:
     targets = expand_targets(options.targets, warn)
     unscored = None
-    if options.sets:
-        jobs = plan_jobs(options, targets, open_sets(options.sets), warn)
+    if options.sets or options.lm_eval:
+        jobs = plan_jobs(options, targets, open_sets(options.sets), warn, open_tasks(options))
         unscored = [bool(indices) for indices in pending(jobs)]
     print_listing(targets, unscored)
     return EXIT_OK
@@ -102,8 +109,8 @@ def run_eval(options: EvalOptions) -> int:
     if options.claim:
         return _drain(options, env, warn)
     targets = pick_task(expand_targets(options.targets, warn), options.task_index)
-    sets = open_by_domain(options)
-    jobs = plan_jobs(options, targets, sets, warn)
+    sets, tasks = open_by_domain(options), open_tasks(options)
+    jobs = plan_jobs(options, targets, sets, warn, tasks)
     for path in dict.fromkeys(job.store.path for job in jobs):   # before any scoring, not after it
         check_writable(path, "--store", file=True)
     env, device = _started(env)
@@ -111,12 +118,14 @@ def run_eval(options: EvalOptions) -> int:
     count = sum(len(t) for t in todo)
     if env.is_main:
         budget = "all tokens" if options.tokens is None else f"{options.tokens} tokens"
-        print(f"cpt eval: {len(jobs)} checkpoint(s) x {len(sets)} set(s), {budget} per set: {count} to score, "
-              f"{len(jobs) * len(sets) - count} already scored (world size {env.world_size})",
+        each = len(jobs[0].rows) if jobs else 0
+        extra = f" + {each - len(sets)} lm-eval task(s)" if tasks else ""
+        print(f"cpt eval: {len(jobs)} checkpoint(s) x {len(sets)} set(s){extra}, {budget} per set: {count} to "
+              f"score, {len(jobs) * each - count} already scored (world size {env.world_size})",
               file=sys.stderr, flush=True)
     for job, indices in zip(jobs, todo):
         if indices:
-            rows = score_job(job, indices, sets, options, env, device)
+            rows = score_job(job, indices, sets, options, env, device, tasks)
             if env.is_main and rows is not None:
                 _store(job, rows, warn)
     distributed.barrier()
@@ -126,13 +135,13 @@ def run_eval(options: EvalOptions) -> int:
 # --------------------------------------------------------------------------- --claim
 
 
-def _claim_next(options: EvalOptions, sets: list[EvalSet], planned: dict[str, Job],
+def _claim_next(options: EvalOptions, sets: list[EvalSet], tasks: Harness | None, planned: dict[str, Job],
                 warn) -> tuple[Job, list[int], Claim] | None:
     """The oldest checkpoint that lacks a row and no other job holds, claimed; None when none is left."""
     targets = expand_targets(options.targets, warn, allow_none=True)   # anew: new commits join, pruned ones go
     for target in targets:
         if target.identity not in planned:
-            planned[target.identity] = plan_jobs(options, [target], sets, warn)[0]
+            planned[target.identity] = plan_jobs(options, [target], sets, warn, tasks)[0]
     jobs = [planned[t.identity] for t in targets]
     for job, indices in zip(jobs, pending(jobs)):
         if not indices:
@@ -149,7 +158,7 @@ def _claim_next(options: EvalOptions, sets: list[EvalSet], planned: dict[str, Jo
 
 def _drain(options: EvalOptions, env: DistEnv, warn) -> int:
     """Claim, score and store checkpoints one at a time until none is left unscored and unclaimed."""
-    sets = open_by_domain(options)
+    sets, tasks = open_by_domain(options), open_tasks(options)
     targets = expand_targets(options.targets, warn, allow_none=True)
     for path in dict.fromkeys(store_for(t, options.store).path for t in targets):
         check_writable(path, "--store", file=True)
@@ -157,16 +166,18 @@ def _drain(options: EvalOptions, env: DistEnv, warn) -> int:
     planned: dict[str, Job] = {}
     stored = skipped = 0
     while True:
-        picked = _claim_next(options, sets, planned, warn) if env.is_main else None
+        picked = _claim_next(options, sets, tasks, planned, warn) if env.is_main else None
         choice = broadcast(picked[:2] if picked else None, env)
         if choice is None:
             break
         job, indices = choice
         try:
             if env.is_main:
+                n_sets = sum(i < len(sets) for i in indices)
+                also = f" and {len(indices) - n_sets} lm-eval task(s)" if len(indices) > n_sets else ""
                 print(f"cpt eval: claimed {job.target.identity} (step {job.target.step}): scoring "
-                      f"{len(indices)} set(s)", flush=True)
-            rows = score_job(job, indices, sets, options, env, device)
+                      f"{n_sets} set(s){also}", flush=True)
+            rows = score_job(job, indices, sets, options, env, device, tasks)
             if env.is_main and rows is not None:
                 _store(job, rows, warn)
                 print(f"cpt eval: stored {len(rows)} row(s) of {job.target.identity} in {job.store.path}", flush=True)

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from continual_pt.checkpoint.refs import removed, verify
 from continual_pt.checkpoint.weights import load_model_from_checkpoint
 from continual_pt.data.dataset import WINDOW_RULE, PackedSequences
 from continual_pt.errors import UserError
-from continual_pt.evaluation import domains
+from continual_pt.evaluation import domains, harness
+from continual_pt.evaluation.harness import Harness, request_key
 from continual_pt.evaluation.options import EvalOptions
 from continual_pt.evaluation.scoring import score_packed
 from continual_pt.evaluation.sets import EvalSet, measurement
@@ -37,7 +38,7 @@ class Job:
     seq_len: int
     micro_batch_size: int
     rows: list[dict[str, Any]] = field(default_factory=list)
-    """One row skeleton (everything but the results) per set, in --set order."""
+    """One row skeleton (everything but the results) per set, in --set order, then one per --lm-eval request."""
 
 
 def _row_skeleton(target: Target, s: EvalSet, options: EvalOptions, seq_len: int) -> dict[str, Any]:
@@ -62,24 +63,36 @@ def store_for(target: Target, store: str | None) -> ScoreStore:
     return ScoreStore(target.run_dir / SCORES)
 
 
-def plan_jobs(options: EvalOptions, targets: list[Target], sets: list[EvalSet], warn) -> list[Job]:
+def _request_skeleton(target: Target, tasks: Harness, request: str, dtype: str) -> dict[str, Any]:
+    return {"run": target.run, "kind": target.kind, "tag": target.tag, "step": target.step,
+            "tokens_seen": target.tokens_seen, "checkpoint": target.identity, **tasks.skeleton(request),
+            "dtype": dtype}
+
+
+def plan_jobs(options: EvalOptions, targets: list[Target], sets: list[EvalSet], warn,
+              tasks: Harness | None = None) -> list[Job]:
     """Every check (tokenizer, vocabulary, sequence length, store) for every target, before any work."""
     jobs = []
     for target in targets:
         seq_len, mbs = plan_target(target, sets, options.seq_len, options.micro_batch_size, warn)
         job = Job(target, store_for(target, options.store), seq_len, mbs)
         job.rows = [_row_skeleton(target, s, options, seq_len) for s in sets]
+        job.rows += [_request_skeleton(target, tasks, r, options.dtype) for r in (tasks.requests if tasks else [])]
         jobs.append(job)
     return jobs
 
 
 def pending(jobs: list[Job]) -> list[list[int]]:
-    """Per job, the indices of its rows not in its store yet."""
-    known: dict[Path, set[tuple]] = {}
+    """Per job, the indices of its rows not in its store yet (a request: no row of it with its settings)."""
+    known: dict[Path, tuple[set[tuple], set[tuple]]] = {}
     todo = []
     for job in jobs:
-        keys = known.setdefault(job.store.path, job.store.keys())
-        todo.append([i for i, row in enumerate(job.rows) if score_key(row) not in keys])
+        if job.store.path not in known:
+            rows = job.store.rows()
+            known[job.store.path] = ({score_key(r) for r in rows}, {request_key(r) for r in rows if "request" in r})
+        keys, requests = known[job.store.path]
+        todo.append([i for i, row in enumerate(job.rows)
+                     if (request_key(row) not in requests if "request" in row else score_key(row) not in keys)])
     return todo
 
 
@@ -133,12 +146,51 @@ def loaded(job: Job, dtype: str, device: torch.device, env: DistEnv) -> torch.nn
 
 
 def score_job(job: Job, indices: list[int], sets: list[EvalSet], options: EvalOptions,
-              env: DistEnv, device: torch.device) -> list[dict[str, Any]] | None:
-    """Load one checkpoint and score it on the chosen sets; returns the finished rows, or None on every
-    rank when the checkpoint's run pruned it before it was loaded."""
+              env: DistEnv, device: torch.device, tasks: Harness | None = None) -> list[dict[str, Any]] | None:
+    """Load one checkpoint and score it on the chosen sets and lm-eval requests; returns the finished rows,
+    or None on every rank when the checkpoint's run pruned it before it was loaded."""
     model = loaded(job, options.dtype, device, env)
     if model is None:
         return None
+    rows = _score_sets(job, [i for i in indices if i < len(sets)], sets, options, env, device, model)
+    requests = [job.rows[i] for i in indices if i >= len(sets)]
+    if requests:
+        rows += _score_requests(job, requests, tasks, env, model)
+    return rows
+
+
+def load_tokenizer(target: Target):
+    """The target's own tokenizer (lm-eval tokenizes the tasks' text with it)."""
+    source = str(target.ref.path / "tokenizer") if target.kind == "checkpoint" else target.name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=target.revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{target.identity}: no tokenizer to run lm-eval tasks with ({source}: "
+                        f"{str(exc).splitlines()[0]})") from None
+
+
+def _score_requests(job: Job, skeletons: list[dict[str, Any]], tasks: Harness, env: DistEnv,
+                    model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The rows of the requests (skeletons): rank r evaluates requests r, r + world size, ...; rank 0 gets
+    them all, in --lm-eval order."""
+    requests = [s["request"] for s in skeletons]
+    share = requests[env.rank::env.world_size]
+    mine = harness.evaluate(tasks, model, load_tokenizer(job.target), share, env.world_size) if share else []
+    if env.world_size > 1:
+        gathered: list[Any] = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = [row for part in gathered for row in part]
+    skeleton = dict(zip(requests, skeletons))
+    rows = [{**skeleton[row["request"]], **row} for row in sorted(mine, key=lambda r: requests.index(r["request"]))]
+    if env.is_main:
+        step = "" if job.target.step is None else f" step {job.target.step}"
+        for row in rows:
+            print(f"{job.target.run} {job.target.tag}{step}: {harness.describe(row)}", flush=True)
+    return rows
+
+
+def _score_sets(job: Job, indices: list[int], sets: list[EvalSet], options: EvalOptions, env: DistEnv,
+                device: torch.device, model: torch.nn.Module) -> list[dict[str, Any]]:
     forward = CausalLMLoss(model)
     rows = []
     for i in indices:

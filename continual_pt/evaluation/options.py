@@ -7,10 +7,15 @@ from dataclasses import dataclass
 from continual_pt.layout import PRECISIONS, SCORES, TAG_PREFIX
 from continual_pt.options import option
 
+TASKS = "downstream tasks"
+
 
 @dataclass(kw_only=True)
 class EvalOptions:
     """What `cpt eval` scores, on which sets, how, and where the rows go."""
+
+    GROUPS = {TASKS: "lm-evaluation-harness tasks scored on the same checkpoints, their metrics stored as rows "
+                     "of the same store (needs the extra: pip install -e '.[lm-eval]')"}
 
     targets: list[str] = option(help=f"a run directory (all its committed checkpoints), a checkpoint folder "
                                 f"{TAG_PREFIX}<N>, a Hugging Face model folder, or a hub name such as "
@@ -40,3 +45,16 @@ class EvalOptions:
     claim: bool = option(False, help="score the oldest committed checkpoint that lacks a row and no other job is "
                          "scoring, then the next, until none is left: any number of concurrent jobs (a job array's "
                          "tasks) drains the run, each checkpoint scored once (eval.sbatch uses it)")
+    lm_eval: list[str] = option([], help="lm-evaluation-harness tasks, groups or tags to score each checkpoint on, "
+                                "comma-separated and repeatable, e.g. --lm-eval hellaswag,arc_easy (the harness's "
+                                "own datasets must be in the datasets cache, or the task a local one: --include-path)",
+                                flags=("--lm-eval",), metavar="TASKS", group=TASKS)
+    lm_eval_limit: str | None = option(None, help="documents per task: a count, or a fraction below 1 (default: all); "
+                                       "a limited score is another measurement than the full one",
+                                       metavar="N", group=TASKS)
+    num_fewshot: int | None = option(None, help="few-shot examples per document (default: each task's own)",
+                                     metavar="K", group=TASKS)
+    lm_eval_batch_size: str = option("1", help="documents per forward pass: a count, auto or auto:N (as "
+                                     "the harness's --batch_size)", metavar="B", group=TASKS)
+    include_path: list[str] = option([], help="a folder of task YAML files of your own (local data files need no "
+                                     "network); repeatable", metavar="DIR", group=TASKS)

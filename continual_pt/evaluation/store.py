@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,13 +23,16 @@ from typing import Any
 
 from continual_pt.files import atomic_write_text, json_line, open_append, read_json_lines
 
-KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "selection", "seq_len", "dtype", "domain")
+KEY_FIELDS = ("checkpoint", "set", "split", "set_fingerprint", "budget", "selection", "seq_len", "dtype", "domain",
+              "task", "request", "request_version", "harness", "task_version", "num_fewshot", "limit")
 """What makes two rows the same measurement; a row with an equal key is never scored again. `selection`
 is how the budget's windows were chosen (rows before it was recorded took the first windows: another
-measurement, scored again). `domain` is set on the rows of one domain of a set scored by domain."""
+measurement, scored again). `domain` is set on the rows of one domain of a set scored by domain. The
+last seven are those of an lm-eval task's row (evaluation/harness.py), absent from loss rows."""
 CSV_FIELDS = ("run", "checkpoint", "kind", "tag", "step", "tokens_seen", "set", "set_path", "split",
               "set_fingerprint", "budget", "selection", "windows", "seq_len", "dtype", "domain", "loss", "ppl",
-              "macro_loss", "tokens", "world_size", "seconds", "time")
+              "macro_loss", "tokens", "task", "request", "harness", "task_version", "num_fewshot", "n_shot", "limit",
+              "samples", "metrics", "stderr", "world_size", "seconds", "time")
 
 
 def score_key(row: dict[str, Any]) -> tuple:
@@ -39,6 +43,13 @@ def score_key(row: dict[str, Any]) -> tuple:
 def read_scores(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a scores.jsonl in file order; a line that does not parse is reported once and skipped."""
     return read_json_lines(path)
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: empty for None, JSON for a task row's metrics and stderr."""
+    if value is None:
+        return ""
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
 
 
 class ScoreStore:
@@ -94,5 +105,5 @@ class ScoreStore:
         writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.rows():
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_FIELDS})
+            writer.writerow({k: _cell(row.get(k)) for k in CSV_FIELDS})
         atomic_write_text(self.csv_path, buf.getvalue())
