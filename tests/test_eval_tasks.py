@@ -174,3 +174,24 @@ def test_bad_task_requests_fail_before_anything_is_written(run, tasks, tmp_path,
            "'someone/not-cached' on the Hub" in proc.stderr and "--include-path" in proc.stderr.splitlines()[-1]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not store.exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_requests_and_store_what_one_rank_stores(run, tasks, tmp_path):
+    """Under torchrun each rank evaluates its share of the requests; rank 0 stores them all, in order."""
+    from tests.helpers import free_port
+
+    ckpt = str(run / "checkpoints" / "global_step8")
+    args = [ckpt, "--lm-eval", "tiny_mc,tiny_ppl", "--lm-eval-limit", "6", "--include-path", str(tasks)]
+    env = {**ts.env(), **OFFLINE, "OMP_NUM_THREADS": "1"}
+    for store, launch in ((tmp_path / "one.jsonl", [sys.executable, "-m", "continual_pt.evaluate"]),
+                          (tmp_path / "two.jsonl", ["torchrun", "--nproc_per_node", "2", "--master_port",
+                                                    str(free_port()), "-m", "continual_pt.evaluate"])):
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        proc = subprocess.run([*launch, *args, "--store", str(store)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = read_scores(tmp_path / "one.jsonl"), read_scores(tmp_path / "two.jsonl")
+    assert [r["task"] for r in two] == ["tiny_mc", "tiny_ppl"] and [r["world_size"] for r in two] == [2, 2]
+    for a, b in zip(one, two):
+        assert (a["metrics"], a["stderr"], a["samples"]) == (b["metrics"], b["stderr"], b["samples"]) and a["samples"] == 6

@@ -19,6 +19,7 @@ itself runs single-process on a model it is handed (it does not split one task's
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from contextlib import contextmanager
@@ -107,6 +108,21 @@ def _quiet(name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextmanager
+def _single_process():
+    """LOCAL_RANK 0 for the harness while it evaluates this rank's own requests on this rank's own model:
+    it returns its results only where LOCAL_RANK is 0 (it takes any other for a tensor-parallel peer)."""
+    before = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = before
 
 
 def _task_names(specs: list[str]) -> list[str]:
@@ -227,8 +243,10 @@ def evaluate(harness: Harness, model, tokenizer, requests: list[str], world_size
     for request in requests:
         started = time.monotonic()
         try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=[request], num_fewshot=harness.num_fewshot,
-                                              limit=harness.limit, task_manager=harness.manager, log_samples=False)
+            with _single_process():
+                results = lm_eval.simple_evaluate(model=lm, tasks=[request], num_fewshot=harness.num_fewshot,
+                                                  limit=harness.limit, task_manager=harness.manager,
+                                                  log_samples=False)
         except AssertionError as exc:   # how the harness refuses a document the model cannot take
             raise UserError(f"lm-eval task {request} cannot run on this model (context {lm.max_length} tokens): "
                             f"the harness stopped at `{_failed_check(exc)}`; a task whose answers are longer "

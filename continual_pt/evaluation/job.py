@@ -175,10 +175,19 @@ def _score_requests(job: Job, skeletons: list[dict[str, Any]], tasks: Harness, e
     them all, in --lm-eval order."""
     requests = [s["request"] for s in skeletons]
     share = requests[env.rank::env.world_size]
-    mine = harness.evaluate(tasks, model, load_tokenizer(job.target), share, env.world_size) if share else []
+    try:
+        mine: list[dict[str, Any]] | str = \
+            harness.evaluate(tasks, model, load_tokenizer(job.target), share, env.world_size) if share else []
+    except UserError as exc:
+        if env.world_size == 1:
+            raise
+        mine = str(exc)   # every rank raises it below, instead of the others waiting for this one forever
     if env.world_size > 1:
         gathered: list[Any] = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, mine)
+        problems = [part for part in gathered if isinstance(part, str)]
+        if problems:
+            raise UserError(problems[0])
         mine = [row for part in gathered for row in part]
     skeleton = dict(zip(requests, skeletons))
     rows = [{**skeleton[row["request"]], **row} for row in sorted(mine, key=lambda r: requests.index(r["request"]))]
