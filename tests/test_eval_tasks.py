@@ -53,6 +53,9 @@ def write_tasks(folder: Path) -> Path:
         "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
         "metadata:\n  version: 2.0\n")
+    (folder / "tiny_group.yaml").write_text("group: tiny_group\ntask:\n  - tiny_mc\n  - tiny_mc2\n"
+                                            "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n"
+                                            "metadata:\n  version: 3.0\n")
     return folder
 
 
@@ -132,6 +135,24 @@ def test_a_rerun_scores_nothing_twice_and_other_settings_are_other_rows(run, tas
     assert main(["eval", str(run), "--lm-eval", "tiny_mc2", "--include-path", str(tasks), "--store", str(store),
                  "--lm-eval-limit", "5", "--list"]) == 0
     assert "0 not yet scored" in capsys.readouterr().out
+
+
+def test_a_group_is_one_request_with_a_row_per_subtask_and_its_aggregate(run, tasks, tmp_path, capsys):
+    store = tmp_path / "scores.jsonl"
+    args = ["eval", str(run / "checkpoints" / "global_step4"), "--lm-eval", "tiny_group,tiny_mc",
+            "--include-path", str(tasks), "--store", str(store), "--lm-eval-limit", "4"]
+    assert main(args) == 0
+    rows = read_scores(store)
+    assert sorted((r["request"], r["task"], r["request_version"], r["samples"]) for r in rows) == \
+        [("tiny_group", "tiny_group", 3.0, None), ("tiny_group", "tiny_mc", 3.0, 4), ("tiny_group", "tiny_mc2", 3.0, 4),
+         ("tiny_mc", "tiny_mc", 1.0, 4)]
+    group = {r["task"]: r for r in rows if r["request"] == "tiny_group"}
+    assert group["tiny_group"]["metrics"]["acc"] == pytest.approx(
+        (group["tiny_mc"]["metrics"]["acc"] + group["tiny_mc2"]["metrics"]["acc"]) / 2)
+    assert [r for r in rows if r["request"] == "tiny_mc"][0]["metrics"] == group["tiny_mc"]["metrics"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 to score, 2 already scored" in capsys.readouterr().err and read_scores(store) == rows
 
 
 def test_without_the_extra_lm_eval_says_how_to_install_it_and_nothing_else_changes(run, world, tmp_path,

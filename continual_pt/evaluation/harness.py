@@ -91,6 +91,8 @@ class Harness:
     limit: int | float | None
     batch_size: int | str
     manager: Any
+    members: dict[str, set[str]]
+    """Per request, the tasks and groups it stands for (a group's subtasks, a tag's tasks)."""
 
     def skeleton(self, request: str) -> dict[str, Any]:
         """The fields every row of `request` carries whatever the checkpoint (REQUEST_FIELDS but two)."""
@@ -145,10 +147,12 @@ class DataUnavailable(UserError):
     """A task's data cannot be had (the hub unreachable, a data file missing)."""
 
 
-def _load_data(manager, name: str) -> None:
-    """Build the task(s) of one request now, so that missing data fails before any checkpoint is scored."""
+def _load_data(manager, name: str) -> set[str]:
+    """Build the task(s) of one request now, so that missing data fails before any checkpoint is scored;
+    the names of its tasks and groups (the entries of its results)."""
     try:
-        manager.load([name])
+        built = manager.load([name])
+        return {name, *built["tasks"], *built.get("groups", {})}
     except (ConnectionError, OSError, TimeoutError) as exc:
         text = (str(exc).strip() or repr(exc)).splitlines()[0]
         raise DataUnavailable(f"lm-eval task {name}: its data could not be loaded ({type(exc).__name__}: "
@@ -168,9 +172,7 @@ def _checked_manager(include_paths: list[str], names: list[str]):
         local = _manager(include_paths, local=True)
         if all(n in local.task_index for n in names):
             try:
-                for name in names:
-                    _load_data(local, name)
-                return local
+                return local, {name: _load_data(local, name) for name in names}
             except DataUnavailable:
                 raise
             except UserError:
@@ -182,9 +184,7 @@ def _checked_manager(include_paths: list[str], names: list[str]):
             " (a task of your own: --include-path DIR with its YAML)"
         raise UserError(f"--lm-eval: unknown task(s) {', '.join(unknown)}: not in lm-eval's tasks{where}; "
                         "`lm_eval ls tasks` lists them")
-    for name in names:
-        _load_data(manager, name)
-    return manager
+    return manager, {name: _load_data(manager, name) for name in names}
 
 
 def open_harness(specs: list[str], include_paths: list[str], num_fewshot: int | None, limit: str | None,
@@ -196,9 +196,9 @@ def open_harness(specs: list[str], include_paths: list[str], num_fewshot: int | 
     if num_fewshot is not None and num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     count, size, names = parse_limit(limit), parse_batch_size(batch_size), _task_names(specs)
-    manager = _checked_manager(include_paths, names)
+    manager, members = _checked_manager(include_paths, names)
     versions = {n: ((manager.task_index[n].cfg or {}).get("metadata") or {}).get("version") for n in names}
-    return Harness(names, versions, version, num_fewshot, count, size, manager)
+    return Harness(names, versions, version, num_fewshot, count, size, manager, members)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -219,8 +219,8 @@ def _metrics(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return values, {k: errors.get(k) for k in values}
 
 
-def _rows(request: str, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The store rows (without the checkpoint's fields) of one request's `simple_evaluate` results."""
+def _rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The store rows (without the checkpoint's and request's fields) of `simple_evaluate` results."""
     rows = []
     for task, entry in results["results"].items():
         values, errors = _metrics(entry)
@@ -232,29 +232,47 @@ def _rows(request: str, results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _disjoint(harness: Harness, requests: list[str]) -> list[list[str]]:
+    """The requests in as few batches as can be evaluated together: the harness refuses a task named by
+    two requests of one call (a task and a group holding it)."""
+    batches: list[tuple[list[str], set[str]]] = []
+    for request in requests:
+        for names, covered in batches:
+            if not covered & harness.members[request]:
+                names.append(request)
+                covered |= harness.members[request]
+                break
+        else:
+            batches.append(([request], set(harness.members[request])))
+    return [names for names, _ in batches]
+
+
 def evaluate(harness: Harness, model, tokenizer, requests: list[str], world_size: int) -> list[dict[str, Any]]:
-    """Rows of `requests` for a loaded model (the checkpoint's fields are added by the caller)."""
+    """Rows of `requests` for a loaded model (the checkpoint's fields are added by the caller): one
+    `simple_evaluate` over them all as the harness's CLI runs (or one per batch of requests that share no
+    task), each entry of its results a row of every request that stands for it."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     with _quiet("lm_eval.models.huggingface"):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=harness.batch_size)
     rows = []
-    for request in requests:
+    for batch in _disjoint(harness, requests):
         started = time.monotonic()
         try:
             with _single_process():
-                results = lm_eval.simple_evaluate(model=lm, tasks=[request], num_fewshot=harness.num_fewshot,
+                results = lm_eval.simple_evaluate(model=lm, tasks=batch, num_fewshot=harness.num_fewshot,
                                                   limit=harness.limit, task_manager=harness.manager,
                                                   log_samples=False)
         except AssertionError as exc:   # how the harness refuses a document the model cannot take
-            raise UserError(f"lm-eval task {request} cannot run on this model (context {lm.max_length} tokens): "
-                            f"the harness stopped at `{_failed_check(exc)}`; a task whose answers are longer "
-                            "than the model's context cannot be scored") from None
+            raise UserError(f"lm-eval task(s) {', '.join(batch)} cannot run on this model (context "
+                            f"{lm.max_length} tokens): the harness stopped at `{_failed_check(exc)}`; a task "
+                            "whose answers are longer than the model's context cannot be scored") from None
         extra = {"world_size": world_size, "seconds": round(time.monotonic() - started, 3),
                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        rows += [{**harness.skeleton(request), **row, **extra} for row in _rows(request, results)]
-    return rows
+        rows += [{**harness.skeleton(request), **row, **extra}
+                 for request in batch for row in _rows(results) if row["task"] in harness.members[request]]
+    return sorted(rows, key=lambda row: requests.index(row["request"]))
 
 
 def _failed_check(exc: AssertionError) -> str:
