@@ -134,11 +134,12 @@ COMMANDS = (
             "the commit protocol. A resume with another world size or ZeRO stage (checkpoint.elastic: auto) "
             "makes and reuses the same conversion."),
     Command(("eval",), "continual_pt.evaluation.command:run_eval", "continual_pt.evaluation.options:EvalOptions",
-            "score checkpoints on named held-out sets into an incremental results store",
-            "Token-weighted loss and perplexity of checkpoints on held-out sets. Runs as one process or under "
-            "deepspeed, torchrun, srun or mpirun (`python -m continual_pt.evaluate` takes the same arguments); "
-            "the scores do not depend on the number of ranks. Rows already in the store (same checkpoint, set, "
-            "budget, seq len, dtype) are skipped."),
+            "score checkpoints on named held-out sets (and lm-eval tasks) into an incremental results store",
+            "Token-weighted loss and perplexity of checkpoints on held-out sets, and with --lm-eval the metrics "
+            "of lm-evaluation-harness tasks. Runs as one process or under deepspeed, torchrun, srun or mpirun "
+            "(`python -m continual_pt.evaluate` takes the same arguments); the losses do not depend on the "
+            "number of ranks. Rows already in the store (same checkpoint, set, budget, seq len, dtype; for a "
+            "task, same harness and task versions, few-shot count and limit) are skipped."),
     Command(("plot",), "continual_pt.results.plots:run_plot", "continual_pt.results.options:PlotOptions",
             "draw validation loss vs tokens per held-out set, one line per run, with the LR schedule",
             "The paper's figures: one panel of validation loss vs tokens per held-out set (in-loop evaluations "

@@ -99,7 +99,7 @@ START_SCORES = f"start-{SCORES}"   # `cpt eval` of the start model (the final up
 
 def start_scores(out: Path) -> dict[str, Number]:
     """The start model's `cpt eval` loss per set, from <out>/start-scores.jsonl."""
-    rows = read_scores(out / START_SCORES)
+    rows = [r for r in read_scores(out / START_SCORES) if "set" in r]   # loss rows (not lm-eval task rows)
     return {r["set"]: Number("start model", r["set"], "score", int(r["step"] or 0), float(r["loss"])) for r in rows}
 
 

@@ -46,8 +46,8 @@ class EvalOptions:
                          "scoring, then the next, until none is left: any number of concurrent jobs (a job array's "
                          "tasks) drains the run, each checkpoint scored once (eval.sbatch uses it)")
     lm_eval: list[str] = option([], help="lm-evaluation-harness tasks, groups or tags to score each checkpoint on, "
-                                "comma-separated and repeatable, e.g. --lm-eval hellaswag,arc_easy (the harness's "
-                                "own datasets must be in the datasets cache, or the task a local one: --include-path)",
+                                "comma-separated and repeatable, e.g. --lm-eval hellaswag,arc_easy (without a network, "
+                                "their datasets must be in the datasets cache, or the tasks local ones: --include-path)",
                                 flags=("--lm-eval",), metavar="TASKS", group=TASKS)
     lm_eval_limit: str | None = option(None, help="documents per task: a count, or a fraction below 1 (default: all); "
                                        "a limited score is another measurement than the full one",
