@@ -15,6 +15,7 @@ import pytest
 from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
 from continual_pt.errors import UserError
+from continual_pt.layout import EXIT_RESUMABLE
 from tests.helpers import prepare_quietly
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,13 +168,13 @@ def start_prepare_and_wait_for_a_shard(out: Path, tokenizer: Path) -> tuple[subp
            str(tokenizer), "--out", str(out), "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO)
     deadline = time.monotonic() + 60
-    shard = out.parent / f"{out.name}.tmp-{proc.pid}" / "train" / "000000.bin"
+    shard = out.parent / f"{out.name}.tmp-{proc.pid}" / "tasks" / "000000" / "train" / "000000.bin"  # its one task's
     while not (shard.is_file() and shard.stat().st_size > 0):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("prepare ended before it could be interrupted")
         time.sleep(0.05)
-    return proc, shard.parents[1]
+    return proc, shard.parents[3]
 
 
 def test_interrupted_prepare_is_never_mistaken_for_a_dataset(tmp_path, data_tokenizer):
@@ -194,9 +195,10 @@ def test_interrupted_prepare_is_never_mistaken_for_a_dataset(tmp_path, data_toke
 
 
 def test_sigterm_removes_the_temporary_directory(tmp_path, data_tokenizer):
+    """Stopped before its only task is done, prepare keeps nothing (tests/test_prepare_resume.py: what it keeps)."""
     proc, tmp = start_prepare_and_wait_for_a_shard(tmp_path / "code", data_tokenizer)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=30) == EXIT_RESUMABLE
     assert not tmp.exists() and not (tmp_path / "code").exists()
 
 
@@ -215,10 +217,11 @@ class _KillsItsWorker:
 
 
 def test_a_dead_worker_fails_the_run_instead_of_hanging(data_tokenizer):
-    from continual_pt.data.prepare import _encoded
+    from continual_pt.data.runner import _in_order
+    from continual_pt.data.tasks import Task
     from continual_pt.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(data_tokenizer))
     init = (tok.tokenizer_json, tok.eos_id, "uint16", 0.0, "text")
     with pytest.raises(UserError, match="a tokenizer process died"):
-        list(_encoded(iter([_KillsItsWorker()]), 2, init))
+        list(_in_order(iter([(Task(0, 0), "chunk", _KillsItsWorker())]), 2, init))

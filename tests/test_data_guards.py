@@ -230,7 +230,7 @@ def test_workers_exit_when_prepare_is_killed(tmp_path, data_tokenizer):
     cmd = [sys.executable, "-m", "continual_pt.cli", "prepare", "--source", "python-stdlib", "--tokenizer",
            str(data_tokenizer), "--out", str(out), "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO)
-    shard = tmp_path / f"code.tmp-{proc.pid}" / "train" / "000000.bin"
+    shard = tmp_path / f"code.tmp-{proc.pid}" / "tasks" / "000000" / "train" / "000000.bin"
     deadline = time.monotonic() + 90
     workers: list[int] = []
     try:

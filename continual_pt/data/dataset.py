@@ -27,6 +27,8 @@ from continual_pt.errors import UserError
 
 FORMAT_VERSION = 1  # of manifest.json, written by prepare and checked here
 MANIFEST = "manifest.json"
+TASKS_DIR = "tasks"
+"""In the temporary directory of an unfinished `cpt prepare`: each task's own shards (data/tasks.py)."""
 SPLITS = ("train", "val")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 OPEN_SHARDS = 64  # memmaps kept open per dataset: each holds a file descriptor
@@ -45,7 +47,9 @@ class Setting:
 
 
 def _has_shards(folder: Path) -> bool:
-    return any(f.is_file() for split in SPLITS for f in folder.glob(f"{split}/[0-9]*.bin"))
+    """Whether `folder` holds token shards of `cpt prepare`: a dataset's, or its tasks' while it runs."""
+    return any(f.is_file() for split in SPLITS for pattern in (f"{split}/[0-9]*.bin", f"{TASKS_DIR}/*/{split}/[0-9]*.bin")
+               for f in folder.glob(pattern))
 
 
 def _has_prepare_folders(folder: Path) -> bool:

@@ -34,7 +34,7 @@ SOURCE_HELP = ("input (repeatable): a .jsonl, .jsonl.zst, .jsonl.gz, .parquet or
 class SourceOptions:
     """Where documents come from and what to do with an existing output (shared by prepare and tokenizer)."""
 
-    sources: list[str] = option(help=SOURCE_HELP, flags=("--source", "-s"), metavar="SOURCE")
+    sources: list[str] = option([], help=SOURCE_HELP + " (at least one)", flags=("--source", "-s"), metavar="SOURCE")
     text_field: str = option("text", help="field (JSON key, parquet column, dataset column) holding the text")
     hf_split: str = option("train", help="split of a Hugging Face dataset (saved DatasetDict or hub name)")
     hf_config: str | None = option(None, help="config name of a hub dataset (hf:NAME)")
@@ -51,9 +51,10 @@ class SourceOptions:
 class PrepareOptions(SourceOptions):
     """Everything `cpt prepare` needs; recorded in the manifest as the creation arguments."""
 
-    tokenizer: str = option(help="Hugging Face tokenizer folder, tokenizer.json file or hub name (e.g. a folder "
+    tokenizer: str | None = option(None, help="Hugging Face tokenizer folder, tokenizer.json file or hub name (e.g. a folder "
                             "written by `cpt tokenizer train`)", flags=("--tokenizer", "-t"))
-    out: str = option(help="dataset directory to write", flags=("--out", "-o"))
+    out: str | None = option(None, help="dataset directory to write (required but with --status)",
+                             flags=("--out", "-o"))
     eos_token: str | None = option(None, help="token appended after every document (default: the tokenizer's "
                                    "EOS token)")
     val_fraction: float = option(0.005, help="share of documents held out for validation, chosen by a hash of "
@@ -78,10 +79,16 @@ class PrepareOptions(SourceOptions):
                                 "natural order of their paths (chunk2 before chunk10); the corpus's validation files "
                                 "are the val split (--val-fraction is not used) and its test files (test/, "
                                 "test.jsonl.zst) are not read", choices=LAYOUTS)
+    status: str | None = option(None, help="say how far a prepare writing OUT is (tasks done, running or to do, "
+                                "failed; tokens so far), or what OUT holds once complete; nothing is written",
+                                metavar="OUT")
 
     def check(self) -> None:
         """Raise one UserError listing every invalid option."""
         p = Problems("options")
+        for flag, value in (("--tokenizer", self.tokenizer), ("--out", self.out)):
+            if value is None:
+                p.add("", f"{flag} is required")
         if not self.sources:
             p.add("", "no --source given")
         if not 0.0 <= self.val_fraction < 1.0:

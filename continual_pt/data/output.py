@@ -127,7 +127,8 @@ def check_destination(out: Path, overwrite: bool, kind: OutputKind) -> None:
             raise UserError(f"another process (pid {pid}) is writing {out} into {tmp}; wait for it or stop it")
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def commit_directory(tmp: Path, out: Path) -> None:
+    """Rename a complete temporary directory to `out` (replacing an old `out` only once it is in place)."""
     fsync_dir(tmp)
     if out.exists():
         # Keep the old output until the new one is in place: a crash in between loses neither.
@@ -154,7 +155,7 @@ def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _commit(tmp, out)
+    commit_directory(tmp, out)
 
 
 class ShardWriter:

@@ -4,9 +4,11 @@
     cpt prepare --source kjv --tokenizer data/tok --out data/kjv --workers 2
     cpt prepare --layout slimpajama --source /data/SlimPajama-627B --tokenizer EleutherAI/pythia-410m --out data/sp
 
-The parent process reads sources in chunks, a pool of processes parses and tokenizes them,
-and the parent writes their tokens in chunk order, so the bytes written do not depend on the
-number of workers and memory does not depend on the size of the corpus. Layout:
+The inputs split into tasks (one per input file, data/tasks.py); the parent reads each task's
+chunks, a pool of processes parses and tokenizes them, and the parent writes each task's tokens
+in chunk order and, once they are complete, its completion record; the merge (data/merge.py) then
+writes the dataset from the tasks, so the bytes written depend neither on the number of workers nor
+on where a run was stopped and resumed, and memory does not depend on the size of the corpus. Layout:
 
     <out>/manifest.json       written last; its presence marks the dataset complete
     <out>/tokenizer/          copy of the tokenizer (the dataset is self-contained)
@@ -17,41 +19,35 @@ number of workers and memory does not depend on the size of the corpus. Layout:
                               with --domain-field or --layout: each document's end and domain id, and
                               the manifest's per-domain counts (the format: data/domains.py)
 
-Bad input (a broken record, a missing field, documents without a domain) fails the run with one
-message naming the file and line before anything is in place: the output only appears, renamed
-from its temporary directory, once every document is read.
+A run stopped by SIGTERM or Ctrl-C (exit 75) or killed keeps its done tasks in its temporary
+directory `<out>.tmp-<pid>`; the same command again does only the rest (data/resume.py), and
+`cpt prepare --status OUT` says how far it is. Bad input (a broken record, a missing field,
+documents without a domain) fails its task with one message naming the file and line; the output
+only appears, renamed from the temporary directory, once every task is done and merged.
 """
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
-import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tokenizers
-from tqdm import tqdm
 
 from continual_pt import __version__
-from continual_pt.data import domains, encode, layouts, output, sources
+from continual_pt.data import domains, encode, layouts, merge, output, resume, runner, sources, tasks
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
 from continual_pt.data.options import PrepareOptions
 from continual_pt.data.tokenizer import TOKENIZER_FILES, LoadedTokenizer, load_tokenizer
 from continual_pt.errors import UserError
-from continual_pt.layout import EXIT_OK
+from continual_pt.layout import EXIT_OK, EXIT_RESUMABLE
 
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
@@ -78,19 +74,6 @@ def choose_dtype(requested: str, vocab_size: int, tokenizer: str) -> str:
         raise UserError(f"--dtype {requested} cannot hold token ids up to {vocab_size - 1} (tokenizer "
                         f"{tokenizer!r} has {vocab_size} ids); use --dtype uint32 or auto")
     return requested
-
-
-@dataclass
-class _Totals:
-    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    docs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    skipped: dict[str, int] = field(default_factory=dict)
-    nbytes: int = 0
-    seconds: float = 0.0
-    index: output.DomainWriter | None = None
-    """With domains: the document index written, its missing-domain count and the domain table."""
-    by_split: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """With domains: each split's manifest entries ("by_domain", "documents")."""
 
 
 @dataclass(frozen=True)
@@ -122,68 +105,12 @@ def _plan(options: PrepareOptions) -> _Plan:
     return _Plan(srcs, domain_field, layout)
 
 
-def _encoded(chunks: Iterator[encode.Chunk], workers: int, init_args: tuple) -> Iterator[encode.Encoded]:
-    """Encoded chunks in input order, at most 2 x workers of them in flight (bounded memory)."""
-    if workers == 1:
-        encode.init_worker(*init_args, parent_pid=None)
-        yield from map(encode.encode_chunk, chunks)
-        return
-    # spawn: the parent may hold threads (tqdm, torch) that make fork unsafe. An executor rather
-    # than multiprocessing.Pool: a worker killed by the OOM killer fails the run instead of hanging it.
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=partial(encode.init_worker, parent_pid=os.getpid()),
-                                   initargs=init_args)
-    try:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(executor.submit(encode.encode_chunk, chunk))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BrokenProcessPool:
-        raise UserError("a tokenizer process died (out of memory?); run again with fewer --workers") from None
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _tokenize(plan: _Plan, tok: LoadedTokenizer, dtype: str, options: PrepareOptions, root: Path):
-    """Stream every source through the workers into shard writers (and the document index, with
-    domains); returns (shards, totals)."""
-    writers = {s: output.ShardWriter(root, s, encode.DTYPES[dtype], options.shard_tokens) for s in SPLITS}
-    totals = _Totals()
-    if plan.domain_field is not None:
-        table = output.DomainTable(plan.domain_field, plan.known_domains, options.unknown_domain)
-        totals.index = output.DomainWriter(root, SPLITS, table)
-    init_args = (tok.tokenizer_json, tok.eos_id, dtype, options.val_fraction, options.text_field, plan.domain_field)
-    workers = options.workers or default_workers()
-    start = time.perf_counter()
-    with tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=options.quiet, smoothing=0.1) as bar:
-        chunks = sources.iter_chunks(plan.sources, options.text_field, sources.CHUNK_BYTES, plan.domain_field)
-        for enc in _encoded(chunks, workers, init_args):
-            for split in SPLITS:
-                writers[split].write(enc.tokens[split])
-                totals.tokens[split] += len(enc.tokens[split])
-                totals.docs[split] += enc.docs[split]
-            if totals.index is not None:
-                totals.index.add(enc.domain_names, enc.doc_tokens, enc.doc_domains, enc.missing_domain, enc.missing_at)
-            for key, n in enc.skipped.items():
-                totals.skipped[key] = totals.skipped.get(key, 0) + n
-            totals.nbytes += enc.nbytes
-            bar.update(sum(len(t) for t in enc.tokens.values()))
-            bar.set_postfix_str(f"{totals.nbytes / 1e6:.0f} MB, {sum(totals.docs.values())} docs", refresh=False)
-    totals.seconds = time.perf_counter() - start
-    if totals.index is not None:
-        totals.by_split = totals.index.finish()
-    return {s: w.finish() for s, w in writers.items()}, totals
-
-
 def _software() -> dict[str, str]:
     return {"continual_pt": __version__, "tokenizers": tokenizers.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0]}
 
 
-def _check_domains(plan: _Plan, options: PrepareOptions, totals: _Totals) -> None:
+def _check_domains(plan: _Plan, options: PrepareOptions, totals: merge.Totals) -> None:
     """Documents without a domain fail the run, counted, unless --unknown-domain names theirs."""
     index = totals.index
     if index is not None and index.missing and options.unknown_domain is None:
@@ -192,7 +119,7 @@ def _check_domains(plan: _Plan, options: PrepareOptions, totals: _Totals) -> Non
                         "--unknown-domain NAME (e.g. unknown) to put them under domain NAME")
 
 
-def _domain_fields(plan: _Plan, options: PrepareOptions, totals: _Totals) -> dict[str, Any]:
+def _domain_fields(plan: _Plan, options: PrepareOptions, totals: merge.Totals) -> dict[str, Any]:
     index = totals.index
     found: dict[str, Any] = {"domain_field": plan.domain_field, "domains": index.table.names if index else []}
     if index is not None:
@@ -202,7 +129,7 @@ def _domain_fields(plan: _Plan, options: PrepareOptions, totals: _Totals) -> dic
 
 
 def _manifest(options: PrepareOptions, plan: _Plan, tok: LoadedTokenizer, dtype: str, shards: dict,
-              totals: _Totals, fingerprints: list[dict[str, Any]]) -> dict[str, Any]:
+              totals: merge.Totals, fingerprints: list[dict[str, Any]], layout: list[dict[str, Any]]) -> dict[str, Any]:
     hashed = "val if blake2b(utf-8 text, digest_size=8) as little-endian int < val_fraction * 2**64"
     return {
         "format_version": FORMAT_VERSION,
@@ -222,47 +149,111 @@ def _manifest(options: PrepareOptions, plan: _Plan, tok: LoadedTokenizer, dtype:
         "skipped_docs": totals.skipped,
         "input_bytes": totals.nbytes,
         "sources": fingerprints,
+        "tasks": layout,
         "args": asdict(options),
         "software": _software(),
     }
 
 
-def prepare(options: PrepareOptions) -> dict[str, Any]:
-    """Tokenize `options.sources` into the dataset directory `options.out`; returns its manifest."""
-    options.check()
-    out = Path(options.out)
+def _job(options: PrepareOptions, out: Path) -> tuple[runner.Job, list[tasks.Task], LoadedTokenizer, _Plan]:
+    """Everything checked and resolved before anything is written: tokenizer, sources, tasks, plan."""
     output.check_destination(out, options.overwrite, DATASET)
     tok = load_tokenizer(options.tokenizer, options.eos_token)
     dtype = choose_dtype(options.dtype, tok.vocab_size, options.tokenizer)
     plan = _plan(options)
     for note in [] if options.quiet else sources.skipped_notes(plan.sources) + layouts.notes(plan.sources):
         print(note, file=sys.stderr)
+    task_list = tasks.split_tasks(plan.sources)
+    record = resume.plan_record(options, tok.sha256, dtype, task_list, plan.sources)
+    init_args = (tok.tokenizer_json, tok.eos_id, dtype, options.val_fraction, options.text_field, plan.domain_field)
+    job = runner.Job(Path(), plan.sources, record, init_args, dtype, options, plan.domain_field, plan.known_domains)
+    return job, task_list, tok, plan
+
+
+def prepare(options: PrepareOptions) -> dict[str, Any]:
+    """Tokenize `options.sources` into the dataset directory `options.out`; returns its manifest.
+
+    A stopped run's done tasks are kept and only the rest is done (data/resume.py)."""
+    options.check()
+    out = Path(options.out)
+    job, task_list, tok, plan = _job(options, out)
     fingerprints = [s.fingerprint() for s in plan.sources]
-    with output.atomic_directory(out, options.overwrite) as tmp:
-        tok.copy_to(tmp / TOKENIZER_DIR)
-        shards, totals = _tokenize(plan, tok, dtype, options, tmp)
+    work, kept = resume.open_work(out, job.plan, task_list, options.overwrite)
+    job = replace(job, work=work)
+    try:
+        manifest, run = _complete(job, task_list, tok, plan, fingerprints)
+        resume.remove_tasks(work, task_list)
+    except _Stopped as stop:
+        stop.kept = _kept(work, task_list)
+        raise
+    except BaseException:
+        if not tasks.done_records(work, len(task_list)) and not (work / MANIFEST).is_file():
+            shutil.rmtree(work, ignore_errors=True)   # nothing to keep: nothing left, as before tasks
+        raise
+    output.commit_directory(work, out)
+    if not options.quiet:
+        _print_summary(out, manifest, run, kept)
+    return manifest
+
+
+def _complete(job: runner.Job, task_list: list[tasks.Task], tok: LoadedTokenizer, plan: _Plan,
+              fingerprints: list[dict[str, Any]]) -> tuple[dict[str, Any], runner.Run]:
+    """Do the tasks not done, then merge them and write the manifest (unless a stopped run had)."""
+    work, options = job.work, job.options
+    if (work / MANIFEST).is_file():
+        return tasks.read_json(work / MANIFEST), runner.Run()
+    shutil.rmtree(work / TOKENIZER_DIR, ignore_errors=True)
+    tok.copy_to(work / TOKENIZER_DIR)
+    done = tasks.done_records(work, len(task_list))
+    run = runner.run_tasks(job, [t for t in task_list if t.index not in done], options.workers or default_workers())
+    records = tasks.done_records(work, len(task_list))
+    failed = tasks.failed_records(work, len(task_list))
+    if failed and not records:
+        raise UserError(failed[min(failed)]["error"])
+    try:
+        merge.check_done(task_list, records, failed, plan.sources)
+    except UserError as exc:
+        raise UserError(f"{exc}; the {len(records)} done task(s) are kept in {work}: fix the input(s) and run the "
+                        "same command again to do the rest") from None
+    table = output.DomainTable(plan.domain_field, plan.known_domains, options.unknown_domain) \
+        if plan.domain_field is not None else None
+    shards, totals = merge.merge_tasks(work, task_list, records, job.dtype, options.shard_tokens, table)
+    try:
         if sum(totals.docs.values()) == 0:
             raise UserError(f"empty input: no documents in {', '.join(options.sources)} "
                             f"(skipped: {totals.skipped or 'none'})")
         _check_domains(plan, options, totals)
-        manifest = _manifest(options, plan, tok, dtype, shards, totals, fingerprints)
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-    if not options.quiet:
-        _print_summary(out, manifest, totals)
-    return manifest
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)   # the same command would fail again: keep nothing
+        raise
+    layout = [{"input": t.describe(plan.sources), "split": t.split, "num_tokens": sum(records[t.index]["tokens"].values()),
+               "num_docs": sum(records[t.index]["docs"].values())} for t in task_list]
+    manifest = _manifest(options, plan, tok, job.dtype, shards, totals, fingerprints, layout)
+    tasks.write_json(work / MANIFEST, manifest)
+    return manifest, run
 
 
-def _print_summary(out: Path, manifest: dict[str, Any], totals: _Totals) -> None:
-    seconds = max(totals.seconds, 1e-9)
-    tokens = sum(totals.tokens.values())
+def _kept(work: Path, task_list: list[tasks.Task]) -> str:
+    """What a stopped run keeps, in a few words; removes its directory when that is nothing."""
+    if (work / MANIFEST).is_file():
+        return f"the merged dataset in {work}"
+    records = tasks.done_records(work, len(task_list))
+    if not records:
+        shutil.rmtree(work, ignore_errors=True)
+        return f"0 of {len(task_list)} task(s)"
+    tokens = sum(sum(r["tokens"].values()) for r in records.values())
+    return f"{len(records)} of {len(task_list)} task(s) ({tokens:,} tokens) in {work}"
+
+
+def _print_summary(out: Path, manifest: dict[str, Any], run: runner.Run, kept: int) -> None:
+    seconds = max(run.seconds, 1e-9)
     parts = [f"{s}: {m['num_tokens']:,} tokens, {m['num_docs']:,} docs, {len(m['shards'])} shard(s)"
              for s, m in manifest["splits"].items()]
     print(f"{out}: " + "; ".join(parts))
-    print(f"{totals.nbytes / 1e6:.1f} MB in {seconds:.1f} s: {totals.nbytes / 1e6 / seconds:.1f} MB/s, "
-          f"{tokens / seconds:,.0f} tokens/s ({manifest['dtype']}, skipped: {totals.skipped or 'none'})")
+    resumed = f", {kept} done before" if kept else ""
+    print(f"{len(run.done)} task(s) of {len(manifest['tasks'])} done in this run{resumed}: {run.nbytes / 1e6:.1f} MB in "
+          f"{seconds:.1f} s: {run.nbytes / 1e6 / seconds:.1f} MB/s, {run.tokens / seconds:,.0f} tokens/s "
+          f"({manifest['dtype']}, skipped: {manifest['skipped_docs'] or 'none'})")
     if manifest["domains"]:
         train = manifest["splits"]["train"]
         shares = ", ".join(f"{name} {train['by_domain'][name]['num_tokens'] / max(1, train['num_tokens']):.1%}"
@@ -272,18 +263,32 @@ def _print_summary(out: Path, manifest: dict[str, Any], totals: _Totals) -> None
               + (f"; {without:,} document(s) without one under {manifest['unknown_domain']!r}" if without else ""))
 
 
+class _Stopped(BaseException):
+    """SIGTERM or Ctrl-C: unwinds the run (completed tasks stay); `kept` says what."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.kept = "nothing"
+
+
 def _stop(signum: int, frame: Any) -> None:
-    print(f"cpt prepare: stopped by {signal.Signals(signum).name}; the unfinished output is removed",
-          file=sys.stderr)
-    sys.exit(128 + signum)
+    raise _Stopped(signum)
 
 
 def run_prepare(options: PrepareOptions) -> int:
-    """`cpt prepare`."""
-    # SIGTERM (scancel, timeouts) and Ctrl-C unwind without a traceback, removing the temporary directory.
+    """`cpt prepare` (and `cpt prepare --status OUT`)."""
+    if options.status is not None:
+        print("\n".join(resume.status(Path(options.status))))
+        return EXIT_OK
+    # SIGTERM (scancel, timeouts) and Ctrl-C unwind without a traceback, keeping the tasks done.
     previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         prepare(options)
+    except _Stopped as stop:
+        print(f"cpt prepare: stopped by {signal.Signals(stop.signum).name}; kept {stop.kept}; run the same "
+              "command again to do the rest", file=sys.stderr)
+        return EXIT_RESUMABLE
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -309,6 +309,8 @@ def resolve_sources(specs: list[str], text_field: str, hf_split: str = "train",
                     domain_field: str | None = None) -> list[Source]:
     """Resolve and probe every source; raises before anything is read in full. `domain_field`: a field
     the first record of each must hold (a --domain-field without --unknown-domain)."""
+    if not specs:
+        raise UserError("no --source given")
     sources = [resolve_source(s, hf_split, hf_config, skip_unknown) for s in specs]
     for source in sources:
         if isinstance(source, FileSource):
