@@ -213,3 +213,25 @@ def test_model_config_origins_are_recorded_but_never_dumped(tmp_path):
                                                                   "num_hidden_layers": "config"}
     with pytest.raises(ConfigError, match="model.origins: unknown key"):
         config.load(path, ["model.origins={hidden_size: x}"])
+
+
+def test_eval_lm_eval_tasks_are_checked_and_saved_only_when_set(tmp_path):
+    cfg = config.load(None, MINIMAL + ['eval.lm_eval={tasks: ["hellaswag,arc_easy", hellaswag], limit: 100.0, '
+                                       'batch_size: "4"}', "eval.lm_eval.include_path=[tasks]"])
+    tasks = cfg.eval.lm_eval
+    assert (tasks.requests(), tasks.limit, tasks.num_fewshot, tasks.batch_size, tasks.include_path) == \
+        (["hellaswag", "arc_easy"], 100, None, 4, ["tasks"])
+    assert config.load(write(tmp_path, config.dump(cfg))) == cfg
+    assert "lm_eval" not in config.dump(config.load(None, MINIMAL))   # older saved configs compare equal
+    with pytest.raises(ConfigError) as err:
+        config.load(None, MINIMAL + ["eval.lm_eval={tasks: [], limit: 2.5, num_fewshot: -1, batch_size: autox, "
+                                     "include_path: ['']}"])
+    assert err.value.problems == [
+        "command line: eval.lm_eval.tasks: empty: name the tasks to score, or leave eval.lm_eval out",
+        "command line: eval.lm_eval.limit: expected a count of documents (e.g. 100) or a fraction below 1 (e.g. "
+        "0.1), got 2.5",
+        "command line: eval.lm_eval.num_fewshot: must be >= 0, got -1",
+        "command line: eval.lm_eval.batch_size: expected a count >= 1, auto or auto:N, got 'autox'",
+        "command line: eval.lm_eval.include_path: an empty folder name"]
+    with pytest.raises(ConfigError, match=r"eval.lm_eval.tasks: an empty task name in \['a,'\]"):
+        config.load(None, MINIMAL + ["eval.lm_eval.tasks=['a,']", "eval.lm_eval.limit=0.25"])

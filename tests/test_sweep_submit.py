@@ -335,3 +335,81 @@ def test_an_eval_array_has_a_task_per_checkpoint_the_run_plans_to_keep(steps, ev
                       f"checkpoint.every_steps={every}", f"checkpoint.keep_last={keep_last}",
                       f"checkpoint.keep_every={keep_every}"])
     assert checkpoint_count(cfg) == count
+
+
+def task_grid(root: Path, world: dict[str, Path], sets: bool) -> Path:
+    """write_sweep's grid with lm-eval tasks set for every run by the grid, the base having eval.sets or not."""
+    grid = write_sweep(root, world)
+    if not sets:
+        base = yaml.safe_load((root / "base.yaml").read_text())
+        base["eval"] = {"sets": {}}
+        (root / "base.yaml").write_text(yaml.safe_dump(base))
+    raw = yaml.safe_load(grid.read_text())
+    raw["set"] = {"eval.lm_eval": {"tasks": ["tiny_mc,tiny_ppl", "tiny_mc"], "num_fewshot": 0, "limit": 5,
+                                   "include_path": [str(root / "tasks")]}}
+    grid.write_text(yaml.safe_dump(raw))
+    return grid
+
+
+def task_args(root: Path) -> list[str]:
+    """The `cpt eval` options of task_grid's tasks."""
+    return ["--lm-eval", "tiny_mc,tiny_ppl", "--lm-eval-limit", "5", "--num-fewshot", "0", "--include-path",
+            str(root / "tasks")]
+
+
+def test_a_runs_lm_eval_tasks_go_to_its_eval_array_even_without_eval_sets(fake_slurm, tmp_path, capsys):
+    grid = task_grid(tmp_path, paths_world(tmp_path), sets=False)
+    assert submit(grid, capsys)[0] == "max_lr0.001: submitted train job 100, eval array 101 (2 task(s), after 100)"
+    sweep = tmp_path / "sweep"
+    assert calls(fake_slurm)[1]["args"][-10:] == [str(REPO / "launch" / "slurm" / "eval.sbatch"),
+                                                  str(sweep / "runs" / RUNS[0]), *task_args(tmp_path)]
+    saved = yaml.safe_load((sweep / "configs" / f"{RUNS[0]}.yaml").read_text())["eval"]
+    assert (saved["sets"], saved["lm_eval"]["tasks"], saved["lm_eval"]["limit"]) == \
+        ({}, ["tiny_mc,tiny_ppl", "tiny_mc"], 5)
+    # Without tasks nor sets, no array (and a config without eval.lm_eval saves none).
+    raw = yaml.safe_load(grid.read_text())
+    del raw["set"]
+    raw["out"] = str(tmp_path / "plain")
+    grid.write_text(yaml.safe_dump(raw))
+    assert submit(grid, capsys)[0] == "max_lr0.001: submitted train job 104, no eval array (the run has no " \
+                                      "eval.sets nor eval.lm_eval)"
+    assert "lm_eval" not in yaml.safe_load((tmp_path / "plain" / "configs" / f"{RUNS[0]}.yaml").read_text())["eval"]
+
+
+def test_a_checkpoint_lacking_a_task_row_is_unscored_for_status_and_submit(fake_slurm, world, tmp_path, capsys):
+    """Every loss row is there: a task row missing (or of another limit, few-shot count or dtype) leaves its
+    checkpoint unscored, and the finished run gets an eval array that scores sets and tasks."""
+    grid = task_grid(tmp_path, world, sets=True)
+    submit(grid, capsys)
+    set_queue(fake_slurm, ["100|100|COMPLETED|None", "101|101_[0-1]|CANCELLED|None", "102|102|RUNNING|None"])
+    run_dir = tmp_path / "sweep" / "runs" / RUNS[0]
+    ckpts = {step: (run_dir / "checkpoints" / f"global_step{step}").resolve() for step in (6, 12)}
+    for path in ckpts.values():
+        path.mkdir(parents=True)
+        (path / "COMMITTED.json").write_text("{}")
+    sets = open_sets([f"{name}={world[name]}:val" for name in ("code", "prose")])
+    store = ScoreStore(run_dir / "scores.jsonl")
+    store.append([measurement(str(p), s, 256, 16, "fp32") for p in ckpts.values() for s in sets])
+
+    def task_row(step: int, request: str, **changed) -> dict:
+        return {"checkpoint": str(ckpts[step]), "task": request, "request": request, "request_version": 1.0,
+                "harness": "lm-eval 0.4.13", "task_version": 1.0, "num_fewshot": 0, "limit": 5, "dtype": "fp32",
+                "metrics": {"acc": 0.5}, **changed}
+
+    store.append([task_row(6, "tiny_mc"), task_row(6, "tiny_ppl"), task_row(12, "tiny_mc"),
+                  task_row(12, "tiny_ppl", limit=6), task_row(12, "tiny_ppl", num_fewshot=1),
+                  task_row(12, "tiny_ppl", dtype="bf16")])
+
+    def unscored() -> list[str]:
+        assert main(["sweep", "--grid", str(grid), "--status"]) == 0
+        return capsys.readouterr().out.splitlines()[2].split()[3:6]
+
+    assert unscored() == ["1", "of", "2"]
+    assert submit(grid, capsys)[0] == \
+        f"{RUNS[0]}: finished with 1 committed checkpoint(s) unscored: submitted eval array 104 (1 task(s))"
+    assert calls(fake_slurm)[-1]["args"][-15:] == [str(run_dir), "--set", f"code={world['code']}:val", "--set",
+                                                   f"prose={world['prose']}:val", "--tokens", "256", *task_args(tmp_path)]
+    set_queue(fake_slurm, [])
+    store.append([task_row(12, "tiny_ppl", task="tiny_ppl_sub", request_version=2.0, harness="lm-eval 9")])
+    assert unscored() == ["0", "of", "2"]   # versions are not compared without the harness's index
+    assert submit(grid, capsys)[0] == f"{RUNS[0]}: not submitted: finished at step 12"

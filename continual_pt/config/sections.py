@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from continual_pt.config import deepspeed
+from continual_pt.config.tasks import LmEvalConfig
 from continual_pt.config.typed import Problems, parse_duration
 from continual_pt.layout import PRECISIONS
 from continual_pt.schedules import ScheduleConfig, check_config
@@ -222,7 +223,8 @@ class EvalSetConfig:
 
 @dataclass
 class EvalConfig:
-    """In-loop evaluation: one token-weighted loss and perplexity per named held-out set."""
+    """In-loop evaluation: one token-weighted loss and perplexity per named held-out set; and (`lm_eval`)
+    the downstream tasks the run's eval array scores besides."""
 
     sets: dict[str, EvalSetConfig] = field(default_factory=dict)
     """Named sets, e.g. {pile: {path: data/pile}, slimpajama: {path: data/sp}}."""
@@ -237,6 +239,11 @@ class EvalConfig:
     """Also evaluate before the first step (the start point of forgetting curves)."""
     by_domain: bool = False
     """Also a loss per domain of each set (sets prepared with domains; a budget is shared among them)."""
+    lm_eval: LmEvalConfig | None = field(default=None, metadata={"omit_unset": True})
+    """lm-evaluation-harness tasks scored by the run's eval array (`cpt eval --claim`), not in the training
+    loop, e.g. {tasks: [hellaswag, arc_easy], num_fewshot: 0, limit: 500}; a run with tasks and no `sets`
+    still gets an eval array. Left out of a saved config when unset, so configs saved before it existed
+    compare equal."""
 
     def check(self, p: Problems) -> None:
         for name, spec in self.sets.items():
@@ -250,6 +257,8 @@ class EvalConfig:
             p.add("eval.tokens", f"must be >= 1, got {self.tokens}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             p.add("eval.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        if self.lm_eval is not None:
+            self.lm_eval.check(p)
 
 
 @dataclass

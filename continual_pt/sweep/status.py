@@ -5,7 +5,8 @@ installed, the jobs `--submit` recorded in jobs.json (`squeue`): a run whose tra
 pending is queued, one whose job runs is running (at the step its metrics last logged); a job
 that failed other than by a resumable stop (exit 75) marks the run failed. Without SLURM the
 run dirs alone answer, and the table says so once. `unscored` counts the committed checkpoints
-that still lack a row on the run's eval.sets (as its eval array scores them), of all committed.
+that still lack a row on the run's eval.sets or eval.lm_eval tasks (as its eval array scores them), of
+all committed.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def jobs_text(entries: list[dict[str, Any]], queue: dict[str, list[Task]]) -> tu
 
 
 def unscored_text(run: PlannedRun) -> str:
-    """`<unscored> of <committed>` checkpoints on the run's eval.sets; `-` without sets."""
+    """`<unscored> of <committed>` checkpoints on the run's eval.sets and tasks; `-` without either."""
     state = scoring_state(run.config)
     return "-" if state is None else f"{state[1]} of {state[0]}"
 

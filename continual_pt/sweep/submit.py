@@ -1,8 +1,9 @@
 """`cpt sweep --submit`: each run as a SLURM training job with its eval array chained.
 
 Per run: `sbatch train.sbatch` (CONFIG, OUT_DIR and NAME from the sweep, PYTHON this interpreter
-unless PYTHON is set), then, if the run has held-out sets, `sbatch --array=0-<N-1>
---dependency=afterok:<train job> --kill-on-invalid-dep=yes eval.sbatch <run dir> --set ...`.
+unless PYTHON is set), then, if the run has held-out sets (eval.sets) or lm-eval tasks
+(eval.lm_eval), `sbatch --array=0-<N-1> --dependency=afterok:<train job> --kill-on-invalid-dep=yes
+eval.sbatch <run dir> --set ... --lm-eval ...`.
 The array's tasks claim the run's unscored checkpoints one at a time (`cpt eval --claim`) until
 none is left, so they score every checkpoint the run kept, the ones its stops wrote included; N,
 the checkpoints the run plans to keep (max_steps / every_steps, capped by keep_last, plus the
@@ -14,7 +15,7 @@ two submits at once cannot both submit a run). A run is submitted again only whe
 finished and none of its recorded jobs is live (pending, running, requeued: anything `squeue`
 does not show in a final state); a stale eval array that can never start is cancelled first. A
 finished run whose committed checkpoints are not all scored (its array was cancelled or failed)
-gets an eval array of its own.
+gets an eval array of its own (a checkpoint lacking a task's row counts as unscored).
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual_pt.config import RunConfig
 from continual_pt.errors import UserError
 from continual_pt.files import atomic_write_text
 from continual_pt.sweep.grid import PlannedRun, Sweep
 from continual_pt.sweep.runs import run_state
-from continual_pt.sweep.scoring import checkpoint_count, eval_arguments, scoring_state
+from continual_pt.sweep.scoring import checkpoint_count, eval_arguments, has_eval_array, scoring_state
 
 JOBS_FILE = "jobs.json"
 SCRIPTS = ("train.sbatch", "eval.sbatch")
@@ -222,7 +222,7 @@ class Submitter:
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         entries.append(entry)
         save()
-        if run.config.eval.sets:
+        if has_eval_array(run.config):
             try:
                 self._eval_array(run, entry, checkpoint_count(run.config), env, after=train)
             except UserError as exc:
@@ -331,7 +331,7 @@ def submit_sweep(sweep: Sweep, opts: Any) -> int:
             entry = submitter.submit(run, entries, save)
             submitted += 1
             chained = (f", eval array {entry['eval']} ({entry['eval_tasks']} task(s), after {entry['train']})"
-                       if entry["eval"] else ", no eval array (the run has no eval.sets)")
+                       if entry["eval"] else ", no eval array (the run has no eval.sets nor eval.lm_eval)")
             print(f"{run.name}: submitted train job {entry['train']}{chained}")
     rescored = f" and {arrays} eval array(s) for finished runs" if arrays else ""
     print(f"submitted {submitted} of {len(sweep.runs)} run(s){rescored}; job ids in {jobs_path(sweep)}")
