@@ -1,8 +1,9 @@
 """Evaluation arrays on the real one-node SLURM cluster (tests/slurm_cluster.py): the tasks of
 launch/slurm/eval.sbatch claim checkpoints (`cpt eval --claim`), so every committed checkpoint is
 scored exactly once whatever the array's size, and a task stores only the checkpoints its log names:
-beside a training run that prunes (keep_last=2), and chained by `cpt sweep --submit` to a run that
-is requeued twice from outside (its stops write checkpoints the plan did not foresee)."""
+beside a training run that prunes (keep_last=2), chained by `cpt sweep --submit` to a run that is
+requeued twice from outside (its stops write checkpoints the plan did not foresee), and on
+lm-evaluation-harness tasks (each task row of each checkpoint written once)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ import yaml
 
 from tests import train_support as ts
 from tests.helpers import REPO
+from tests.test_eval_tasks import OFFLINE, write_tasks
 from tests.test_slurm import EVAL, committed_steps, running_past, submit_train, wait_until
 from tests.test_sweep_submit import EVAL_ARGS, TRAIN_ARGS, cpt, jobs_json
 
 TRAIN = {"micro_batch_size": 2, "grad_accum": 2, "precision": "fp32", "ds_config": "zero0", "log_every": 1}
 STORED = re.compile(r"^cpt eval: stored (\d+) row\(s\) of (\S+) in ", re.M)
+CLAIMED = re.compile(r"^cpt eval: claimed (\S+) \(step \d+\): scoring (\d+) set\(s\)(?: and (\d+) lm-eval task\(s\))?$",
+                     re.M)
+TASKS = ("tiny_mc", "tiny_ppl", "tiny_mc2")
 
 
 def stored_by_task(logs: list[Path]) -> dict[str, list[str]]:
@@ -108,3 +113,60 @@ def test_a_sweep_run_requeued_twice_has_every_checkpoint_scored_once(slurm, worl
     assert status[2].split()[:6] == [name, "finished", "300", "0", "of", "5"], status
     again = cpt(slurm, tmp_path, submit).stdout
     assert f"{name}: not submitted: finished at step 300" in again, again
+
+
+@pytest.fixture(scope="module")
+def pretrained(world, tmp_path_factory):
+    """The 12-step run of tests/test_evaluate.py (checkpoints at steps 4, 8, 12; never written to)."""
+    return ts.continual_experiment(tmp_path_factory.getbasetemp() / "experiment", world, rewarm=False)["pre"]
+
+
+def run_array(slurm, tmp_path: Path, tasks: int, args: list[str]) -> tuple[list[str], list[Path]]:
+    """eval.sbatch as an array of `tasks` over `args`, offline, waited for: each task's (state, exit code)
+    and its log."""
+    env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **OFFLINE}
+    options = ["--output=" + str(tmp_path / "eval-%A_%a.log"), "--gpus-per-task=0", "--cpus-per-task=1"]
+    array = slurm.submit(EVAL, [*options, f"--array=0-{tasks - 1}"], args, env=env, cwd=tmp_path)
+    logs = [tmp_path / f"eval-{array}_{i}.log" for i in range(tasks)]
+    records = slurm.wait(array, timeout=240, log=logs)
+    return sorted((j["JobState"], j["ExitCode"]) for j in records), logs
+
+
+@pytest.mark.slow
+def test_an_eval_array_scores_each_lm_eval_task_of_each_checkpoint_once(slurm, pretrained, tmp_path):
+    """3 tasks x 2 checkpoints by an array of 2: every task row is written once, by the task whose log
+    claims its checkpoint, and a second array scores nothing. A task whose data is missing fails each
+    array task with one line, before any claim."""
+    pytest.importorskip("lm_eval")
+    tasks, broken = write_tasks(tmp_path / "tasks"), write_tasks(tmp_path / "broken")
+    (broken / "mc2.jsonl").unlink()
+    ckpts = [str((pretrained / "checkpoints" / f"global_step{step}").resolve()) for step in (4, 8)]
+    store = tmp_path / "scores.jsonl"
+    states, logs = run_array(slurm, tmp_path, 2, [ckpts[0], "--lm-eval", "tiny_mc,tiny_mc2", "--include-path",
+                                                  str(broken), "--store", str(store)])
+    assert states == [("FAILED", "2:0")] * 2
+    for log in logs:
+        text = log.read_text()
+        assert text.count("cpt eval: error: ") == 1 and "cpt eval: error: lm-eval task tiny_mc2: its data could " \
+            "not be loaded (FileNotFoundError: Unable to find " in text, text
+        assert "Traceback" not in text and "claimed" not in text and "bad input" in text, text
+    assert not store.exists()
+    args = [*ckpts, "--lm-eval", ",".join(TASKS), "--include-path", str(tasks), "--store", str(store)]
+    states, logs = run_array(slurm, tmp_path, 2, args)
+    text = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in logs)
+    assert states == [("COMPLETED", "0:0")] * 2 and "Traceback" not in text, text
+    claims = [(m.group(1), m.group(2), m.group(3)) for log in logs for m in CLAIMED.finditer(log.read_text())]
+    assert sorted(claims) == [(c, "0", "3") for c in ckpts], text
+    stored = [c for paths in stored_by_task(logs).values() for c in paths]
+    assert sorted(stored) == ckpts and all(f"stored 3 row(s) of {c} in {store}" in text for c in ckpts), text
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    assert sorted((r["checkpoint"], r["task"]) for r in rows) == sorted((c, t) for c in ckpts for t in TASKS)
+    assert {(r["request"], r["num_fewshot"], r["limit"], r["dtype"]) for r in rows} == \
+        {(t, None, None, "fp32") for t in TASKS}
+    # Everything is scored: a second array claims nothing and writes nothing.
+    before = store.read_text()
+    states, again = run_array(slurm, tmp_path, 2, args)
+    assert states == [("COMPLETED", "0:0")] * 2
+    for log in again:
+        assert "claimed" not in log.read_text() and "this job scored 0 checkpoint(s)" in log.read_text()
+    assert store.read_text() == before
