@@ -160,7 +160,32 @@ def test_local_sweep_end_to_end(tmp_path, world, capfd):
     gain = final_eval_loss(runs / "constant", "prose") - final_eval_loss(runs / "lr0.001", "prose")
     assert table[1][-1] == f"{gain:+.4f}"
 
-    # 6. cpt plot on the sweep directory: one line per run.
+    # 6. lm-eval tasks on two runs' final checkpoints (offline, local tasks): cpt report on the sweep shows
+    # their columns, each cell the store's value and stderr, and the gain against the baseline.
+    from continual_pt.evaluation.store import read_scores
+    from tests.test_eval_tasks import write_tasks
+
+    tasks = write_tasks(tmp_path / "tasks")
+    acc = {}
+    for name in ("lr0.001", "constant"):
+        assert main(["eval", str(runs / name / "checkpoints" / "global_step4"), "--lm-eval", "tiny_mc",
+                     "--include-path", str(tasks), "--lm-eval-limit", "6"]) == 0
+        row = next(r for r in read_scores(runs / name / "scores.jsonl") if r.get("task") == "tiny_mc")
+        acc[name] = (row["metrics"]["acc"], row["stderr"]["acc"])
+    capfd.readouterr()
+    assert main(["report", str(tmp_path / "sweep"), "--upstream", "code", "--downstream", "prose",
+                 "--baseline", "constant", "--task-metric", "acc"]) == 0
+    table = table_rows(capfd.readouterr().out)
+    head = table[0]
+    cells = {row[0]: dict(zip(head, row)) for row in table[1:]}
+    column, gain = "tiny_mc acc (0-shot, limit 6)", "gain vs constant (Δ tiny_mc acc (0-shot, limit 6))"
+    assert head[-3:] == ["tasks at step", column, gain], head
+    for name, (value, err) in acc.items():
+        assert cells[name]["tasks at step"] == "4" and cells[name][column] == f"{value:.4f} ± {err:.4f}"
+    assert cells["lr0.001"][gain] == f"{acc['lr0.001'][0] - acc['constant'][0]:+.4f}"
+    assert cells["lr0.003"][column] == "n/a" and cells["constant"][gain] == "+0.0000"
+
+    # 7. cpt plot on the sweep directory: one line per run.
     assert main(["plot", str(tmp_path / "sweep"), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig.png").stat().st_size > 10_000
     svg = (tmp_path / "fig.svg").read_text()
