@@ -22,7 +22,9 @@ import zstandard
 
 from continual_pt.cli import main
 from continual_pt.data.dataset import PreparedDataset
-from continual_pt.data.tasks import KILL_AT
+from continual_pt.data.merge import check_done
+from continual_pt.data.tasks import KILL_AT, Task
+from continual_pt.errors import UserError
 from continual_pt.layout import EXIT_OK, EXIT_RESUMABLE, EXIT_USAGE
 from tests.helpers import prepare_quietly
 
@@ -218,3 +220,12 @@ def test_status_counts_done_and_absent_tasks_then_the_dataset(tmp_path, corpus, 
     splits = reference[1]["splits"]
     assert status() == (f"{out}: complete: 12 task(s) done, {sum(s['num_tokens'] for s in splits.values()):,} "
                         f"tokens, {sum(s['num_docs'] for s in splits.values()):,} documents\n")
+
+
+def test_the_merge_names_the_tasks_not_done():
+    task_list = [Task(0, 0, (Path("a.jsonl"),)), Task(1, 0, (Path("b.jsonl"),)), Task(2, 0, (Path("c.jsonl"),))]
+    failed = {2: {"input": "c.jsonl", "error": "c.jsonl:3: broken JSON line"}}
+    with pytest.raises(UserError) as info:
+        check_done(task_list, {0: {}}, failed, [])
+    assert str(info.value) == ("cannot merge the tasks: task 2 (c.jsonl) failed: c.jsonl:3: broken JSON line; "
+                               "task 1 (b.jsonl) is not done")

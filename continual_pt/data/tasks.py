@@ -12,8 +12,9 @@ stream one pass over the corpus writes. While a prepare runs, its temporary dire
     tasks/<task>.done.json    written (temp name, fsync, rename) once the task's files are complete
     tasks/<task>.failed.json  the error of a task whose input is bad
 
-`run_task`-style callers (one task index) need nothing but the plan and the directory: a rerun, or
-another process, does the tasks without a completion record; data/merge.py merges them once all are done.
+Any subset of the tasks can be done on its own (data/runner.py `run_tasks`: a rerun does those without
+a completion record; task i of N could be one element of a job array), each task writing only its own
+files; data/merge.py merges them once all are done.
 """
 
 from __future__ import annotations
