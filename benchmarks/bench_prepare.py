@@ -3,6 +3,13 @@
     python benchmarks/bench_prepare.py                 # 50 MB corpus, then `cpt prepare` again at 4x
     python benchmarks/bench_prepare.py --mb 200 --scale 2 --tokenizer path/to/tokenizer
     python benchmarks/bench_prepare.py --domains --mb 500 --doc-kb 2   # with and without --domain-field
+    python benchmarks/bench_prepare.py --mb 40 --files 12 --baseline /tmp/old --repeat 3 --scale 1
+
+`--baseline DIR` also runs the `cpt prepare` of another checkout (DIR holds its continual_pt/, e.g.
+`git archive <commit> continual_pt | tar -x -C DIR`), alternated with this one's on the same
+corpus; `--files N` writes the corpus as N files (N tasks of the task-based prepare). Besides wall
+time, each row gives tokens per CPU second of the whole process tree: the per-core rate, which
+other load on the machine distorts less than wall time.
 
 The recipe is that of transformers' examples/pytorch/language-modeling/run_clm.py:
 `load_dataset("json")`, `.map(tokenizer, batched=True, num_proc=N)`, then `.map(group_texts)`.
@@ -102,13 +109,13 @@ def write_corpus(path: Path, docs: list[str], megabytes: float, seed: int = 0) -
     return written
 
 
-def measure(cmd: list[str], log: Path) -> dict:
+def measure(cmd: list[str], log: Path, cwd: Path = REPO, env: dict | None = None) -> dict:
     """Run `cmd`; its wall time, stdout and peak RSS of its process tree (sum) and of its largest process."""
     peak = {"tree": 0, "largest": 0}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd, env=env)
         done = threading.Event()
 
         def sample() -> None:
@@ -138,10 +145,13 @@ def measure(cmd: list[str], log: Path) -> dict:
     return {"seconds": seconds, "cpu": cpu, "stdout": out, **peak}
 
 
-def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int, extra: tuple[str, ...] = ()) -> dict:
-    """`cpt prepare` in a subprocess; tokens from its manifest."""
+def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int, extra: tuple[str, ...] = (),
+             checkout: Path | None = None) -> dict:
+    """`cpt prepare` in a subprocess (of another checkout's package: `checkout`); tokens from its manifest."""
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
     result = measure([sys.executable, "-m", "continual_pt.cli", "prepare", "-s", str(corpus), "-t", tokenizer,
-                      "-o", str(out), "--workers", str(workers), "--quiet", *extra], out.with_suffix(".log"))
+                      "-o", str(out), "--workers", str(workers), "--quiet", *extra], out.with_suffix(".log"),
+                     cwd=checkout or REPO, env=env)
     manifest = json.loads((out / "manifest.json").read_text())
     result["tokens"] = sum(s["num_tokens"] for s in manifest["splits"].values())
     return result
@@ -150,7 +160,8 @@ def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int, extra: tuple
 def run_recipe(corpus: Path, tokenizer: str, work: Path, workers: int, block: int) -> dict:
     """The run_clm.py recipe in a subprocess with a fresh cache; tokens as it counts them (no EOS)."""
     work.mkdir()
-    result = measure([sys.executable, "-c", HF_RECIPE, str(corpus), tokenizer, str(work / "hf-cache"),
+    files = str(corpus / "*.jsonl") if corpus.is_dir() else str(corpus)
+    result = measure([sys.executable, "-c", HF_RECIPE, files, tokenizer, str(work / "hf-cache"),
                       str(workers), str(block)], work / "hf.log")
     result["tokens"] = json.loads(result["stdout"].strip().splitlines()[-1])["tokens"]
     return result
@@ -168,7 +179,25 @@ def row(name: str, r: dict, nbytes: int) -> str:
     """One line of the results table."""
     mb, s = nbytes / 1e6, r["seconds"]
     return (f"{name:<28}{mb:>6.0f}{s:>9.1f}{mb / s:>8.2f}{r['tokens'] / s / 1e6:>9.3f}{r['cpu']:>8.1f}"
-            f"{r['tree'] / 2**20:>15.0f}{r['largest'] / 2**20:>14.0f}")
+            f"{r['tokens'] / r['cpu'] / 1e6:>12.3f}{r['tree'] / 2**20:>15.0f}{r['largest'] / 2**20:>14.0f}")
+
+
+HEADER = (f"{'pipeline':<28}{'MB':>6}{'wall s':>9}{'MB/s':>8}{'Mtok/s':>9}{'CPU s':>8}{'Mtok/CPU-s':>12}"
+          f"{'peak RSS MiB':>15}{'largest proc':>14}")
+
+
+def split_corpus(path: Path, files: int) -> Path:
+    """The corpus as `files` jsonl files of about equal size in a folder beside it, in order."""
+    folder = path.with_suffix("")
+    folder.mkdir()
+    data = path.read_bytes()
+    start = 0
+    for i in range(files):
+        end = len(data) if i == files - 1 else data.index(b"\n", (i + 1) * len(data) // files) + 1
+        (folder / f"part{i:03d}.jsonl").write_bytes(data[start:end])
+        start = end
+    path.unlink()
+    return folder
 
 
 def main() -> None:
@@ -187,6 +216,10 @@ def main() -> None:
                              "(steadier numbers on a busy machine)")
     parser.add_argument("--domains", action="store_true",
                         help="compare cpt prepare with and without --domain-field meta.redpajama_set_name instead")
+    parser.add_argument("--files", type=int, default=1,
+                        help="write the corpus as this many files (tasks of the task-based prepare)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout (folder holding continual_pt/) whose cpt prepare also runs, alternated")
     parser.add_argument("--doc-kb", type=float, default=None,
                         help="with --domains: cut documents into pieces of about this many kB (many small "
                              "documents: the most work per byte for the document index)")
@@ -202,25 +235,37 @@ def main() -> None:
         small, large = work / "corpus.jsonl", work / f"corpus_x{args.scale}.jsonl"
         small_bytes = write_corpus(small, docs, args.mb)
         large_bytes = write_corpus(large, docs, args.mb * args.scale) if args.scale > 1 else 0
+        if args.files > 1:
+            small = split_corpus(small, args.files)
+            large = split_corpus(large, args.files) if large_bytes else large
         print(f"corpus: {small_bytes / 1e6:.0f} MB jsonl (and {large_bytes / 1e6:.0f} MB), tokenizer "
               f"{tokenizer}, {args.workers} processes each, {psutil.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.1f} (other work on the machine skews both timings)", flush=True)
-        runs: dict[str, list[dict]] = {"ours": [], "recipe": []}
+        runs: dict[str, list[dict]] = {"ours": [], "recipe": [], "baseline": []}
         for i in range(args.repeat):
             runs["ours"].append(run_ours(small, tokenizer, work / f"ours{i}", args.workers))
+            if args.baseline:
+                runs["baseline"].append(run_ours(small, tokenizer, work / f"base{i}", args.workers,
+                                                 checkout=args.baseline.resolve()))
             runs["recipe"].append(run_recipe(small, tokenizer, work / f"recipe{i}", args.workers, args.block))
-        ours, recipe = (min(r, key=lambda x: x["seconds"]) for r in runs.values())
+        ours, recipe, base = (min(r, key=lambda x: x["seconds"]) if r else None for r in runs.values())
         big = run_ours(large, tokenizer, work / "ours_large", args.workers) if large_bytes else None
 
-    print(f"\n{'pipeline':<28}{'MB':>6}{'wall s':>9}{'MB/s':>8}{'Mtok/s':>9}{'CPU s':>8}{'peak RSS MiB':>15}"
-          f"{'largest proc':>14}")
-    print(row("cpt prepare", ours, small_bytes))
+    print(f"\n{HEADER}")
+    print(row(f"cpt prepare ({args.files} file(s))", ours, small_bytes))
+    if base:
+        print(row("cpt prepare (baseline)", base, small_bytes))
     print(row("HF datasets recipe", recipe, small_bytes))
     if big:
         print(row(f"cpt prepare ({args.scale}x corpus)", big, large_bytes))
     print(f"\nspeed: cpt prepare is {recipe['seconds'] / ours['seconds']:.2f}x the recipe in wall time, "
           f"{recipe['cpu'] / ours['cpu']:.2f}x in CPU time "
           f"(tokens: {ours['tokens']:,} incl. one EOS per document vs {recipe['tokens']:,})")
+    if base:
+        pairs = ", ".join(f"{b['cpu'] / o['cpu']:.3f}" for o, b in zip(runs["ours"], runs["baseline"], strict=True))
+        print(f"against the baseline {args.baseline}: {base['seconds'] / ours['seconds']:.3f}x in wall time (best of "
+              f"{args.repeat}), {ours['tokens'] / ours['cpu'] / (base['tokens'] / base['cpu']):.3f}x in tokens per CPU "
+              f"second (baseline CPU / ours, run by run: {pairs})")
     print(f"peak RSS: cpt prepare {ours['tree'] / 2**20:.0f} MiB vs recipe {recipe['tree'] / 2**20:.0f} MiB "
           f"({recipe['tree'] / ours['tree']:.1f}x)")
     if big:
@@ -252,8 +297,7 @@ def compare_domains(args: argparse.Namespace) -> None:
             shutil.rmtree(work / f"plain{i}")
             shutil.rmtree(work / f"domains{i}")
         plain, with_domains = (min(r, key=lambda x: x["seconds"]) for r in runs.values())
-    print(f"\n{'pipeline':<28}{'MB':>6}{'wall s':>9}{'MB/s':>8}{'Mtok/s':>9}{'CPU s':>8}{'peak RSS MiB':>15}"
-          f"{'largest proc':>14}")
+    print(f"\n{HEADER}")
     print(row("cpt prepare", plain, nbytes))
     print(row("cpt prepare --domain-field", with_domains, nbytes))
     print(f"\nwith domains: peak RSS {with_domains['tree'] / plain['tree']:.3f}x (largest process "

@@ -20,7 +20,7 @@ from continual_pt.data import domains, encode, output, tasks
 from continual_pt.errors import UserError
 
 SPLITS = tasks.SPLITS
-BLOCK = 1 << 24
+BLOCK = 1 << 22
 """Tokens (or documents) read at a time: the merge's memory does not grow with the corpus."""
 
 
