@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from continual_pt.demo import corpora, findings
+from continual_pt.demo import corpora
 from continual_pt.demo.command import LOCK
 from continual_pt.demo.recipe import SCALE
 from continual_pt.demo.upstream import PROVENANCE, SHIPPED, shipped, verify
 from continual_pt.errors import UserError
 from continual_pt.training.lock import RunLock
 from tests.helpers import free_port
+from tests.test_demo_seeds import check_findings
 from tests.test_wheel import build_wheel, fresh_venv, run
 
 
@@ -102,45 +103,17 @@ def test_a_changed_shipped_file_is_refused(tmp_path):
 
 def _source_value(out: Path, number: dict) -> float:
     """The loss a finding's number claims, read again from the file it names."""
-    runs = out / "sweep" / "runs"
+    rows = [json.loads(line) for line in (out / number["file"]).read_text().splitlines()]
     if number["run"] == "start model":
-        rows = [json.loads(line) for line in (out / findings.START_SCORES).read_text().splitlines()]
         (row,) = [r for r in rows if r["set"] == number["set"]]
-        return row["loss"]
-    if number["kind"] == "eval":
-        rows = [json.loads(line) for line in (runs / number["run"] / "metrics.jsonl").read_text().splitlines()]
+    elif number["kind"] == "eval":
+        assert number["file"] == f"sweep/runs/{number['run']}-seed{number['seed']}/metrics.jsonl", number
         (row,) = [r for r in rows if r.get("kind") == "eval" and r["set"] == number["set"]
                   and r["step"] == number["step"]]
-        return row["loss"]
-    rows = [json.loads(line) for line in (runs / number["run"] / "scores.jsonl").read_text().splitlines()]
-    (row,) = [r for r in rows if r["set"] == number["set"] and r["step"] == number["step"]]
+    else:
+        assert number["file"] == f"sweep/runs/{number['run']}-seed{number['seed']}/scores.jsonl", number
+        (row,) = [r for r in rows if r["set"] == number["set"] and r["step"] == number["step"]]
     return row["loss"]
-
-
-def _verdict(f: dict) -> bool:
-    """Each finding's rule, written again over the numbers it lists (in their listed order)."""
-    v = [n["value"] for n in f["numbers"]]
-    key = f["key"]
-    if key in ("1",):
-        return v[1] - v[0] > findings.RISE and v[3] - v[2] > findings.RISE
-    if key == "6":
-        return v[1] - v[0] > findings.RISE
-    if key == "2":
-        finals = v[: len(v) // 2]
-        return max(finals) - min(finals) <= findings.SAME
-    if key == "3":
-        return v[0] > v[1] > v[2] and v[3] < v[4] < v[5]
-    if key == "4":
-        early = (len(v) - 2) // 2
-        constant, rewarm = v[:early], v[early:2 * early]
-        return sum(constant) / early < sum(rewarm) / early and v[-1] < v[-2]
-    if key == "5":
-        return v[1] < v[0] and v[3] < v[2]
-    if key == "7":
-        return all(v[0] < o for o in v[1:])
-    assert key == "replay"
-    gain, cost = v[1] - v[0], v[2] - v[3]
-    return gain > 0 and cost < gain
 
 
 @pytest.mark.slow
@@ -155,22 +128,20 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PATH=f"{python.parent}{os.pathsep}{env['PATH']}")
     cpt = python.parent / "cpt"
-    proc = demo(cpt, "--pretrain", where=where, env=env)
+    proc = demo(cpt, "--pretrain", "--seeds", "2", where=where, env=env)
     out = where / "demo"
     assert "findings hold at this scale" in proc.stdout
     report = (out / "REPORT.md").read_text()
     decided = json.loads((out / "findings.json").read_text())
-    assert [f["key"] for f in decided] == ["1", "2", "3", "4", "5", "6", "7", "replay"]
+    assert [f["key"] for f in decided] == ["1", "2", "3", "4", "5", "6", "7", "replay", "3-long"]
+    assert [f["verdict"] == "not run" for f in decided] == [False] * 8 + [True]   # 3-long runs with --full
+    check_findings(decided, 2, report)
     for f in decided:
-        assert f["verdict"] in ("holds", "does not hold"), f   # the default grid runs every finding
-        assert f["holds"] == _verdict(f), f
-        row = next(line for line in report.splitlines() if line.startswith(f"| {f['key']}"))
-        assert f"**{f['verdict']}**" in row
-        for n in f["numbers"]:
-            assert n["value"] == _source_value(out, n), n
-            assert f"{n['value']:.4f}" in row, (n, row)
-    holding = sum(f["holds"] for f in decided[:7])
-    assert f"**{holding} of the paper's 7 findings hold at this scale**" in report
+        for t in f["trials"]:
+            for n in t["numbers"]:
+                assert n["value"] == _source_value(out, n), n
+    holding = sum(f["holds"] is True for f in decided[:7])
+    assert f"**{holding} of the paper's 7 findings hold at this scale** in every one of 2 seed(s)" in report
     for png in re.findall(r"\]\((figures/[^)]+\.png)\)", report):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(re.findall(r"\.png\)", report)) == 5
@@ -179,12 +150,12 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
 
     # Run again: everything is there, nothing is trained or scored twice.
     metrics = {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
-    again = demo(cpt, "--pretrain", where=where, env=env)
-    assert again.stdout.count("skipped") == 9
+    again = demo(cpt, "--pretrain", "--seeds", "2", where=where, env=env)
+    assert again.stdout.count("skipped") == 18
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
 
     # Another demo's settings on the same folder: refused before anything is written.
-    other = demo(cpt, "--shift", "strong", "--pretrain", where=where, env=env, expect=2)
+    other = demo(cpt, "--pretrain", where=where, env=env, expect=2)   # 3 seeds, not 2
     assert "holds a demo run with other settings" in other.stderr
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
 

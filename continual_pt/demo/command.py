@@ -49,6 +49,8 @@ def _scale(options: DemoOptions) -> Scale:
         raise UserError(f"--shift must be one of {', '.join(SHIFTS)}, got {options.shift!r}")
     if options.scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {options.scale!r}")
+    if options.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {options.seeds}")
     return SCALE[options.scale]
 
 
@@ -139,20 +141,21 @@ def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: 
         status = pretrain(scale, options.shift, out / "pretrain", data, model)
         if status != EXIT_OK:
             return status
-    grid = write_grid(out, scale, model, data, options.full)
+    grid = write_grid(out, scale, model, data, options.full, options.seeds)
     status = run_sweep(SweepOptions(grid=str(grid), local=True))
     if status != EXIT_OK:
         return status
     runs_dir = out / SWEEP / "runs"
     _score(out, model, data, scale)
-    findings = decide(runs_dir, scale.steps)
+    findings = decide(runs_dir, scale.steps, options.seeds)
     figures = report.figures(runs_dir, out / "figures")
     settings = json.loads((out / SETTINGS).read_text())
     spent = [*settings.get("seconds", []), round(time.monotonic() - started, 1)]
     _remember(out, "seconds", spent)
     path = report.write(out, options, scale, model, sizes, findings, figures, spent)
     holding = sum(f.holds is True for f in findings)
-    print(f"{holding} of {len(findings)} findings hold at this scale; report: {path}", flush=True)
+    print(f"{holding} of {sum(bool(f.trials) for f in findings)} findings hold at this scale in every one of {options.seeds} seed(s); "
+          f"report: {path}", flush=True)
     return EXIT_OK
 
 

@@ -20,8 +20,12 @@ class DemoOptions:
     out: str = option("demo", help="folder for everything the demo writes", flags=("--out", "-o"))
     shift: str = option("weak", help="weak: mostly code -> mostly scripture, as Pile -> SlimPajama; strong: code "
                         "-> scripture only, as English -> German", choices=SHIFTS)
-    full: bool = option(False, help="also warmup 0.5%% and 2%% and the 7%% upstream checkpoint (default: the "
-                        "subset that fits about 10 minutes on 2 cores)")
+    full: bool = option(False, help="also warmup 0.5%% and 2%%, the 7%% upstream checkpoint, and finding 3's three "
+                        "max LRs over a 4x longer phase (default: the subset that fits about 10 minutes on 2 cores)")
     pretrain: bool = option(False, help="pre-train the upstream model here (Pythia's recipe)")
+    seeds: int = option(3, help="replicates of every run (seeds S, S+1, ...: the order of the data, and the "
+                        "initialisation of the run from scratch); each number of the report is their mean ± sd, and a "
+                        "finding holds only if it holds in every seed (fewer is quicker and says less: with 1 there is "
+                        "no spread to show)", metavar="N")
     scale: str = option("demo", help="demo, or tiny: a very small model and a few steps, to check the pipeline",
                         choices=SCALES)
