@@ -50,11 +50,13 @@ def test_a_document_lands_in_one_corpus_only_and_the_cut_is_stable():
         [t for n, t in docs["scripture"] if 250 <= corpora.bucket(n) < 1000]
 
 
-def test_the_shipped_upstream_model_is_intact_and_says_how_it_was_made():
-    folder = shipped("weak", SCALE["demo"])
-    assert folder is not None, f"no upstream model ships under {SHIPPED}"
+@pytest.mark.parametrize("shift", ["weak", "strong"])
+def test_the_shipped_upstream_model_is_intact_and_says_how_it_was_made(shift):
+    folder = shipped(shift, SCALE["demo"])
+    assert folder is not None, f"no upstream model ships under {SHIPPED / shift}"
     provenance = verify(folder)
-    assert provenance["command"] == "cpt demo --pretrain --shift weak"
+    assert provenance["command"] == f"cpt demo --pretrain --shift {shift}"
+    assert (provenance["shift"], provenance["scale"], provenance["seed"]) == (shift, "demo", SCALE["demo"].seed)
     assert set(provenance["checkpoints"]) == {"step70", "step190", "final"}
     assert provenance["tokens_per_param"] == round(provenance["tokens"] / provenance["params"], 1)
     for name in provenance["checkpoints"]:
@@ -85,9 +87,10 @@ def test_the_in_loop_budget_and_the_cpt_eval_budget_agree_on_the_start_model(tmp
         assert abs(losses[scale.eval_tokens][name] - losses[scale.score_tokens][name]) < 0.1, losses
 
 
-def test_a_changed_shipped_file_is_refused(tmp_path):
-    folder = shipped("weak", SCALE["demo"])
-    copy = tmp_path / "weak"
+@pytest.mark.parametrize("shift", ["weak", "strong"])
+def test_a_changed_shipped_file_is_refused(tmp_path, shift):
+    folder = shipped(shift, SCALE["demo"])
+    copy = tmp_path / shift
     shutil.copytree(folder, copy)
     weights = copy / "final" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
@@ -120,8 +123,10 @@ def _source_value(out: Path, number: dict) -> float:
 def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_path):
     python = fresh_venv(tmp_path / "venv")
     wheel = build_wheel(tmp_path)
-    shipped_files = {f"continual_pt/demo/upstream/weak/{rel}" for rel in verify(SHIPPED / "weak")["sha256"]}
-    assert shipped_files | {f"continual_pt/demo/upstream/weak/{PROVENANCE}"} <= set(zipfile.ZipFile(wheel).namelist())
+    for shift in ("weak", "strong"):   # both shifts' models ship in the wheel
+        shipped_files = {f"continual_pt/demo/upstream/{shift}/{rel}" for rel in verify(SHIPPED / shift)["sha256"]}
+        assert shipped_files | {f"continual_pt/demo/upstream/{shift}/{PROVENANCE}"} <= \
+            set(zipfile.ZipFile(wheel).namelist())
     run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel])
     where = tmp_path / "elsewhere"
     where.mkdir()
@@ -160,12 +165,26 @@ def test_a_reduced_demo_from_a_wheel_install_reports_only_what_its_runs_say(tmp_
     assert metrics == {p: p.read_bytes() for p in out.glob("sweep/runs/*/*.jsonl")}
 
 
-def test_a_shift_without_a_shipped_model_is_refused_before_anything_is_written(tmp_path, capsys):
+@pytest.mark.parametrize("shift", ["weak", "strong"])
+def test_a_scale_without_a_shipped_model_is_refused_before_anything_is_written(tmp_path, capsys, shift):
+    """Both shifts ship their model at the demo scale; none ships at the tiny scale, which needs --pretrain."""
     from continual_pt.cli import main
     out = tmp_path / "demo"
-    assert main(["demo", "--shift", "strong", "--out", str(out)]) == 2
-    assert "no upstream model ships for --shift strong" in capsys.readouterr().err
+    assert main(["demo", "--shift", shift, "--scale", "tiny", "--out", str(out)]) == 2
+    assert f"no upstream model ships for --shift {shift} at --scale tiny; build one with `cpt demo --pretrain " \
+        f"--shift {shift} --scale tiny`" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_strong_shift_runs_from_its_shipped_model_without_pretrain(tmp_path, monkeypatch):
+    from continual_pt.cli import main
+    from continual_pt.demo import command
+
+    started = []
+    monkeypatch.setattr(command, "_steps", lambda out, options, scale, model, t: started.append(model) or 0)
+    assert main(["demo", "--shift", "strong", "--out", str(tmp_path / "demo")]) == 0
+    assert started == [SHIPPED / "strong"]
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["shift"] == "strong"
 
 
 def test_a_second_demo_on_a_live_demo_folder_is_refused_before_writing(tmp_path, capsys):
