@@ -79,6 +79,15 @@ class PrepareOptions(SourceOptions):
                                 "natural order of their paths (chunk2 before chunk10); the corpus's validation files "
                                 "are the val split (--val-fraction is not used) and its test files (test/, "
                                 "test.jsonl.zst) are not read", choices=LAYOUTS)
+    task_index: int | None = option(None, help="spread the work over a job array: do only the tasks (input files) "
+                                    "numbered I modulo --task-count, in the work folder <out>.tmp-tasks that every "
+                                    "element shares, and leave the merge to --merge (default: $SLURM_ARRAY_TASK_ID "
+                                    "when --task-count is given)", metavar="I")
+    task_count: int | None = option(None, help="the number of elements the work is spread over (every element and "
+                                    "a resubmitted one give the same; default: $SLURM_ARRAY_TASK_COUNT when "
+                                    "--task-index is given)", metavar="N")
+    merge: bool = option(False, help="merge the tasks a job array did (--task-index) into the dataset OUT; refused, "
+                         "naming them, while a task is not done or failed")
     status: str | None = option(None, help="say how far a prepare writing OUT is (tasks done, running or to do, "
                                 "failed; tokens so far), or what OUT holds once complete; nothing is written",
                                 metavar="OUT")
@@ -105,6 +114,8 @@ class PrepareOptions(SourceOptions):
             p.add("", "--domain-field must not be empty")
         if self.unknown_domain is not None and not (self.domain_field or self.layout):
             p.add("", "--unknown-domain needs --domain-field or --layout (it names the domain of documents without one)")
+        if self.merge and (self.task_index is not None or self.task_count is not None):
+            p.add("", "--merge merges what the elements of a job array did; leave out --task-index and --task-count")
         if self.unknown_domain == "":
             p.add("", "--unknown-domain must not be empty")
         p.raise_if_any()

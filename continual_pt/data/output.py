@@ -34,9 +34,13 @@ def temp_path(out: Path) -> Path:
     return out.with_name(f"{out.name}.tmp-{os.getpid()}")
 
 
+SHARED_SUFFIX = ".tmp-tasks"
+"""`<out>.tmp-tasks`: the work folder that the elements of a job array share (`cpt prepare --task-index`)."""
+
+
 def is_temp_dir(path: Path) -> bool:
     """Whether `path` is the temporary directory of an unfinished write."""
-    return TEMP_RE.search(path.name) is not None
+    return TEMP_RE.search(path.name) is not None or path.name.endswith(SHARED_SUFFIX)
 
 
 def _alive(pid: int) -> bool:

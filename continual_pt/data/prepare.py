@@ -42,7 +42,7 @@ import numpy as np
 import tokenizers
 
 from continual_pt import __version__
-from continual_pt.data import domains, encode, layouts, merge, output, resume, runner, sources, tasks
+from continual_pt.data import domains, encode, layouts, merge, output, resume, runner, sources, spread, tasks
 from continual_pt.data.dataset import FORMAT_VERSION, MANIFEST
 from continual_pt.data.options import PrepareOptions
 from continual_pt.data.tokenizer import TOKENIZER_FILES, LoadedTokenizer, load_tokenizer
@@ -197,15 +197,17 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
 
 
 def _complete(job: runner.Job, task_list: list[tasks.Task], tok: LoadedTokenizer, plan: _Plan,
-              fingerprints: list[dict[str, Any]]) -> tuple[dict[str, Any], runner.Run]:
-    """Do the tasks not done, then merge them and write the manifest (unless a stopped run had)."""
+              fingerprints: list[dict[str, Any]], run_missing: bool = True) -> tuple[dict[str, Any], runner.Run]:
+    """Do the tasks not done (unless `run_missing` is False: the merge of a spread prepare), then merge
+    them and write the manifest (unless a stopped run had)."""
     work, options = job.work, job.options
     if (work / MANIFEST).is_file():
         return tasks.read_json(work / MANIFEST), runner.Run()
     shutil.rmtree(work / TOKENIZER_DIR, ignore_errors=True)
     tok.copy_to(work / TOKENIZER_DIR)
     done = tasks.done_records(work, len(task_list))
-    run = runner.run_tasks(job, [t for t in task_list if t.index not in done], options.workers or default_workers())
+    todo = [t for t in task_list if t.index not in done] if run_missing else []
+    run = runner.run_tasks(job, todo, options.workers or default_workers())
     records = tasks.done_records(work, len(task_list))
     failed = tasks.failed_records(work, len(task_list))
     if failed and not records:
@@ -231,6 +233,55 @@ def _complete(job: runner.Job, task_list: list[tasks.Task], tok: LoadedTokenizer
     manifest = _manifest(options, plan, tok, job.dtype, shards, totals, fingerprints, layout)
     tasks.write_json(work / MANIFEST, manifest)
     return manifest, run
+
+
+def run_element(options: PrepareOptions, index: int, count: int) -> runner.Run:
+    """Element `index` of `count` of a spread prepare (data/spread.py): its tasks not done, in the shared folder."""
+    options.check()
+    out = Path(options.out)
+    job, task_list, _, _ = _job(options, out)
+    work = spread.open_shared(out, job.plan, count, task_list)
+    job = replace(job, work=work)
+    own = spread.mine(task_list, index, count)
+    before = tasks.done_records(work, len(task_list))
+    todo = [t for t in own if t.index not in before]
+    spread.clear(work, todo)
+    try:
+        run = runner.run_tasks(job, todo, options.workers or default_workers())
+    except _Stopped as stop:
+        stop.kept = spread.kept(work, own)
+        raise
+    done = tasks.done_records(work, len(task_list))
+    if run.failed:
+        raise UserError("; ".join(f"task {i} ({task_list[i].describe(job.srcs)}) failed: {message}"
+                                  for i, message in sorted(run.failed.items()))
+                        + f"; this element's other tasks are kept in {work}: fix the input(s) and run element "
+                        f"{index} again (--task-index {index} --task-count {count})")
+    if not options.quiet:
+        rest = "all done: run the merge (the same command with --merge instead of --task-index/--task-count)" \
+            if len(done) == len(task_list) else "the merge runs once every element is done"
+        print(f"{out}: element {index} of {count}: {len(run.done)} task(s) done in this run, "
+              f"{len(own) - len(todo)} done before, of its {len(own)}: {run.tokens:,} tokens in {run.seconds:.1f} s; "
+              f"{len(done)} of {len(task_list)} task(s) done in {work}; {rest}")
+    return run
+
+
+def merge_spread(options: PrepareOptions) -> dict[str, Any]:
+    """`cpt prepare --merge`: the dataset from the tasks that a job array did, once every one is done."""
+    options.check()
+    out = Path(options.out)
+    job, task_list, tok, plan = _job(options, out)
+    work = spread.shared_work(out)
+    spread.check_mergeable(work, job.plan, task_list, plan.sources)
+    job = replace(job, work=work)
+    manifest, _ = _complete(job, task_list, tok, plan, [s.fingerprint() for s in plan.sources], run_missing=False)
+    resume.remove_tasks(work, task_list)
+    output.commit_directory(work, out)
+    if not options.quiet:
+        print(f"{out}: merged {len(task_list)} task(s): " + "; ".join(
+            f"{s}: {m['num_tokens']:,} tokens, {m['num_docs']:,} docs, {len(m['shards'])} shard(s)"
+            for s, m in manifest["splits"].items()))
+    return manifest
 
 
 def _kept(work: Path, task_list: list[tasks.Task]) -> str:
@@ -284,7 +335,12 @@ def run_prepare(options: PrepareOptions) -> int:
     # SIGTERM (scancel, timeouts) and Ctrl-C unwind without a traceback, keeping the tasks done.
     previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        prepare(options)
+        if options.merge:
+            merge_spread(options)
+        elif (element := spread.share(options)) is not None:
+            run_element(options, *element)
+        else:
+            prepare(options)
     except _Stopped as stop:
         print(f"cpt prepare: stopped by {signal.Signals(stop.signum).name}; kept {stop.kept}; run the same "
               "command again to do the rest", file=sys.stderr)

@@ -141,12 +141,13 @@ def remove_tasks(work: Path, task_list: list[tasks.Task]) -> None:
         for suffix in (tasks.DONE, tasks.FAILED):
             (root / f"{task.name}{suffix}").unlink(missing_ok=True)
     tasks.kill_point("cleanup")
-    shutil.rmtree(root)   # the plan, last: a run stopped before this finds the merged dataset and commits it
+    shutil.rmtree(root, ignore_errors=True)   # the plan, last: a run stopped before this finds the merged dataset and commits it
 
 
 def status(out: Path) -> list[str]:
     """`cpt prepare --status OUT`: the state of a prepare writing OUT, or of the dataset it wrote."""
-    found = temp_dirs(out)
+    shared = out.with_name(f"{out.name}{output.SHARED_SUFFIX}")
+    found: list[tuple[Path, int | None]] = [*temp_dirs(out), *([(shared, None)] if shared.is_dir() else [])]
     if not found:
         if (out / MANIFEST).is_file():
             manifest = tasks.read_json(out / MANIFEST)
@@ -158,10 +159,14 @@ def status(out: Path) -> list[str]:
     return [line for work, pid in found for line in _work_status(work, pid)]
 
 
-def _work_status(work: Path, pid: int) -> list[str]:
+def _work_status(work: Path, pid: int | None) -> list[str]:
+    """The state of one work folder: a process's (`pid`), or the shared one of a job array (None)."""
     plan_path = tasks.tasks_dir(work) / tasks.PLAN
-    alive = _alive(pid)
-    state = f"running (pid {pid})" if alive else "stopped (run the same command again to resume)"
+    alive = pid is None or _alive(pid)
+    state = f"running (pid {pid})" if pid is not None and alive else "stopped (run the same command again to resume)"
+    if pid is None:
+        shares = tasks.read_json(plan_path).get("shares") if plan_path.is_file() else None
+        state = f"spread over {shares or '?'} element(s) (--task-count), then --merge"
     if not plan_path.is_file():
         return [f"{work}: {state}: starting or finishing, no tasks recorded"]
     count = len(tasks.read_json(plan_path)["tasks"])

@@ -39,7 +39,7 @@ PLAN = "plan.json"
 DONE = ".done.json"
 FAILED = ".failed.json"
 SPLITS = ("train", "val")
-UNCOMPARED = ("workers", "quiet", "overwrite", "status")
+UNCOMPARED = ("workers", "quiet", "overwrite", "status", "task_index", "task_count", "merge")
 """Options a rerun may change: how the work is done, not what it writes."""
 KILL_AT = "CPT_PREPARE_KILL_AT"
 """For tests only: `<point>[:<signal>]` sends the signal (default SIGKILL, as a node failure) to this process
