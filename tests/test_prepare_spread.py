@@ -7,41 +7,52 @@ on the result."""
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from continual_pt.data.dataset import PreparedDataset
 from continual_pt.layout import EXIT_OK, EXIT_RESUMABLE, EXIT_USAGE
-from tests import train_support as ts
-from tests.helpers import REPO
-from tests.test_prepare_resume import FILES, FLAGS, corpus, cpt, cpt_prepare, reference, snapshot  # noqa: F401
+from tests.helpers import REPO, prepare_quietly
+from tests.test_prepare_resume import ARGS, cpt, cpt_prepare, snapshot, write_corpus
 
 PREPARE = REPO / "launch" / "slurm" / "prepare.sbatch"
 SPREAD = ("task_index", "task_count", "merge")
 
 
-def same_dataset(out: Path, reference) -> None:
+def one_process(src: Path, tokenizer: Path, root: Path):
+    """The snapshot of a one-process prepare of `src` (tests/test_prepare_resume.py's options)."""
+    prepare_quietly([src], tokenizer, root / "ds", workers=2, **ARGS)
+    return snapshot(root / "ds")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, data_docs) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("spread") / "corpus", data_docs)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, data_tokenizer, tmp_path_factory):
+    return one_process(corpus, data_tokenizer, tmp_path_factory.mktemp("one-process"))
+
+
+def same_dataset(out: Path, expected) -> None:
     """Byte for byte the one-process dataset; the manifest too, but the options that say how it was run."""
     files, manifest = snapshot(out)
     for key in SPREAD:
         manifest["args"].pop(key)
-        reference[1]["args"].pop(key, None)
-    assert files == reference[0]
-    assert manifest == reference[1]
+        expected[1]["args"].pop(key, None)
+    assert files == expected[0]
+    assert manifest == expected[1]
 
 
-def element(corpus: Path, tokenizer: Path, out: Path, index: int, count: int, *extra: str, **kw):
-    return cpt_prepare(corpus, tokenizer, out, None, "--task-index", str(index), "--task-count", str(count), *extra,
+def element(src: Path, tokenizer: Path, out: Path, index: int, count: int, *extra: str, **kw):
+    return cpt_prepare(src, tokenizer, out, None, "--task-index", str(index), "--task-count", str(count), *extra,
                        **kw)
 
 
-def merge(corpus: Path, tokenizer: Path, out: Path, *extra: str):
-    return cpt_prepare(corpus, tokenizer, out, None, "--merge", *extra)
+def merge(src: Path, tokenizer: Path, out: Path, *extra: str):
+    return cpt_prepare(src, tokenizer, out, None, "--merge", *extra)
 
 
 def test_elements_then_the_merge_write_the_one_process_dataset(tmp_path, corpus, data_tokenizer, reference):
