@@ -187,6 +187,19 @@ def test_the_strong_shift_runs_from_its_shipped_model_without_pretrain(tmp_path,
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["shift"] == "strong"
 
 
+def test_the_grid_runs_one_thread_per_run_unless_the_user_says(tmp_path, monkeypatch):
+    from continual_pt.demo import command
+
+    seen = []
+    monkeypatch.setattr(command, "run_sweep", lambda opts: seen.append(os.environ.get("OMP_NUM_THREADS")) or 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert command.run_grid(tmp_path / "demo-grid.yaml") == 0
+    assert "OMP_NUM_THREADS" not in os.environ   # only the runs' processes see it
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert command.run_grid(tmp_path / "demo-grid.yaml") == 0
+    assert seen == ["1", "2"] and os.environ["OMP_NUM_THREADS"] == "2"
+
+
 def test_a_second_demo_on_a_live_demo_folder_is_refused_before_writing(tmp_path, capsys):
     from continual_pt.cli import main
     out = tmp_path / "demo"
