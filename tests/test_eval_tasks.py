@@ -134,7 +134,7 @@ def test_a_rerun_scores_nothing_twice_and_other_settings_are_other_rows(run, tas
     assert len(rows) == 4 and rows[:3] == first and (rows[3]["num_fewshot"], rows[3]["n_shot"]) == (1, 1)
     assert main(["eval", str(run), "--lm-eval", "tiny_mc2", "--include-path", str(tasks), "--store", str(store),
                  "--lm-eval-limit", "5", "--list"]) == 0
-    assert "0 not yet scored" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1].endswith("; 0 not yet scored on every --lm-eval task")
 
 
 def test_a_group_is_one_request_with_a_row_per_subtask_and_its_aggregate(run, tasks, tmp_path, capsys):

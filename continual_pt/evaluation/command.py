@@ -80,7 +80,8 @@ def _listing(options: EvalOptions, warn) -> int:
     if options.sets or options.lm_eval:
         jobs = plan_jobs(options, targets, open_sets(options.sets), warn, open_tasks(options))
         unscored = [bool(indices) for indices in pending(jobs)]
-    print_listing(targets, unscored)
+    asked = [name for name, given in (("--set", options.sets), ("--lm-eval task", options.lm_eval)) if given]
+    print_listing(targets, unscored, " and ".join(asked) or "--set")
     return EXIT_OK
 
 

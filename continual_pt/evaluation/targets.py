@@ -143,12 +143,13 @@ def task_index(value: str | None) -> int | None:
         raise UserError(f"{source}={value!r}: expected an integer index or 'all'") from None
 
 
-def print_listing(targets: list[Target], unscored: list[bool] | None = None) -> None:
-    """The numbered list a job array indexes (`--list`); with `unscored`, which still lack a row."""
+def print_listing(targets: list[Target], unscored: list[bool] | None = None, scored_on: str = "--set") -> None:
+    """The numbered list a job array indexes (`--list`); with `unscored`, which still lack a row of
+    every `scored_on` (the options asked for)."""
     for i, t in enumerate(targets):
         mark = "" if unscored is None else ("\tunscored" if unscored[i] else "\tscored")
         print(f"{i}\t{t.identity}{mark}")
-    left = "" if unscored is None else f"; {sum(unscored)} not yet scored on every --set"
+    left = "" if unscored is None else f"; {sum(unscored)} not yet scored on every {scored_on}"
     print(f"{len(targets)} checkpoint(s): use --task-index 0..{len(targets) - 1} "
           f"(sbatch --array=0-{len(targets) - 1}){left}")
 
