@@ -255,14 +255,14 @@ def run_element(options: PrepareOptions, index: int, count: int) -> runner.Run:
     if run.failed:
         raise UserError("; ".join(f"task {i} ({task_list[i].describe(job.srcs)}) failed: {message}"
                                   for i, message in sorted(run.failed.items()))
-                        + f"; this element's other tasks are kept in {work}: fix the input(s) and run element "
-                        f"{index} again (--task-index {index} --task-count {count})")
+                        + f"; this element's other tasks are kept in {work}: fix the input(s) and run "
+                        f"element {index} again (--task-index {index} --task-count {count})")
     if not options.quiet:
         rest = "all done: run the merge (the same command with --merge instead of --task-index/--task-count)" \
             if len(done) == len(task_list) else "the merge runs once every element is done"
         print(f"{out}: element {index} of {count}: {len(run.done)} task(s) done in this run, "
-              f"{len(own) - len(todo)} done before, of its {len(own)}: {run.tokens:,} tokens in {run.seconds:.1f} s; "
-              f"{len(done)} of {len(task_list)} task(s) done in {work}; {rest}")
+              f"{len(own) - len(todo)} done before, of its {len(own)}: {run.tokens:,} tokens in "
+              f"{run.seconds:.1f} s; {len(done)} of {len(task_list)} task(s) done in {work}; {rest}")
     return run
 
 

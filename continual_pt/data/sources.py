@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -128,12 +128,15 @@ class HFDiskSource:
 
 @dataclass
 class HubSource:
-    """A dataset on the Hugging Face hub, streamed (needs network or a warm cache)."""
+    """A dataset on the Hugging Face hub (or a local folder in the hub's layout), streamed (needs network
+    or a warm cache). Its own files are its parts: a prepare makes each a task (data/tasks.py), which
+    streams only that file."""
 
     spec: str
     name: str
     config: str | None
     split: str
+    _stream: Any = field(default=None, repr=False, compare=False)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": "hf-hub", "name": self.name, "config": self.config, "split": self.split}
@@ -141,14 +144,38 @@ class HubSource:
     def probe(self, text_field: str, domain_field: str | None = None) -> None:
         pass  # probing would need the network; the first bad row fails the run
 
+    def _open(self) -> Any:
+        if self._stream is None:
+            try:
+                self._stream = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+            except Exception as exc:  # the hub client raises many types; the message is what matters
+                raise UserError(f"{self.spec}: cannot open hub dataset {self.name!r}: {exc}") from None
+        return self._stream
+
+    def parts(self) -> list[str]:
+        """The dataset's own files of the split, in the order its stream reads them (their names where
+        the stream says them); one entry when the stream is not made of files."""
+        ds = self._open()
+        count = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
+        names = getattr(getattr(ds, "_ex_iterable", None), "kwargs", {}).get("original_files")
+        if isinstance(names, list) and len(names) == count:
+            return [str(n) for n in names]
+        return [f"{self.spec} file {i + 1} of {count}" for i in range(count)]
+
     def chunks(self, text_field: str, chunk_bytes: int = CHUNK_BYTES,
-               domain_field: str | None = None) -> Iterator[Chunk]:
+               domain_field: str | None = None, part: int | None = None) -> Iterator[Chunk]:
+        """The stream in chunks; with `part`, only that file of it (it alone is read)."""
+        ds, origin = self._open(), self.spec
+        if part is not None and len(self.parts()) > 1:
+            ds, origin = ds.shard(num_shards=len(self.parts()), index=part, contiguous=True), self.parts()[part]
+        batches = ds.iter(batch_size=rows_per_chunk(chunk_bytes))
         try:
-            ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
-        except Exception as exc:  # the hub client raises many types; the message is what matters
-            raise UserError(f"{self.spec}: cannot open hub dataset {self.name!r}: {exc}") from None
-        yield from _batch_chunks(ds.iter(batch_size=rows_per_chunk(chunk_bytes)), self.spec, text_field,
-                                 domain_field)
+            yield from _batch_chunks(batches, origin, text_field, domain_field)
+        except UserError:
+            raise
+        except Exception as exc:  # a broken file of the dataset: its reader's message, named by file
+            raise UserError(f"{origin}: cannot read the hub dataset {self.name!r}: "
+                            f"{type(exc).__name__}: {exc}") from None
 
 
 def _stdlib_files() -> list[Path]:

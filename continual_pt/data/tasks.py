@@ -3,7 +3,8 @@ completion record, so that a stopped prepare keeps every task it finished.
 
 The split is deterministic: one task per input file (a run of consecutive .txt files, which are read
 grouped into chunks, is one task; a corpus layout's file is one task of its split), and one task per
-source that is not a list of files (a saved or hub dataset, the built-in sources). A task reads the
+source that is not a list of files (a saved dataset, the built-in sources), but a hub dataset
+(hf:NAME), which makes a task of each of its own files, streaming that file alone. A task reads the
 same chunks the whole corpus would give it, so the merge of the tasks' tokens, in task order, is the
 stream one pass over the corpus writes. While a prepare runs, its temporary directory holds:
 
@@ -33,6 +34,7 @@ from continual_pt.data.dataset import TASKS_DIR
 from continual_pt.data.encode import Chunk
 from continual_pt.data.formats import FileSource, file_format, file_info
 from continual_pt.data.layouts import LayoutSource
+from continual_pt.data.sources import HubSource
 from continual_pt.files import fsync_dir
 
 PLAN = "plan.json"
@@ -63,6 +65,8 @@ class Task:
     files: tuple[Path, ...] = ()
     split: str | None = None
     """A corpus layout's split of these files; None: by hash."""
+    part: int | None = None
+    """A hub dataset's file (sources.HubSource.parts), read alone."""
 
     @property
     def name(self) -> str:
@@ -70,6 +74,8 @@ class Task:
 
     def describe(self, sources: list) -> str:
         """The task for messages: its file(s), or its source."""
+        if self.part is not None:
+            return sources[self.source].parts()[self.part]
         if not self.files:
             return sources[self.source].spec
         more = f" and {len(self.files) - 1} more file(s)" if len(self.files) > 1 else ""
@@ -77,6 +83,9 @@ class Task:
 
     def inputs(self, sources: list) -> Any:
         """What identifies the task's input (paths, sizes, mtimes), compared on a rerun."""
+        if self.part is not None:
+            parts = sources[self.source].parts()
+            return {"file": parts[self.part], "part": self.part, "of": len(parts)}
         if not self.files:
             return sources[self.source].fingerprint()
         return [file_info(p) for p in self.files]
@@ -107,6 +116,8 @@ def split_tasks(sources: list) -> list[Task]:
                 tasks += _file_tasks(i, paths, split, len(tasks))
         elif isinstance(source, FileSource):
             tasks += _file_tasks(i, source.files, None, len(tasks))
+        elif isinstance(source, HubSource) and len(source.parts()) > 1:
+            tasks += [Task(len(tasks) + k, i, part=k) for k in range(len(source.parts()))]
         else:
             tasks.append(Task(len(tasks), i))
     return tasks
@@ -116,6 +127,9 @@ def task_chunks(task: Task, sources: list, text_field: str, chunk_bytes: int,
                 domain_field: str | None) -> Iterator[Chunk]:
     """The chunks of one task: those a pass over its whole source gives for its files."""
     source = sources[task.source]
+    if task.part is not None:
+        yield from source.chunks(text_field, chunk_bytes, domain_field, part=task.part)
+        return
     if not task.files:
         yield from source.chunks(text_field, chunk_bytes, domain_field)
         return
