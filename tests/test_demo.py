@@ -188,13 +188,19 @@ def test_the_strong_shift_runs_from_its_shipped_model_without_pretrain(tmp_path,
 
 
 def test_the_grid_runs_one_thread_per_run_unless_the_user_says(tmp_path, monkeypatch):
+    import torch
+
     from continual_pt.demo import command
 
     seen = []
     monkeypatch.setattr(command, "run_sweep", lambda opts: seen.append(os.environ.get("OMP_NUM_THREADS")) or 0)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
     assert command.run_grid(tmp_path / "demo-grid.yaml") == 0
     assert "OMP_NUM_THREADS" not in os.environ   # only the runs' processes see it
+    with command.one_thread():   # and this process's cpt eval of the checkpoints
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert command.run_grid(tmp_path / "demo-grid.yaml") == 0
     assert seen == ["1", "2"] and os.environ["OMP_NUM_THREADS"] == "2"

@@ -19,8 +19,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from continual_pt.data.options import PrepareOptions
 from continual_pt.data.prepare import prepare
@@ -103,24 +106,36 @@ def _score(out: Path, model: Path, data: dict[str, Path], scale: Scale) -> None:
     jobs = [([str(model / FINAL)], str(out / START_SCORES)),
             (sorted(str(p) for p in runs_dir.iterdir() if (p / CHECKPOINTS).is_dir()), None)]
     for targets, store in jobs:
-        status = run_eval(EvalOptions(targets=targets, sets=sets, tokens=scale.score_tokens, store=store,
-                                      task_index="all"))
+        with one_thread():
+            status = run_eval(EvalOptions(targets=targets, sets=sets, tokens=scale.score_tokens, store=store,
+                                          task_index="all"))
         if status != EXIT_OK:
             raise UserError(f"cpt eval of {', '.join(targets)} failed with exit {status}")
 
 
-def run_grid(grid: Path) -> int:
-    """`cpt sweep --local` of the grid, each run on one thread unless OMP_NUM_THREADS says otherwise: a run
-    this small gains little from a second thread, and where the other core is busy two threads wait on each
-    other (one run of the demo on 2 cores beside another job: 17 s with one thread, 89 s with two)."""
-    unset = "OMP_NUM_THREADS" not in os.environ
-    if unset:
-        os.environ["OMP_NUM_THREADS"] = "1"   # read by each run's process as torch starts
+@contextmanager
+def one_thread():
+    """One thread for the runs' processes (OMP_NUM_THREADS, read as torch starts) and for this process's
+    `cpt eval`, unless OMP_NUM_THREADS says otherwise: a run this small gains little from a second thread,
+    and where the other core is busy two threads wait on each other (one run of the demo on 2 cores beside
+    another job: 17 s with one thread, 89 s with two)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    threads = torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     try:
-        return run_sweep(SweepOptions(grid=str(grid), local=True))
+        yield
     finally:
-        if unset:
-            os.environ.pop("OMP_NUM_THREADS", None)
+        os.environ.pop("OMP_NUM_THREADS", None)
+        torch.set_num_threads(threads)
+
+
+def run_grid(grid: Path) -> int:
+    """`cpt sweep --local` of the grid, each run on one thread (see `one_thread`)."""
+    with one_thread():
+        return run_sweep(SweepOptions(grid=str(grid), local=True))
 
 
 def run_demo(options: DemoOptions) -> int:
