@@ -4,10 +4,14 @@
     python benchmarks/bench_prepare.py --mb 200 --scale 2 --tokenizer path/to/tokenizer
     python benchmarks/bench_prepare.py --domains --mb 500 --doc-kb 2   # with and without --domain-field
     python benchmarks/bench_prepare.py --mb 40 --files 12 --baseline /tmp/old --repeat 3 --scale 1
+    python benchmarks/bench_prepare.py --mb 40 --scale 3 --elements 4   # also spread over 4 processes + merge
 
 `--baseline DIR` also runs the `cpt prepare` of another checkout (DIR holds its continual_pt/, e.g.
 `git archive <commit> continual_pt | tar -x -C DIR`), alternated with this one's on the same
-corpus; `--files N` writes the corpus as N files (N tasks of the task-based prepare). Besides wall
+corpus; `--files N` writes the corpus as N files (N tasks of the task-based prepare); `--elements K`
+(default 4) also runs the spread prepare: K processes `cpt prepare --task-index I --task-count K`
+(one tokenizer each) at once, then `--merge`, and projects its per-core rate to 300B tokens on one
+and on 16 nodes of 64 cores, with its peak RSS per element at the two corpus sizes. Besides wall
 time, each row gives tokens per CPU second of the whole process tree: the per-core rate, which
 other load on the machine distorts less than wall time.
 
@@ -111,16 +115,24 @@ def write_corpus(path: Path, docs: list[str], megabytes: float, seed: int = 0) -
 
 def measure(cmd: list[str], log: Path, cwd: Path = REPO, env: dict | None = None) -> dict:
     """Run `cmd`; its wall time, stdout and peak RSS of its process tree (sum) and of its largest process."""
-    peak = {"tree": 0, "largest": 0}
+    return measure_many([cmd], [log], cwd, env)[0]
+
+
+def measure_many(cmds: list[list[str]], logs: list[Path], cwd: Path = REPO, env: dict | None = None) -> list[dict]:
+    """Run `cmds` at once; each one's wall time, stdout and peak RSS of its process tree (sum) and of its
+    largest process; "cpu" (the CPU seconds of all of them together) in the first."""
+    peaks = [{"tree": 0, "largest": 0} for _ in cmds]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd, env=env)
-        done = threading.Event()
+    errs = [open(log, "w") for log in logs]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd, env=env)
+             for cmd, err in zip(cmds, errs, strict=True)]
+    done = threading.Event()
 
-        def sample() -> None:
-            root = psutil.Process(proc.pid)
-            while not done.is_set():
+    def sample() -> None:
+        roots = [psutil.Process(p.pid) for p in procs]
+        while not done.is_set():
+            for root, peak in zip(roots, peaks, strict=True):
                 try:
                     rss = [p.memory_info().rss for p in [root, *root.children(recursive=True)]]
                 except psutil.Error:
@@ -128,21 +140,26 @@ def measure(cmd: list[str], log: Path, cwd: Path = REPO, env: dict | None = None
                 if rss:
                     peak["tree"] = max(peak["tree"], sum(rss))
                     peak["largest"] = max(peak["largest"], max(rss))
-                done.wait(0.05)
+            done.wait(0.05)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    results = []
+    for proc, peak in zip(procs, peaks, strict=True):
         out, _ = proc.communicate()
-        done.set()
-        sampler.join()
-    seconds = time.perf_counter() - start
+        results.append({"seconds": time.perf_counter() - start, "stdout": out, **peak})
+    done.set()
+    sampler.join()
+    for err in errs:
+        err.close()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU seconds of the whole tree (workers are reaped by their parent before it exits): a
     # measure of work that other load on the machine distorts less than wall time.
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return {"seconds": seconds, "cpu": cpu, "stdout": out, **peak}
+    results[0]["cpu"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    for cmd, proc, log in zip(cmds, procs, logs, strict=True):
+        if proc.returncode:
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return results
 
 
 def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int, extra: tuple[str, ...] = (),
@@ -155,6 +172,23 @@ def run_ours(corpus: Path, tokenizer: str, out: Path, workers: int, extra: tuple
     manifest = json.loads((out / "manifest.json").read_text())
     result["tokens"] = sum(s["num_tokens"] for s in manifest["splits"].values())
     return result
+
+
+def run_spread(corpus: Path, tokenizer: str, out: Path, elements: int) -> dict:
+    """`cpt prepare --task-index I --task-count N` as N processes at once (one tokenizer each: --workers 1),
+    then `--merge`; the wall time and CPU of both, the elements' largest peak RSS and the merge's."""
+    argv = [sys.executable, "-m", "continual_pt.cli", "prepare", "-s", str(corpus), "-t", tokenizer, "-o", str(out),
+            "--quiet"]
+    runs = measure_many([[*argv, "--workers", "1", "--task-index", str(i), "--task-count", str(elements)]
+                         for i in range(elements)], [out.with_name(f"{out.name}-{i}.log") for i in range(elements)])
+    merged = measure([*argv, "--merge"], out.with_name(f"{out.name}-merge.log"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
+    task_peak = max(r["tree"] for r in runs)
+    return {"seconds": max(r["seconds"] for r in runs) + merged["seconds"], "cpu": runs[0]["cpu"] + merged["cpu"],
+            "tree": task_peak, "largest": max(r["largest"] for r in runs), "tokens": tokens,
+            "merge_seconds": merged["seconds"], "merge_cpu": merged["cpu"], "merge_rss": merged["tree"],
+            "elements_cpu": runs[0]["cpu"], "shard_bytes": sum(f.stat().st_size for f in out.glob("*/*.bin"))}
 
 
 def run_recipe(corpus: Path, tokenizer: str, work: Path, workers: int, block: int) -> dict:
@@ -216,8 +250,11 @@ def main() -> None:
                              "(steadier numbers on a busy machine)")
     parser.add_argument("--domains", action="store_true",
                         help="compare cpt prepare with and without --domain-field meta.redpajama_set_name instead")
-    parser.add_argument("--files", type=int, default=1,
-                        help="write the corpus as this many files (tasks of the task-based prepare)")
+    parser.add_argument("--files", type=int, default=12,
+                        help="write the corpus as this many files (tasks of the task-based prepare; default 12)")
+    parser.add_argument("--elements", type=int, default=4,
+                        help="processes of the spread prepare (--task-index I --task-count N, one tokenizer "
+                             "each, then --merge; default 4; 0 leaves it out)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout (folder holding continual_pt/) whose cpt prepare also runs, alternated")
     parser.add_argument("--doc-kb", type=float, default=None,
@@ -241,23 +278,35 @@ def main() -> None:
         print(f"corpus: {small_bytes / 1e6:.0f} MB jsonl (and {large_bytes / 1e6:.0f} MB), tokenizer "
               f"{tokenizer}, {args.workers} processes each, {psutil.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.1f} (other work on the machine skews both timings)", flush=True)
-        runs: dict[str, list[dict]] = {"ours": [], "recipe": [], "baseline": []}
+        runs: dict[str, list[dict]] = {"ours": [], "recipe": [], "baseline": [], "spread": []}
         for i in range(args.repeat):
             runs["ours"].append(run_ours(small, tokenizer, work / f"ours{i}", args.workers))
+            if args.elements:
+                runs["spread"].append(run_spread(small, tokenizer, work / f"spread{i}", args.elements))
             if args.baseline:
                 runs["baseline"].append(run_ours(small, tokenizer, work / f"base{i}", args.workers,
                                                  checkout=args.baseline.resolve()))
             runs["recipe"].append(run_recipe(small, tokenizer, work / f"recipe{i}", args.workers, args.block))
-        ours, recipe, base = (min(r, key=lambda x: x["seconds"]) if r else None for r in runs.values())
+        ours, recipe, base, spread = (min(r, key=lambda x: x["seconds"]) if r else None for r in runs.values())
         big = run_ours(large, tokenizer, work / "ours_large", args.workers) if large_bytes else None
+        big_spread = run_spread(large, tokenizer, work / "spread_large", args.elements) \
+            if large_bytes and args.elements else None
+        load = os.getloadavg()
+        copy = copy_rate(work / ("spread_large" if big_spread else "spread0")) if spread else 0.0
 
     print(f"\n{HEADER}")
     print(row(f"cpt prepare ({args.files} file(s))", ours, small_bytes))
     if base:
         print(row("cpt prepare (baseline)", base, small_bytes))
     print(row("HF datasets recipe", recipe, small_bytes))
+    if spread:
+        print(row(f"cpt prepare, {args.elements} elements", spread, small_bytes))
     if big:
         print(row(f"cpt prepare ({args.scale}x corpus)", big, large_bytes))
+    if big_spread:
+        print(row(f"{args.elements} elements ({args.scale}x corpus)", big_spread, large_bytes))
+    if spread:
+        print_spread(args, ours, spread, big, big_spread, load, copy)
     print(f"\nspeed: cpt prepare is {recipe['seconds'] / ours['seconds']:.2f}x the recipe in wall time, "
           f"{recipe['cpu'] / ours['cpu']:.2f}x in CPU time "
           f"(tokens: {ours['tokens']:,} incl. one EOS per document vs {recipe['tokens']:,})")
@@ -271,6 +320,53 @@ def main() -> None:
     if big:
         print(f"cpt prepare peak RSS at {args.scale}x the corpus: {big['tree'] / ours['tree']:.2f}x "
               f"({ours['tree'] / 2**20:.0f} -> {big['tree'] / 2**20:.0f} MiB)")
+
+
+def copy_rate(folder: Path) -> float:
+    """Bytes per second of copying `folder`'s shards as the merge does (8 MB reads, written, fsynced)."""
+    start, nbytes = time.perf_counter(), 0
+    for shard in sorted(folder.glob("*/*.bin")):
+        target = shard.with_name(shard.name + ".copy")
+        with open(shard, "rb") as src, open(target, "wb") as dst:
+            while block := src.read(8 << 20):
+                dst.write(block)
+                nbytes += len(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        target.unlink()
+    return nbytes / (time.perf_counter() - start)
+
+
+def marginal(small: dict, big: dict) -> float:
+    """Tokens per CPU second between two corpus sizes: what one more token costs, without the start-up
+    (imports, tokenizer load, plan) that a run of hours makes negligible and a run of seconds does not."""
+    return (big["tokens"] - small["tokens"]) / max(big["cpu"] - small["cpu"], 1e-9)
+
+
+def print_spread(args: argparse.Namespace, ours: dict, spread: dict, big: dict | None, big_spread: dict | None,
+                 load: tuple, copy: float) -> None:
+    """The spread prepare against the one-process one, and what its per-core rate projects for 300B tokens."""
+    basis, one = (big_spread, big) if big_spread and big else (spread, ours)
+    rate, one_rate = basis["tokens"] / basis["cpu"], one["tokens"] / one["cpu"]
+    print(f"\nper CPU second on the {basis['tokens'] / 1e6:.1f}M-token corpus, start-up included: spread prepare "
+          f"({args.elements} elements + merge) {rate / 1e6:.3f} Mtok, one-process prepare {one_rate / 1e6:.3f} Mtok "
+          f"({rate / one_rate:.3f}x)")
+    if big_spread and big:
+        rate, one_rate = marginal(spread, big_spread), marginal(ours, big)
+        print(f"per CPU second between the two sizes (start-up excluded): spread prepare {rate / 1e6:.3f} Mtok, "
+              f"one-process prepare {one_rate / 1e6:.3f} Mtok ({rate / one_rate:.3f}x)")
+        print(f"peak RSS per element: {spread['tree'] / 2**20:.0f} MiB at {args.mb:.0f} MB, "
+              f"{big_spread['tree'] / 2**20:.0f} MiB at {args.mb * args.scale:.0f} MB "
+              f"({big_spread['tree'] / spread['tree']:.2f}x)")
+    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end. The merge: "
+          f"{basis['merge_seconds']:.1f} s, peak RSS {basis['merge_rss'] / 2**20:.0f} MiB; copying its shards as it "
+          f"does: {copy / 1e6:.0f} MB/s")
+    tokens = 300e9
+    per_token = basis["shard_bytes"] / basis["tokens"]
+    print(f"projected for {tokens / 1e9:.0f}B tokens at {rate / 1e6:.3f} Mtok per CPU second: one 64-core node "
+          f"{tokens / (rate * 64) / 3600:.1f} h, 16 such nodes {tokens / (rate * 64 * 16) / 3600:.2f} h, then the "
+          f"merge {tokens * per_token / copy / 3600:.2f} h at that copy rate; shards {tokens * per_token / 1e9:.0f} GB "
+          f"({per_token:.2f} bytes a token), twice that until the merge has removed the tasks' copies")
 
 
 def tokenizer_for(args: argparse.Namespace, work: Path) -> str:
