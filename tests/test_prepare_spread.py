@@ -100,6 +100,10 @@ def test_a_stopped_element_keeps_its_tasks_and_a_killed_merge_is_finished(tmp_pa
     proc = element(corpus, data_tokenizer, out, 0, 2)
     assert proc.returncode == EXIT_OK and "4 task(s) done in this run, 2 done before, of its 6" in proc.stdout
     assert element(corpus, data_tokenizer, out, 1, 2).returncode == EXIT_OK
+    proc = cpt_prepare(corpus, data_tokenizer, out, "merge:SIGTERM", "--merge")
+    assert proc.returncode == EXIT_RESUMABLE
+    assert proc.stderr.splitlines()[-1] == (f"cpt prepare: stopped by SIGTERM; kept the 12 done task(s) in {out}.tmp-tasks "
+                                            "(the merge starts again); run the same command again to do the rest")
     for point in ("merge", "cleanup"):
         assert cpt_prepare(corpus, data_tokenizer, out, point, "--merge").returncode == -9
         assert not out.exists()

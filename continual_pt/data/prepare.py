@@ -207,7 +207,7 @@ def _complete(job: runner.Job, task_list: list[tasks.Task], tok: LoadedTokenizer
     tok.copy_to(work / TOKENIZER_DIR)
     done = tasks.done_records(work, len(task_list))
     todo = [t for t in task_list if t.index not in done] if run_missing else []
-    run = runner.run_tasks(job, todo, options.workers or default_workers())
+    run = runner.run_tasks(job, todo, options.workers or default_workers()) if todo else runner.Run()
     records = tasks.done_records(work, len(task_list))
     failed = tasks.failed_records(work, len(task_list))
     if failed and not records:
@@ -274,8 +274,12 @@ def merge_spread(options: PrepareOptions) -> dict[str, Any]:
     work = spread.shared_work(out)
     spread.check_mergeable(work, job.plan, task_list, plan.sources)
     job = replace(job, work=work)
-    manifest, _ = _complete(job, task_list, tok, plan, [s.fingerprint() for s in plan.sources], run_missing=False)
-    resume.remove_tasks(work, task_list)
+    try:
+        manifest, _ = _complete(job, task_list, tok, plan, [s.fingerprint() for s in plan.sources], run_missing=False)
+        resume.remove_tasks(work, task_list)
+    except _Stopped as stop:
+        stop.kept = f"the {len(task_list)} done task(s) in {work} (the merge starts again)"
+        raise
     output.commit_directory(work, out)
     if not options.quiet:
         print(f"{out}: merged {len(task_list)} task(s): " + "; ".join(
