@@ -159,15 +159,24 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def _records(work: Path, count: int, suffix: str) -> dict[int, dict[str, Any]]:
+    """The records named `<task><suffix>` in `work`, by task index: one listing of the folder, then only
+    the files there are read (tens of thousands of tasks on a parallel file system)."""
+    root = tasks_dir(work)
+    try:
+        names = set(os.listdir(root))
+    except FileNotFoundError:
+        return {}
+    return {i: read_json(root / f"{i:06d}{suffix}") for i in range(count) if f"{i:06d}{suffix}" in names}
+
+
 def done_records(work: Path, count: int) -> dict[int, dict[str, Any]]:
     """The completion records in `work`, by task index."""
-    root = tasks_dir(work)
-    return {i: read_json(root / f"{i:06d}{DONE}") for i in range(count) if (root / f"{i:06d}{DONE}").is_file()}
+    return _records(work, count, DONE)
 
 
 def failed_records(work: Path, count: int) -> dict[int, dict[str, Any]]:
-    root = tasks_dir(work)
-    return {i: read_json(root / f"{i:06d}{FAILED}") for i in range(count) if (root / f"{i:06d}{FAILED}").is_file()}
+    return _records(work, count, FAILED)
 
 
 def record_failure(work: Path, task: Task, sources: list, message: str) -> None:
