@@ -77,9 +77,9 @@ def _finding3(finding: Finding, per_seed: list[Runs], steps: int) -> str:
             "more (highest in-loop loss above step 0: "
             + ", ".join(f"{MAX_LR[n]} {spread(rise[n], '+.4f')}" for n in names)
             + f") and the run takes longer to get back to its step-0 downstream loss (step {back_text} of "
-            f"{steps}, seed by seed; 0: it never rose above it); what is left of the phase runs at a decaying LR. In the paper the re-warmed "
-            f"runs trail the constant LR for the first ~100B tokens (finding 4) and still have ~200B tokens "
-            f"many as a whole pre-training run of a smaller model, to pay that back."
+            f"{steps}, seed by seed; 0: it never rose above it); what is left of the phase runs at a decaying "
+            "LR. In the paper the re-warmed runs trail the constant LR for the first ~100B tokens (finding 4) and "
+            "still have ~200B tokens to pay that back."
             + why + " The rule is kept as the paper states it, and the default grid keeps its length (the "
             "cost of the paper's ratio is above).")
 
