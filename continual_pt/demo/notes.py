@@ -73,12 +73,12 @@ def _finding3(finding: Finding, per_seed: list[Runs], steps: int) -> str:
            f" Here the downstream side fails in {fails} of {len(per_seed)} seed(s), as expected when the phase is too "
            "short for the higher LR to pay back its spike. The upstream side (more forgetting) needs no recovery "
            "and shows at once.")
-    return ("- **Finding 3 and the length of the phase.** A higher max LR raises the early downstream loss "
-            "more (highest in-loop loss above step 0: "
+    return ("- **Finding 3 and the length of the phase.** The early spike of the downstream loss at each max LR "
+            "(highest in-loop loss above step 0: "
             + ", ".join(f"{MAX_LR[n]} {spread(rise[n], '+.4f')}" for n in names)
-            + f") and the run takes longer to get back to its step-0 downstream loss (step {back_text} of "
-            f"{steps}, seed by seed; 0: it never rose above it); what is left of the phase runs at a decaying "
-            "LR. In the paper the re-warmed runs trail the constant LR for the first ~100B tokens (finding 4) and "
+            + f") and the step at which the run is back at its step-0 downstream loss (step {back_text} of "
+            f"{steps}, seed by seed; 0: it never rose above it): the rest of the phase, at a decaying LR, is what "
+            "a higher LR has to profit from its larger steps. In the paper the re-warmed runs trail the constant LR for the first ~100B tokens (finding 4) and "
             "still have ~200B tokens to pay that back."
             + why + " The rule is kept as the paper states it, and the default grid keeps its length (the "
             "cost of the paper's ratio is above).")
