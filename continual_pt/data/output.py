@@ -43,7 +43,8 @@ def is_temp_dir(path: Path) -> bool:
     return TEMP_RE.search(path.name) is not None or path.name.endswith(SHARED_SUFFIX)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,15 +54,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _temp_dirs(out: Path) -> list[tuple[Path, int]]:
+def temp_dirs(out: Path) -> list[tuple[Path, int]]:
+    """The temporary directories of writers of `out` (finished or not), newest first, with their pid."""
     if not out.parent.is_dir():
         return []
     found = []
     for path in out.parent.glob(f"{glob_escape(out.name)}.tmp-*"):
         match = TEMP_RE.search(path.name)
-        if match and path.name == f"{out.name}.tmp-{match.group(1)}":
+        if match and path.name == f"{out.name}.tmp-{match.group(1)}" and path.is_dir():
             found.append((path, int(match.group(1))))
-    return found
+    return sorted(found, key=lambda item: item[0].stat().st_mtime_ns, reverse=True)
 
 
 def glob_escape(name: str) -> str:
@@ -126,8 +128,8 @@ def check_destination(out: Path, overwrite: bool, kind: OutputKind) -> None:
     check_writable(out, "--out", replaced=True)   # made beside it, renamed over it
     if out.exists() or out.is_symlink():
         _check_existing(out, overwrite, kind)
-    for tmp, pid in _temp_dirs(out):
-        if pid != os.getpid() and _alive(pid):
+    for tmp, pid in temp_dirs(out):
+        if pid != os.getpid() and alive(pid):
             raise UserError(f"another process (pid {pid}) is writing {out} into {tmp}; wait for it or stop it")
 
 
@@ -148,8 +150,8 @@ def commit_directory(tmp: Path, out: Path) -> None:
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` only if the block completes."""
-    for stale, pid in _temp_dirs(out):
-        if pid == os.getpid() or not _alive(pid):
+    for stale, pid in temp_dirs(out):
+        if pid == os.getpid() or not alive(pid):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,33 +67,11 @@ def changes(old: dict[str, Any], new: dict[str, Any], done: set[int]) -> list[st
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def temp_dirs(out: Path) -> list[tuple[Path, int]]:
-    """The temporary directories of runs writing `out` (finished or not), newest first, with their pid."""
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for path in out.parent.glob(f"{output.glob_escape(out.name)}.tmp-*"):
-        match = output.TEMP_RE.search(path.name)
-        if match and path.name == f"{out.name}.tmp-{match.group(1)}" and path.is_dir():
-            found.append((path, int(match.group(1))))
-    return sorted(found, key=lambda item: item[0].stat().st_mtime_ns, reverse=True)
-
-
 def _stopped_run(out: Path) -> Path | None:
     """The newest temporary directory of a run that is gone and left a plan; older leftovers are removed."""
     keep = None
-    for path, pid in temp_dirs(out):
-        if pid != os.getpid() and _alive(pid):
+    for path, pid in output.temp_dirs(out):
+        if pid != os.getpid() and output.alive(pid):
             continue
         if keep is None and (tasks.tasks_dir(path) / tasks.PLAN).is_file():
             keep = path
@@ -147,7 +125,7 @@ def remove_tasks(work: Path, task_list: list[tasks.Task]) -> None:
 def status(out: Path) -> list[str]:
     """`cpt prepare --status OUT`: the state of a prepare writing OUT, or of the dataset it wrote."""
     shared = out.with_name(f"{out.name}{output.SHARED_SUFFIX}")
-    found: list[tuple[Path, int | None]] = [*temp_dirs(out), *([(shared, None)] if shared.is_dir() else [])]
+    found: list[tuple[Path, int | None]] = [*output.temp_dirs(out), *([(shared, None)] if shared.is_dir() else [])]
     if not found:
         if (out / MANIFEST).is_file():
             manifest = tasks.read_json(out / MANIFEST)
@@ -162,7 +140,7 @@ def status(out: Path) -> list[str]:
 def _work_status(work: Path, pid: int | None) -> list[str]:
     """The state of one work folder: a process's (`pid`), or the shared one of a job array (None)."""
     plan_path = tasks.tasks_dir(work) / tasks.PLAN
-    alive = pid is None or _alive(pid)
+    alive = pid is None or output.alive(pid)
     state = f"running (pid {pid})" if pid is not None and alive else "stopped (run the same command again to resume)"
     if pid is None:
         shares = tasks.read_json(plan_path).get("shares") if plan_path.is_file() else None
