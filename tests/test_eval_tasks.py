@@ -72,7 +72,10 @@ def offline(monkeypatch):
 
 def lm_eval_cli(model: Path, tasks: Path, names: str, out: Path, *extra: str) -> dict:
     """The harness's own CLI on a Hugging Face folder; its results JSON."""
-    env = {**ts.env(), **OFFLINE, "OMP_NUM_THREADS": "1"}
+    # A process of its own, as a user runs it: none of the distributed variables an in-process DeepSpeed
+    # engine of an earlier test left in this worker's environment (LOCAL_RANK makes accelerate expect RANK).
+    env = {k: v for k, v in {**ts.env(), **OFFLINE, "OMP_NUM_THREADS": "1"}.items()
+           if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")}
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf",
                            "--model_args", f"pretrained={model},dtype=float32", "--tasks", names,
                            "--include_path", str(tasks), "--device", "cpu", "--output_path", str(out), *extra],
