@@ -30,22 +30,11 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_train import prepare_data  # the tokenizer and kjv data bench_train uses (this folder)
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the lord said unto him that he shall go and the people of israel were in the land "
          "which god had given them for an inheritance").split()
-
-
-def prepare(work: Path, vocab: int) -> Path:
-    """A BPE tokenizer trained on the built-in King James Bible source and the same text prepared."""
-    from continual_pt.cli import main as cpt
-
-    tok, data = work / "tokenizer", work / "kjv"
-    if cpt(["tokenizer", "train", "-s", "kjv", "--vocab-size", str(vocab), "-o", str(tok), "-q"]) != 0:
-        sys.exit("cpt tokenizer train failed")
-    if cpt(["prepare", "-s", "kjv", "-t", str(tok), "-o", str(data), "--workers", "1", "-q"]) != 0:
-        sys.exit("cpt prepare failed")
-    return data
 
 
 def train_checkpoint(args: argparse.Namespace, work: Path, data: Path) -> Path:
@@ -144,7 +133,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_lm_eval_"))
     sys.path.insert(0, str(REPO))
-    data = prepare(work, args.vocab)
+    data = Path(prepare_data(work, args.vocab))
     ckpt = train_checkpoint(args, work, data)
     export = work / "export"
     subprocess.run([sys.executable, "-m", "continual_pt.cli", "export", str(ckpt), "--out", str(export)],
