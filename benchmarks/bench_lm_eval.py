@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_train import prepare_data  # the tokenizer and kjv data bench_train uses (this folder)
+
+# bench_train lies beside this file; put its folder on the path however this file is run
+# (`python benchmarks/bench_lm_eval.py` does it, runpy and importers do not)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import prepare_data  # noqa: E402  (the tokenizer and kjv data bench_train uses)
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the lord said unto him that he shall go and the people of israel were in the land "
