@@ -4,7 +4,6 @@ compared with the same run started directly (eval arrays: tests/test_eval_array.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
