@@ -21,7 +21,7 @@ from tests.slurm_cluster import slurm_fixture  # noqa: F401  (the fixture `slurm
 # (xdist's own `--dist loadgroup` marks groups in the node ids, which pytest 9.2 no longer lets it do.)
 SHARED_DAEMONS = {"test_slurm": "slurm", "test_sweep_submit": "slurm", "test_eval_array": "slurm",
                   "test_prepare_array": "slurm", "test_multinode": "sshd"}
-LONGEST_FIRST = ("test_train_resume", "test_elastic", "test_launchers", "slurm", "test_demo", "test_startup_ops",
+LONGEST_FIRST = ("test_train_resume", "test_elastic", "test_launchers", "slurm", "test_demo", "test_demo_own", "test_startup_ops",
                  "test_train_start", "sshd", "test_train_safety", "test_commit_protocol", "test_sweep_local",
                  "test_shm_buffers", "test_host_malloc", "test_evaluate", "test_checkpoint_runs")
 

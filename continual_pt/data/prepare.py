@@ -77,7 +77,7 @@ def choose_dtype(requested: str, vocab_size: int, tokenizer: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class SourcePlan:
     """What prepare reads: its sources, in order, and where each record's domain is."""
 
     sources: list
@@ -90,7 +90,7 @@ class _Plan:
         return layout.domains if layout and self.domain_field == layout.domain_field else ()
 
 
-def _plan(options: PrepareOptions) -> _Plan:
+def plan_sources(options: PrepareOptions) -> SourcePlan:
     """Resolve and probe every source (or corpus folder of --layout); raises before anything is written."""
     layout = layouts.LAYOUT_TABLE[options.layout] if options.layout else None
     domain_field = options.domain_field or (layout.domain_field if layout else None)
@@ -102,7 +102,7 @@ def _plan(options: PrepareOptions) -> _Plan:
         srcs = [layouts.resolve_layout(spec, layout, options.skip_unknown) for spec in options.sources]
         for src in srcs:
             src.probe(options.text_field, required)
-    return _Plan(srcs, domain_field, layout)
+    return SourcePlan(srcs, domain_field, layout)
 
 
 def _software() -> dict[str, str]:
@@ -110,7 +110,7 @@ def _software() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-def _check_domains(plan: _Plan, options: PrepareOptions, totals: merge.Totals) -> None:
+def _check_domains(plan: SourcePlan, options: PrepareOptions, totals: merge.Totals) -> None:
     """Documents without a domain fail the run, counted, unless --unknown-domain names theirs."""
     index = totals.index
     if index is not None and index.missing and options.unknown_domain is None:
@@ -119,7 +119,7 @@ def _check_domains(plan: _Plan, options: PrepareOptions, totals: merge.Totals) -
                         "--unknown-domain NAME (e.g. unknown) to put them under domain NAME")
 
 
-def _domain_fields(plan: _Plan, options: PrepareOptions, totals: merge.Totals) -> dict[str, Any]:
+def _domain_fields(plan: SourcePlan, options: PrepareOptions, totals: merge.Totals) -> dict[str, Any]:
     index = totals.index
     found: dict[str, Any] = {"domain_field": plan.domain_field, "domains": index.table.names if index else []}
     if index is not None:
@@ -128,7 +128,7 @@ def _domain_fields(plan: _Plan, options: PrepareOptions, totals: merge.Totals) -
     return found
 
 
-def _manifest(options: PrepareOptions, plan: _Plan, tok: LoadedTokenizer, dtype: str, shards: dict,
+def _manifest(options: PrepareOptions, plan: SourcePlan, tok: LoadedTokenizer, dtype: str, shards: dict,
               totals: merge.Totals, fingerprints: list[dict[str, Any]], layout: list[dict[str, Any]]) -> dict[str, Any]:
     hashed = "val if blake2b(utf-8 text, digest_size=8) as little-endian int < val_fraction * 2**64"
     return {
@@ -155,12 +155,12 @@ def _manifest(options: PrepareOptions, plan: _Plan, tok: LoadedTokenizer, dtype:
     }
 
 
-def _job(options: PrepareOptions, out: Path) -> tuple[runner.Job, list[tasks.Task], LoadedTokenizer, _Plan]:
+def _job(options: PrepareOptions, out: Path) -> tuple[runner.Job, list[tasks.Task], LoadedTokenizer, SourcePlan]:
     """Everything checked and resolved before anything is written: tokenizer, sources, tasks, plan."""
     output.check_destination(out, options.overwrite, DATASET)
     tok = load_tokenizer(options.tokenizer, options.eos_token)
     dtype = choose_dtype(options.dtype, tok.vocab_size, options.tokenizer)
-    plan = _plan(options)
+    plan = plan_sources(options)
     for note in [] if options.quiet else sources.skipped_notes(plan.sources) + layouts.notes(plan.sources):
         print(note, file=sys.stderr)
     task_list = tasks.split_tasks(plan.sources)
@@ -196,7 +196,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     return manifest
 
 
-def _complete(job: runner.Job, task_list: list[tasks.Task], tok: LoadedTokenizer, plan: _Plan,
+def _complete(job: runner.Job, task_list: list[tasks.Task], tok: LoadedTokenizer, plan: SourcePlan,
               fingerprints: list[dict[str, Any]], run_missing: bool = True) -> tuple[dict[str, Any], runner.Run]:
     """Do the tasks not done (unless `run_missing` is False: the merge of a spread prepare), then merge
     them and write the manifest (unless a stopped run had)."""

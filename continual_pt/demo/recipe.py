@@ -33,6 +33,8 @@ class Scale:
                             # `cpt eval` loss, two samples of one split, agree within 0.1 nats)
     score_tokens: int       # per set, `cpt eval` of each run's final checkpoint
     pretrain_eval_tokens: int   # per set, in-loop during the upstream pre-training
+    sample_bytes: tuple[int, int] = (8_500_000, 4_000_000)   # upstream, downstream: the text of a sample of the
+                                                             # user's corpora (the built-in ones' sizes)
     seed: int = 1234
     checkpoint_every: int = 10   # pre-training save interval; the early checkpoints are the saves nearest 7%, 19%
 
@@ -56,7 +58,7 @@ SCALE = {
     "tiny": Scale("tiny", vocab_size=300, hidden=16, layers=1, heads=2, seq_len=32,
                   pretrain_steps=100, pretrain_micro_batch=8, pretrain_max_lr=1e-2, pretrain_eval_every=50,
                   steps=8, micro_batch=4, eval_every=2, eval_tokens=512, score_tokens=1024,
-                  pretrain_eval_tokens=2048, checkpoint_every=5),
+                  pretrain_eval_tokens=2048, sample_bytes=(400_000, 200_000), checkpoint_every=5),
 }
 
 

@@ -95,15 +95,28 @@ def _runs_table(runs_dir: Path, names: list[str], start: dict[str, float], seeds
     return lines
 
 
-def _setup(options, scale: Scale, provenance: dict[str, Any], sizes: dict[str, dict[str, int]],
+def _corpora(out: Path, options, sizes: dict[str, dict[str, int]]) -> str:
+    """The report's line on the two corpora: the built-in ones of the shift, or the samples of the user's."""
+    mb = {c: ", ".join(f"{src} {n / 1e6:.2f} MB" for src, n in parts.items()) for c, parts in sizes.items()}
+    if not options.own:
+        return (f"- Shift: **{options.shift}**. Upstream corpus: {mb.get('upstream', '?')}; downstream: "
+                f"{mb.get('downstream', '?')} (code: the Python standard library; scripture: the King James Bible; "
+                "documents split by a hash of their name, none in both).")
+    parts = []
+    for corpus, sources in (("upstream", options.upstream), ("downstream", options.downstream)):
+        info = json.loads((out / "data" / f"{corpus}.sample.json").read_text())
+        parts.append(f"{corpus} `{' '.join(sources)}`: a sample of {info['documents']:,} documents from "
+                     f"{info['files_read']} of its {info['files']} file(s) ({mb.get(corpus, '?')})")
+    return ("- Corpora: **yours**, " + "; ".join(parts) + ". Each sample is the first documents of files spread "
+            "evenly over the corpus, up to an equal share each (`data/<corpus>.sample.json`).")
+
+
+def _setup(out: Path, options, scale: Scale, provenance: dict[str, Any], sizes: dict[str, dict[str, int]],
            seconds: list[float], split_tokens: dict[str, int]) -> list[str]:
     held_out = ", ".join(f"{name} {n:,} tokens" for name, n in split_tokens.items())
-    mb = {c: ", ".join(f"{src} {n / 1e6:.1f} MB" for src, n in parts.items()) for c, parts in sizes.items()}
     steps_tokens = scale.steps * scale.micro_batch * scale.seq_len
     return [
-        f"- Shift: **{options.shift}**. Upstream corpus: {mb.get('upstream', '?')}; downstream: "
-        f"{mb.get('downstream', '?')} (code: the Python standard library; scripture: the King James Bible; "
-        "documents split by a hash of their name, none in both).",
+        _corpora(out, options, sizes),
         f"- Upstream model: GPT-NeoX, {provenance['params']:,} parameters, BPE of {scale.vocab_size} fit on "
         f"upstream only; pre-trained {provenance['tokens']:,} tokens = **{provenance['tokens_per_param']} tokens "
         f"per parameter** (Pythia 410M: ~730) with Pythia's recipe (`{provenance['command']}`, seed "
@@ -144,8 +157,9 @@ def write(out: Path, options, scale: Scale, model: Path, sizes: dict[str, dict[s
     split_tokens = {name: PreparedDataset(out / "data" / name, "val").num_tokens for name in (UP, DOWN)}
     holding = sum(f.holds is True for f in findings[:7])
     mixed = sum(f.verdict.startswith("mixed") for f in findings[:7])
-    lines = [f"# cpt demo: the paper's findings at laptop scale ({options.shift} shift)", "",
-             *_setup(options, scale, provenance, sizes, seconds, split_tokens), "",
+    title = "your corpora" if options.own else f"{options.shift} shift"
+    lines = [f"# cpt demo: the paper's findings at laptop scale ({title})", "",
+             *_setup(out, options, scale, provenance, sizes, seconds, split_tokens), "",
              f"**{holding} of the paper's 7 findings hold at this scale** in every one of {options.seeds} seed(s)"
              + (f" ({mixed} mixed)" if mixed else "") + f"; the replay finding of the follow-up "
              f"{findings[7].verdict}. Losses are nats per token on held-out data.", "",

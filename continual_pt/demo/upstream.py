@@ -89,9 +89,11 @@ def fit_tokenizer(corpus: Path, scale: Scale, out: Path) -> Path:
     return out
 
 
-def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], out: Path) -> int:
+def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], out: Path,
+             command: str | None = None) -> int:
     """Train the upstream model in `work` (resuming if it was stopped) and export it to `out`: EXIT_OK, or
-    EXIT_RESUMABLE when a stop (Ctrl-C, SIGTERM) ended the training with a committed checkpoint."""
+    EXIT_RESUMABLE when a stop (Ctrl-C, SIGTERM) ended the training with a committed checkpoint. `command`:
+    the `cpt demo` command line its provenance records (default: the built-in corpora's, of `shift`)."""
     cfg = pretrain_config(scale, f"upstream-{shift}", str(work), str(datasets["upstream"]),
                           str(datasets["downstream"]))
     config_path = work / f"upstream-{shift}.yaml"
@@ -108,7 +110,7 @@ def pretrain(scale: Scale, shift: str, work: Path, datasets: dict[str, Path], ou
         raise UserError(f"upstream pre-training failed with exit {status}" + (f": {error}" if error else "")
                         + f"; its run is {run_dir}")
     _export(run_dir, scale, out)
-    _write_provenance(out, run_dir, cfg, scale, shift)
+    _write_provenance(out, run_dir, cfg, scale, shift, command)
     return EXIT_OK
 
 
@@ -128,7 +130,8 @@ def _params(folder: Path) -> int:
         return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
 
 
-def _write_provenance(out: Path, run_dir: Path, cfg: dict[str, Any], scale: Scale, shift: str) -> None:
+def _write_provenance(out: Path, run_dir: Path, cfg: dict[str, Any], scale: Scale, shift: str,
+                      command: str | None) -> None:
     records = read_metrics(run_dir / METRICS)
     train = [r for r in records if r.get("kind") == "train"]
     tokens = int(train[-1]["tokens"]) if train else 0
@@ -137,7 +140,8 @@ def _write_provenance(out: Path, run_dir: Path, cfg: dict[str, Any], scale: Scal
     params = _params(out / FINAL)
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != PROVENANCE)
     provenance = {
-        "command": f"cpt demo --pretrain --shift {shift}" + ("" if scale.name == "demo" else f" --scale {scale.name}"),
+        "command": command or (f"cpt demo --pretrain --shift {shift}"
+                               + ("" if scale.name == "demo" else f" --scale {scale.name}")),
         "scale": scale.name, "shift": shift, "seed": scale.seed, "config": cfg,
         "checkpoints": checkpoint_names(scale), "params": params, "tokens": tokens,
         "tokens_per_param": round(tokens / params, 1), "final_eval_loss": final,
