@@ -68,7 +68,8 @@ COMMANDS = (
             "Continue a small GPT-NeoX pre-trained on an upstream corpus (shipped) on a downstream one, both "
             "built from offline sources, through a miniature of the paper's grid (`cpt sweep --local`); score "
             "every run (`cpt eval`), draw the paper's figures and write REPORT.md: holds / does not hold per "
-            "finding. Run it again to continue a stopped demo."),
+            "finding. With --upstream and --downstream, the same study on a sample of your own corpora (its "
+            "upstream model pre-trained here). Run it again to continue a stopped demo."),
     Command(("train",), "continual_pt.training.loop:run_phase", "continual_pt.options:ConfigSource",
             "run one continual pre-training phase on the DeepSpeed engine",
             "Train (or re-warm) a model on prepared data. Run it directly for one process, or under deepspeed, "

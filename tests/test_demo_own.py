@@ -94,6 +94,40 @@ def test_bad_corpus_options_are_refused_before_anything_is_written(tmp_path, cap
     assert not (tmp_path / "demo").exists()
 
 
+def test_ctrl_c_while_cutting_keeps_the_sample_that_is_cut_and_the_same_command_cuts_only_the_rest(
+        tmp_path, monkeypatch, capsys):
+    from continual_pt.cli import main
+    from continual_pt.demo import command
+
+    for name in ("up", "down"):
+        _jsonl(tmp_path / name / "a.jsonl", [f"{name} document {i} " * 20 for i in range(50)])
+    calls = []
+
+    def cut(corpus, budget, out):
+        calls.append(corpus.name)
+        if calls == ["upstream", "downstream"]:
+            raise KeyboardInterrupt
+        return sample.cut(corpus, budget, out)
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "cut", cut)
+    monkeypatch.setattr(command, "fit_tokenizer", stop)   # the step after the samples
+    monkeypatch.setattr(command, "measure", lambda scale: estimate.Speed(1e-6, 1e-7))
+    args = ["demo", "--scale", "tiny", "--out", str(tmp_path / "demo"), "--upstream", str(tmp_path / "up"),
+            "--downstream", str(tmp_path / "down")]
+    assert main(args) == 75
+    data = tmp_path / "demo" / "data"
+    assert calls == ["upstream", "downstream"] and sorted(p.name for p in data.iterdir()) == \
+        ["upstream.jsonl", "upstream.sample.json"]
+    kept = (data / "upstream.jsonl").read_bytes()
+    assert "run the same command again to continue" in capsys.readouterr().out
+    assert main(args) == 75   # stopped again, at the tokenizer
+    assert calls == ["upstream", "downstream", "downstream"] and (data / "upstream.jsonl").read_bytes() == kept
+    assert json.loads((data / "downstream.sample.json").read_text())["documents"] == 50
+
+
 def test_the_estimate_is_the_tokens_times_the_measured_speed_plus_start_up():
     speed = estimate.Speed(train=2e-6, forward=5e-7)
     # 10 steps of 1,000 tokens; evals at 0, 4, 8 and 10 on 2 sets of 300 tokens; cpt eval of 2 x 500 tokens
