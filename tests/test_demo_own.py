@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from continual_pt.demo import estimate, sample
 from continual_pt.demo.recipe import SCALE
@@ -76,6 +77,23 @@ def test_a_layout_sample_keeps_domains_and_never_reads_the_validation_files(tmp_
     assert info["files_read"] == info["files"] == 3
     assert sum(info["bytes"].values()) == sum(len(t.encode()) for t, _ in expected)
     assert set(info["bytes"]) <= set(PILE)
+
+
+def test_a_hub_dataset_is_sampled_by_its_own_files_with_their_domains(tmp_path, monkeypatch):
+    root = tmp_path / "org-corpus"   # a dataset repository as the hub holds one (data/train/*.jsonl.zst)
+    (root / "data" / "train").mkdir(parents=True)
+    for i in range(6):
+        lines = "".join(json.dumps({"text": f"file {i} doc {j} ".ljust(100, "x"), "meta": {"kind": ("a", "b")[j % 2]}})
+                        + "\n" for j in range(10))
+        (root / "data" / "train" / f"part-{i:05d}.jsonl.zst").write_bytes(
+            zstandard.ZstdCompressor().compress(lines.encode()))
+    monkeypatch.setattr(sample, "SPREAD", 3)
+    corpus = sample.Corpus("downstream", (f"hf:{root}",), None, "text", "meta.kind")
+    info = sample.cut(corpus, 3 * 200, tmp_path / "s.jsonl")   # two documents from each of 3 files
+    records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [(r["text"][:13], r["domain"]) for r in records] == \
+        [(f"file {i} doc {j} ", ("a", "b")[j]) for i in sample.spread(list(range(6)), 3) for j in range(2)]
+    assert info == {"bytes": {"a": 300, "b": 300}, "documents": 6, "files_read": 3, "files": 6}
 
 
 @pytest.mark.parametrize("args, message", [
