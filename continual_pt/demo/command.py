@@ -262,13 +262,15 @@ def command_line(options: DemoOptions) -> str:
 def _announce(out: Path, options: DemoOptions, scale: Scale, own: list[Corpus]) -> None:
     """Print what the demo on the user's corpora will do, what of it is done, and the time the rest will take
     (from a step of the scale's model measured here)."""
-    speed = measure(scale)
+    with one_thread():
+        speed = measure(scale)   # as each run of the grid trains
+    alone = measure(scale) if not (out / "upstream" / "provenance.json").is_file() else speed
     dummy = {"upstream": out, "downstream": out}
     settings = runs(scale, out, dummy, options.full)
     run_steps = [keys.get("train.max_steps", scale.steps) for keys in settings.values()] * options.seeds
     done = _finished_runs(out)
     modelled = (out / "upstream" / "provenance.json").is_file()
-    left = (0 if modelled else pretrain_seconds(scale, speed)) + grid_seconds(scale, speed, run_steps[len(done):])
+    left = (0 if modelled else pretrain_seconds(scale, alone)) + grid_seconds(scale, speed, run_steps[len(done):])
     sample = [f"up to {budget:,} bytes of text from {corpus.flag} {' '.join(corpus.sources)}"
               + (f" (--{corpus.name}-layout {corpus.layout})" if corpus.layout else "")
               + (" (cut)" if (out / "data" / f"{corpus.name}.sample.json").is_file() else "")
@@ -285,8 +287,8 @@ def _announce(out: Path, options: DemoOptions, scale: Scale, own: list[Corpus]) 
              f"{scale.steps} steps" + (f" ({LONG * scale.steps} for the long ones)" if options.full else "")
              + f" of {scale.micro_batch * scale.seq_len:,} tokens" + (f" ({len(done)} done)" if done else ""),
              "  5. `cpt eval` of every final checkpoint, the figures, REPORT.md",
-             f"  time left: about {minutes(left)} (a measured training step here: {speed.train * 1e6:.2f} us per "
-             f"token on one thread, plus {minutes(RUN_START_S)} of start-up per run; reading the corpora not counted)"]
+             f"  time left: about {minutes(left)} (a training step measured here: {speed.train * 1e6:.1f} us per "
+             f"token on one thread, {alone.train * 1e6:.1f} on {torch.get_num_threads()} for the upstream model; plus {minutes(RUN_START_S)} of start-up per run; reading the corpora not counted)"]
     print("\n".join(lines), flush=True)
 
 

@@ -1,12 +1,13 @@
 """How long a demo will take here, from a short measured step: `cpt demo` on the user's corpora says it
 before it starts.
 
-The scale's model is built and timed on this machine, on one thread as the demo's runs train: a few
+The scale's model is built and timed on this machine, with as many threads as the stage will have (one
+for each run of the grid, torch's default for the upstream pre-training, which runs alone), with the
+loss the runs use (`CausalLMLoss`: the output layer and the cross-entropy fused in chunks): a few
 training steps (forward, backward, AdamW) at the upstream micro batch and a few forward passes without
 gradients (as the evaluations run), after one untimed step of each. Every stage's time is then its
 tokens times the measured time per token, plus, for every process the demo starts (the upstream run,
-each run of the grid), the start-up a run spends before its first step and on its saves (RUN_START_S,
-measured on a 2-core machine: a tiny run of the grid takes 6-20 s there, nearly all of it start-up).
+each run of the grid), the time a run spends outside its steps and evals (RUN_START_S).
 Cutting the samples, fitting the tokenizer and preparing the data are left out (they read a few MB).
 """
 
@@ -19,10 +20,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from continual_pt.demo.recipe import Scale
+from continual_pt.model.causal_lm import CausalLMLoss
 
-RUN_START_S = 8.0
-"""Seconds a run's process spends outside its steps (imports, the DeepSpeed engine, loading the start
-checkpoint, the saves and the final eval's set-up) on a 2-core machine."""
+RUN_START_S = 5.0
+"""Seconds a run's process spends outside its steps and evals (imports, the DeepSpeed engine, loading the start
+checkpoint, the saves): 5.3 s before the first eval of a run of the demo's grid on a quiet 2-core machine."""
 TIMED = 3
 
 
@@ -35,26 +37,22 @@ class Speed:
 
 
 def measure(scale: Scale) -> Speed:
-    """Time the scale's model on random tokens: TIMED training steps and TIMED forward passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """Time the scale's model on random tokens, with torch's threads as they are set: TIMED training steps and
+    TIMED forward passes."""
+    with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**scale.model_config()))
+        model = CausalLMLoss(AutoModelForCausalLM.from_config(AutoConfig.for_model(**scale.model_config())))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        batch = torch.randint(0, scale.vocab_size, (scale.pretrain_micro_batch, scale.seq_len))
-        tokens = batch.numel()
-        train = _timed(lambda: _train_step(model, optimizer, batch)) / tokens
+        window = torch.randint(0, scale.vocab_size, (scale.pretrain_micro_batch, scale.seq_len + 1))
+        x, y = window[:, :-1], window[:, 1:]
+        train = _timed(lambda: _train_step(model, optimizer, x, y)) / x.numel()
         with torch.no_grad():
-            forward = _timed(lambda: model(batch).logits) / tokens
+            forward = _timed(lambda: model(x, y, reduction="per_sequence")) / x.numel()
         return Speed(train, forward)
-    finally:
-        torch.set_num_threads(threads)
 
 
-def _train_step(model, optimizer, batch: torch.Tensor) -> None:
-    loss = model(batch, labels=batch).loss
-    loss.backward()
+def _train_step(model: CausalLMLoss, optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    model(x, y).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
