@@ -76,7 +76,7 @@ def test_the_in_loop_budget_and_the_cpt_eval_budget_agree_on_the_start_model(tmp
 
     scale, model = SCALE["demo"], shipped("weak", SCALE["demo"])
     corpora.write_corpora("weak", tmp_path / "data")
-    data = _datasets(tmp_path, model / FINAL)
+    data = _datasets(tmp_path, model / FINAL, scale)
     losses = {}
     for budget in (scale.eval_tokens, scale.score_tokens):
         store = tmp_path / f"{budget}.jsonl"
