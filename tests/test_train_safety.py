@@ -7,6 +7,7 @@ import math
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -155,18 +156,57 @@ def test_a_first_sigint_saves_and_exits_75_without_a_traceback(world, tmp_path):
     assert f"received SIGINT: saved a committed checkpoint at step {step}; " in err
 
 
+def read_until(proc: subprocess.Popen, text: str, seen: list[str]) -> None:
+    """Read the process's stderr line by line until a line holds `text` (fails if it ends first)."""
+    for line in iter(proc.stderr.readline, ""):
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"no line with {text!r}:\n" + "".join(seen)[-3000:])
+
+
 @pytest.mark.slow
 def test_a_second_sigint_aborts_at_once(world, tmp_path):
     cfg = ts.write_config(tmp_path / "run.yaml", world, tmp_path / "runs", eval={"sets": {}})
     proc = start(cfg, [], "twice")
-    time.sleep(2.0)                       # importing torch and DeepSpeed
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    seen: list[str] = []
+    try:
+        # DeepSpeed says this as it is imported: set-up (the engine, the data) has seconds to go
+        read_until(proc, "Setting accelerator to CPU", seen)
+        proc.send_signal(signal.SIGINT)
+        read_until(proc, "cpt train: SIGINT: stopping at the next safe point", seen)
+        proc.send_signal(signal.SIGINT)
+        err = "".join(seen) + proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == -signal.SIGINT, err[-3000:]
     assert "cpt train: second SIGINT: aborting at once, without saving" in err
     assert "Traceback" not in err, err[-3000:]
+
+
+# The first Ctrl-C came while the run trained, it saved and returned: a second one while the process ends
+# (its teardown, what the caller does next) still aborts at once, saying so, not a KeyboardInterrupt.
+AFTER_THE_RUN = ("import os, signal\n"
+                 "from continual_pt.training import loop, stop\n"
+                 "stop.process_request()   # as `cpt train` does first\n"
+                 "def session(cfg, env, request):\n"
+                 "    os.kill(os.getpid(), signal.SIGINT)   # the first Ctrl-C, during the run\n"
+                 "    return 75\n"
+                 "loop._run_session, loop.distributed.init = session, lambda: None\n"
+                 "print('run returned', loop.run(None), flush=True)\n"
+                 "os.kill(os.getpid(), signal.SIGINT)   # the second, as the process ends\n"
+                 "print('never reached', flush=True)\n")
+
+
+def test_a_second_sigint_after_the_run_returned_still_aborts_at_once_and_says_so():
+    proc = subprocess.run([sys.executable, "-c", AFTER_THE_RUN], capture_output=True, text=True, timeout=120,
+                          env=ts.env())
+    assert proc.returncode == -signal.SIGINT, proc.stderr[-3000:]
+    assert proc.stdout.endswith("run returned 75\n"), proc.stdout   # (after DeepSpeed's own import line)
+    assert proc.stderr.endswith("cpt train: second SIGINT: aborting at once, without saving (the last committed "
+                                "checkpoint is intact)\n"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -278,7 +278,7 @@ def run(cfg: RunConfig) -> int:
         env = distributed.init()
         return _run_session(cfg, env, stop)
     finally:
-        stop.uninstall()
+        stop.uninstall(process=True)
 
 
 def _run_session(cfg: RunConfig, env: distributed.DistEnv, stop: StopRequest) -> int:

@@ -111,9 +111,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            _say("second SIGINT: aborting at once, without saving (the last committed checkpoint is intact)")
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+            abort_on_sigint(signum, frame)
             return
         if not self.signum:
             self.signum, self.received_at = signum, time.monotonic()
@@ -124,10 +122,16 @@ class StopRequest:
         """Seconds since the stop signal arrived (None without one)."""
         return None if self.received_at is None else time.monotonic() - self.received_at
 
-    def uninstall(self) -> None:
-        """Give the signals back to their previous handlers and forget any request."""
+    def uninstall(self, process: bool = False) -> None:
+        """Give the signals back to their previous handlers and forget any request. `process`: this request
+        held the signals for the whole process (`cpt train`), which ends next; after a first Ctrl-C, a second
+        one then still aborts at once, saying so, until the process has ended (not Python's KeyboardInterrupt
+        in the middle of its teardown)."""
+        interrupted = process and self.signum == signal.SIGINT
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if interrupted:
+            signal.signal(signal.SIGINT, abort_on_sigint)
         self._previous.clear()
         self.signum, self.received_at = 0, None
         self._watched, self._launchers = None, []
@@ -170,6 +174,13 @@ def answer(run_dir: Path, step: int | None, status: int) -> dict[str, Any] | Non
     atomic_write_text(Path(run_dir) / STOP_DONE, json.dumps(done) + "\n")
     (Path(run_dir) / STOP).unlink(missing_ok=True)
     return done
+
+
+def abort_on_sigint(signum: int, frame: FrameType | None) -> None:
+    """A second Ctrl-C: say so, then end the process as SIGINT does by default (no save, no exit functions)."""
+    _say("second SIGINT: aborting at once, without saving (the last committed checkpoint is intact)")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _say(text: str) -> None:
