@@ -264,12 +264,12 @@ def _announce(out: Path, options: DemoOptions, scale: Scale, own: list[Corpus]) 
     (from a step of the scale's model measured here)."""
     with one_thread():
         speed = measure(scale)   # as each run of the grid trains
-    alone = measure(scale) if not (out / "upstream" / "provenance.json").is_file() else speed
+    modelled = (out / "upstream" / "provenance.json").is_file()
+    alone = speed if modelled else measure(scale)   # the upstream pre-training, alone, on torch's threads
     dummy = {"upstream": out, "downstream": out}
     settings = runs(scale, out, dummy, options.full)
     run_steps = [keys.get("train.max_steps", scale.steps) for keys in settings.values()] * options.seeds
     done = _finished_runs(out)
-    modelled = (out / "upstream" / "provenance.json").is_file()
     left = (0 if modelled else pretrain_seconds(scale, alone)) + grid_seconds(scale, speed, run_steps[len(done):])
     sample = [f"up to {budget:,} bytes of text from {corpus.flag} {' '.join(corpus.sources)}"
               + (f" (--{corpus.name}-layout {corpus.layout})" if corpus.layout else "")
@@ -288,7 +288,9 @@ def _announce(out: Path, options: DemoOptions, scale: Scale, own: list[Corpus]) 
              + f" of {scale.micro_batch * scale.seq_len:,} tokens" + (f" ({len(done)} done)" if done else ""),
              "  5. `cpt eval` of every final checkpoint, the figures, REPORT.md",
              f"  time left: about {minutes(left)} (a training step measured here: {speed.train * 1e6:.1f} us per "
-             f"token on one thread, {alone.train * 1e6:.1f} on {torch.get_num_threads()} for the upstream model; plus {minutes(RUN_START_S)} of start-up per run; reading the corpora not counted)"]
+             f"token on one thread" + ("" if modelled else f", {alone.train * 1e6:.1f} on {torch.get_num_threads()} "
+                                       "for the upstream model") +
+             f"; plus {minutes(RUN_START_S)} of start-up per run; reading the corpora not counted)"]
     print("\n".join(lines), flush=True)
 
 
