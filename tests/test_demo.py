@@ -181,7 +181,7 @@ def test_the_strong_shift_runs_from_its_shipped_model_without_pretrain(tmp_path,
     from continual_pt.demo import command
 
     started = []
-    monkeypatch.setattr(command, "_steps", lambda out, options, scale, model, t: started.append(model) or 0)
+    monkeypatch.setattr(command, "_steps", lambda out, options, scale, model, t, own: started.append(model) or 0)
     assert main(["demo", "--shift", "strong", "--out", str(tmp_path / "demo")]) == 0
     assert started == [SHIPPED / "strong"]
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["shift"] == "strong"

@@ -88,17 +88,18 @@ def _datasets(out: Path, tokenizer: Path, scale: Scale, own: list[Corpus] | None
     data = {}
     for i, corpus in enumerate(("upstream", "downstream")):
         data[corpus] = out / "data" / corpus
+        fraction = _val_fraction(out, corpus, own)
         if not (data[corpus] / "manifest.json").is_file():
             print(f"preparing the {corpus} corpus", flush=True)
             domains = own is not None and bool(own[i].domain_field or own[i].layout)
             prepare(PrepareOptions(sources=[str(out / "data" / f"{corpus}.jsonl")], tokenizer=str(tokenizer),
-                                   out=str(data[corpus]), val_fraction=_val_fraction(out, corpus, own), quiet=True,
-                                   overwrite=True, domain_field=DOMAIN_KEY if domains else None))
+                                   out=str(data[corpus]), val_fraction=fraction, quiet=True, overwrite=True,
+                                   domain_field=DOMAIN_KEY if domains else None))
         held_out = PreparedDataset(data[corpus], "val").num_tokens
         if own is not None and held_out <= scale.seq_len:
-            raise UserError(f"{own[i].flag}: the sample holds out {held_out} tokens ({_val_fraction(out, corpus, own):.0%} "
-                            f"of its documents, by hash), fewer than one window of {scale.seq_len + 1}: give a larger "
-                            f"corpus (the sample takes up to {scale.sample_bytes[i]:,} bytes of text)")
+            raise UserError(f"{own[i].flag}: the sample holds out {held_out} tokens ({fraction:.0%} of its documents, "
+                            f"by hash), fewer than one window of {scale.seq_len + 1}: give a larger corpus (the "
+                            f"sample takes up to {scale.sample_bytes[i]:,} bytes of text)")
     return data
 
 
@@ -196,7 +197,7 @@ def run_demo(options: DemoOptions) -> int:
         _claim(out, options)
         if own is not None:
             _announce(out, options, scale, own)
-        return _steps(out, options, scale, model, started)
+        return _steps(out, options, scale, model, started, own)
     except KeyboardInterrupt:
         # Every step's output is whole or absent, and a run stops with a committed checkpoint.
         print(f"cpt demo: stopped; what is done is kept in {out}: run the same command again to continue",
@@ -206,9 +207,9 @@ def run_demo(options: DemoOptions) -> int:
         lock.release()
 
 
-def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: float) -> int:
-    """Every step of the demo whose output is not there yet, in order."""
-    own = own_corpora(options) if options.own else None
+def _steps(out: Path, options: DemoOptions, scale: Scale, model: Path, started: float,
+           own: list[Corpus] | None) -> int:
+    """Every step of the demo whose output is not there yet, in order (`own`: the user's corpora, if given)."""
     if own is not None:
         sizes = _samples(out, scale, own)
     elif not (out / "data" / "downstream.jsonl").is_file():

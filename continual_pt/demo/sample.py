@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +48,25 @@ class Corpus:
     layout: str | None
     text_field: str
     domain_field: str | None
+    _plan: SourcePlan | None = field(default=None, compare=False, repr=False)
 
     @property
     def flag(self) -> str:
         return f"--{self.name}"
 
     def plan(self) -> SourcePlan:
-        """Every source resolved and probed (a UserError naming it if it cannot be read); reads nothing more."""
-        options = PrepareOptions(sources=list(self.sources), layout=self.layout, text_field=self.text_field,
-                                 domain_field=self.domain_field,
-                                 unknown_domain=NO_DOMAIN if self.domain_field or self.layout else None)
-        try:
-            return plan_sources(options)
-        except UserError as exc:
-            raise UserError(f"{self.flag}: {exc}") from None
+        """Every source resolved and probed (a UserError naming it if it cannot be read); reads nothing more.
+        Done once per Corpus: the probe opens every file (a folder of 59,000 chunks), and the check before
+        anything is written and the sampling share it."""
+        if self._plan is None:
+            options = PrepareOptions(sources=list(self.sources), layout=self.layout, text_field=self.text_field,
+                                     domain_field=self.domain_field,
+                                     unknown_domain=NO_DOMAIN if self.domain_field or self.layout else None)
+            try:
+                object.__setattr__(self, "_plan", plan_sources(options))
+            except UserError as exc:
+                raise UserError(f"{self.flag}: {exc}") from None
+        return self._plan
 
 
 def own_corpora(options: DemoOptions) -> list[Corpus]:
